@@ -1,0 +1,1 @@
+"""narthex.gateway: the public edge: authentication, rate limits, quotas and routing."""

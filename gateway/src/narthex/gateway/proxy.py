@@ -1,0 +1,159 @@
+"""Forwarding a public request to its upstream: headers, body cap, failure mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from narthex.common.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    PayloadTooLarge,
+    Problem,
+    ServiceUnavailable,
+)
+from narthex.common.http import ServiceClient
+from narthex.common.middleware import ROUTE_SCOPE_KEY
+from narthex.gateway.routing import RouteTable
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by this hop for the upstream, never passed on from the client: ids and trace
+# context are re-issued, the deadline is what is left of ours, and upstreams answer
+# uncompressed so the body we relay is exactly the one we read.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"x-request-id",
+    b"traceparent",
+    b"tracestate",
+    b"x-request-timeout-ms",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"accept-encoding",
+}
+# The upstream's framing and identity stay behind; this hop sets its own.
+RESPONSE_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"content-encoding",
+    b"x-request-id",
+    b"server",
+    b"date",
+}
+
+
+class MethodNotAllowed(Problem):
+    status, type_slug, title = 405, "method-not-allowed", "Method not allowed"
+
+
+def upstream_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    drop = REQUEST_DROP
+    for name, value in raw:
+        if name == b"connection":  # the client may name more hop-by-hop headers
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    headers = [(name, value) for name, value in raw if name not in drop]
+    client = scope.get("client")
+    if client:
+        headers.append((b"x-forwarded-for", client[0].encode()))
+    headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    return headers
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("Content-Length is not a number")
+            if int(value) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _retry_after(response: httpx.Response) -> dict[str, str]:
+    value = response.headers.get("retry-after", "")
+    return {"Retry-After": value if value.isdigit() else "1"}
+
+
+def check_upstream_status(response: httpx.Response) -> None:
+    """An upstream's 5xx becomes the gateway's own problem; its body never leaks."""
+    status = response.status_code
+    if status < 500:
+        return
+    if status == 503:
+        raise ServiceUnavailable(headers=_retry_after(response))
+    if status == 504:
+        raise GatewayTimeout()
+    raise BadGateway()
+
+
+class Proxy:
+    """ASGI endpoint that forwards by the route table through each upstream's client."""
+
+    def __init__(
+        self, table: RouteTable, clients: Mapping[str, ServiceClient], max_body_bytes: int
+    ) -> None:
+        self.table = table
+        self.clients = clients
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        route = self.table.match(path)
+        if route is None:
+            raise NotFound(f"no route for {path}")
+        scope[ROUTE_SCOPE_KEY] = route.prefix
+        method: str = scope["method"]
+        if route.methods is not None and method not in route.methods:
+            raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
+        body = await read_body(scope, receive, self.max_body_bytes)
+        client = self.clients[route.upstream]
+        target = route.rewrite or path
+        query: bytes = scope["query_string"]
+        request = client.build_request(
+            method,
+            target + "?" + query.decode("latin-1") if query else target,
+            headers=upstream_headers(scope),
+            content=body,
+        )
+        response = await client.send(request)
+        check_upstream_status(response)
+        headers = [
+            (name, value)
+            for name, value in response.headers.raw
+            if name.lower() not in RESPONSE_DROP
+        ]
+        content = response.content
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": content})

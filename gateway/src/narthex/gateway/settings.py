@@ -1,0 +1,56 @@
+"""Settings of the gateway (environment prefix NARTHEX_GATEWAY_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import AnyHttpUrl, Field
+from pydantic_settings import SettingsConfigDict
+
+from narthex.common.http import ClientPolicy
+from narthex.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="NARTHEX_GATEWAY_")
+
+    service_name: ClassVar[str] = "gateway"
+
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to bind")
+    auth_url: AnyHttpUrl = Field(AnyHttpUrl("http://127.0.0.1:8001"), description="auth service")
+    features_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8002"), description="features service"
+    )
+    inference_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8003"), description="inference service"
+    )
+    analytics_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8004"), description="analytics service"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1, description="request bodies above this get 413")
+    upstream_connect_timeout: float = Field(1.0, gt=0, description="per try, seconds")
+    upstream_read_timeout: float = Field(30.0, gt=0, description="per try, seconds")
+    upstream_deadline: float = Field(30.0, gt=0, description="all tries together, seconds")
+    upstream_retries: bool = Field(True, description="retry safe requests (off under Istio)")
+    upstream_max_attempts: int = Field(3, ge=1, le=10, description="tries per request")
+    breaker_fail_max: int = Field(5, ge=1, description="consecutive failures that open")
+    breaker_reset_timeout: float = Field(10.0, gt=0, description="seconds open before a trial")
+
+    def upstream_urls(self) -> dict[str, str]:
+        return {
+            "auth": str(self.auth_url).rstrip("/"),
+            "features": str(self.features_url).rstrip("/"),
+            "inference": str(self.inference_url).rstrip("/"),
+            "analytics": str(self.analytics_url).rstrip("/"),
+        }
+
+    def client_policy(self) -> ClientPolicy:
+        return ClientPolicy(
+            connect_timeout=self.upstream_connect_timeout,
+            read_timeout=self.upstream_read_timeout,
+            deadline=self.upstream_deadline,
+            retries=self.upstream_retries,
+            max_attempts=self.upstream_max_attempts,
+            breaker_fail_max=self.breaker_fail_max,
+            breaker_reset_timeout=self.breaker_reset_timeout,
+        )

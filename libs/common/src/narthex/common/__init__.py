@@ -1,0 +1,1 @@
+"""narthex.common: the code every narthex service shares, and nothing else."""

@@ -1,0 +1,102 @@
+"""Service app factory: the lifespan, middleware, error handlers and probes every service has."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from narthex.common.errors import install_error_handlers
+from narthex.common.metrics import (
+    CONTENT_TYPE_LATEST,
+    HttpMetrics,
+    generate_latest,
+    new_registry,
+)
+from narthex.common.middleware import RequestContextMiddleware
+from narthex.common.readiness import CheckResult, Readiness
+from narthex.common.settings import ServiceSettings
+from narthex.common.telemetry import instrument_app, setup_tracing
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+@asynccontextmanager
+async def _no_resources(app: FastAPI) -> AsyncIterator[None]:
+    yield
+
+
+def service_app(
+    settings: ServiceSettings,
+    *,
+    title: str,
+    description: str,
+    version: str = "0.1.0",
+    lifespan: Lifespan = _no_resources,
+) -> FastAPI:
+    """A FastAPI app with narthex's common behaviour; the service adds its routes.
+
+    `lifespan` opens the service's resources; it runs inside the common one, and the
+    app is ready only once it has finished starting.
+    """
+    readiness = Readiness()
+    registry = new_registry()
+    started = {"value": False}
+
+    async def lifespan_started() -> CheckResult:
+        return CheckResult(started["value"])
+
+    @asynccontextmanager
+    async def common_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app):
+            started["value"] = True
+            try:
+                yield
+            finally:
+                started["value"] = False
+
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=version,
+        lifespan=common_lifespan,
+    )
+    app.state.settings = settings
+    app.state.readiness = readiness
+    app.state.metrics_registry = registry
+    readiness.add("lifespan", lifespan_started)
+
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=HttpMetrics(registry, settings.service_name),
+        access_log_sample_rate=settings.access_log_sample_rate,
+    )
+    if settings.tracing:
+        instrument_app(app, setup_tracing(settings.service_name))
+
+    @app.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], summary="Readiness, per dependency")
+    async def readyz() -> JSONResponse:
+        ready, report = await readiness.report()
+        return JSONResponse(report, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _readiness(request: Request) -> Readiness:
+    readiness: Readiness = request.app.state.readiness
+    return readiness
+
+
+ReadinessDep = Annotated[Readiness, Depends(_readiness)]

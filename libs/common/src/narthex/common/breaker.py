@@ -1,0 +1,104 @@
+"""Circuit breaking for asyncio on top of pybreaker's state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pybreaker
+
+T = TypeVar("T")
+
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+
+
+class BreakerOpen(Exception):
+    """The breaker refused the call without reaching the upstream."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit {name!r} is open")
+        self.name = name
+        self.retry_after = retry_after
+
+
+class AsyncCircuitBreaker:
+    """pybreaker driven through `calling()`, safe for coroutines.
+
+    pybreaker's own `call()` only sees the coroutine object, so a failure raised when
+    it is awaited is never counted; and its half-open state admits every caller. Here
+    the awaited call runs inside `calling()`, so every outcome goes through pybreaker's
+    counters and transitions, and half-open admits exactly one trial at a time: the
+    others fail fast until the trial has decided the state.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int = 5,
+        reset_timeout: float = 10.0,
+        is_failure: Callable[[BaseException], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self._is_failure = is_failure or (lambda exc: True)
+        self._trial_in_flight = False
+        # Set for the instant between the trial's end and pybreaker judging it.
+        self._judging_trial = False
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout,
+            exclude=[self._is_neutral],
+            throw_new_error_on_trip=False,
+            name=name,
+        )
+
+    @property
+    def state(self) -> str:
+        """closed | open | half-open (pybreaker's state names)."""
+        state = self._breaker.current_state
+        if state == OPEN and self.retry_after() <= 0:
+            return HALF_OPEN  # the next call will be admitted as the trial
+        return str(state)
+
+    @property
+    def fail_counter(self) -> int:
+        return int(self._breaker.fail_counter)
+
+    def retry_after(self) -> float:
+        """Seconds until an open breaker admits a trial call (0 when not open)."""
+        if self._breaker.current_state != OPEN:
+            return 0.0
+        opened_at = self._breaker._state_storage.opened_at
+        if opened_at is None:
+            return 0.0
+        elapsed = time.time() - opened_at.timestamp()
+        return max(0.0, self._breaker.reset_timeout - elapsed)
+
+    def _is_neutral(self, exc: BaseException) -> bool:
+        # pybreaker counts an excluded exception as a success. A cancelled call says
+        # nothing about the upstream: neutral while closed, but a cancelled trial must
+        # not close the circuit, so it re-opens it (conservative) instead.
+        if isinstance(exc, asyncio.CancelledError):
+            return not self._judging_trial
+        return not self._is_failure(exc)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self._trial_in_flight:
+            raise BreakerOpen(self.name, max(self.retry_after(), 0.1))
+        try:
+            with self._breaker.calling():
+                # Entering may have moved open -> half-open: this caller is the trial.
+                # No await between that transition and taking the trial slot.
+                trial = self._breaker.current_state == HALF_OPEN
+                self._trial_in_flight = trial
+                try:
+                    return await fn()
+                finally:
+                    self._trial_in_flight = False
+                    self._judging_trial = trial
+        except pybreaker.CircuitBreakerError:
+            raise BreakerOpen(self.name, self.retry_after()) from None
+        finally:
+            self._judging_trial = False

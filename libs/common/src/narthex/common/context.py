@@ -1,0 +1,38 @@
+"""Per-request context: the request id and the trace ids every log line and error carries."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar
+
+from opentelemetry import trace
+
+REQUEST_ID_HEADER = "x-request-id"
+
+# Incoming ids are echoed into logs and headers, so only a conservative alphabet and
+# length is believed; anything else is replaced, never sanitised.
+_WELL_FORMED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,127}")
+
+request_id_var: ContextVar[str | None] = ContextVar("narthex_request_id", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(incoming: str | None) -> str:
+    """The caller's id when it is well formed, else a fresh one."""
+    if incoming and _WELL_FORMED.fullmatch(incoming):
+        return incoming
+    return new_request_id()
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
+
+
+def current_trace_id() -> str | None:
+    """The active span's trace id as 32 lowercase hex digits, if there is one."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None

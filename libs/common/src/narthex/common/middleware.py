@@ -1,0 +1,126 @@
+"""Request context: request id, deadline, RED metrics, access log and the last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from narthex.common.context import accept_request_id, request_id_var
+from narthex.common.deadline import deadline, parse_header
+from narthex.common.errors import problem_body
+from narthex.common.metrics import HttpMetrics
+
+log = structlog.get_logger("narthex.access")
+
+# Set by handlers that route by data rather than by path template (the gateway proxy),
+# so that metrics stay labelled by a bounded set of names.
+ROUTE_SCOPE_KEY = "narthex.route"
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def route_template(scope: Scope) -> str:
+    name = scope.get(ROUTE_SCOPE_KEY)
+    if name is not None:
+        return str(name)
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware: it costs a task and a queue per request)."""
+
+    def __init__(
+        self, app: ASGIApp, *, metrics: HttpMetrics, access_log_sample_rate: float = 1.0
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.sample_rate = access_log_sample_rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming_id = budget = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming_id = value.decode("latin-1")
+            elif name == b"x-request-timeout-ms":
+                budget = parse_header(value.decode("latin-1"))
+        request_id = accept_request_id(incoming_id)
+        id_header = (b"x-request-id", request_id.encode())
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        token = request_id_var.set(request_id)
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            with (
+                structlog.contextvars.bound_contextvars(request_id=request_id),
+                deadline(budget) if budget is not None else nullcontext(),
+            ):
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception:
+                    # Anything that reaches here escaped every handler: log it with its
+                    # trace, answer a bare problem, never the exception text.
+                    log.exception("unhandled error", path=scope.get("path"))
+                    if not started:
+                        await _send_internal_error(send_with_id, scope)
+                finally:
+                    elapsed = time.perf_counter() - start
+                    route = route_template(scope)
+                    self.metrics.observe(scope["method"], route, status, elapsed)
+                    self._access_log(scope, route, status, elapsed)
+        finally:
+            self.metrics.in_flight.dec()
+            request_id_var.reset(token)
+
+    def _access_log(self, scope: Scope, route: str, status: int, elapsed: float) -> None:
+        quiet = scope["path"] in QUIET_PATHS
+        if status < 400 and (
+            quiet or (self.sample_rate < 1.0 and random.random() >= self.sample_rate)
+        ):
+            return
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+        }
+        tenant = scope.get("state", {}).get("tenant")
+        if tenant is not None:
+            fields["tenant"] = tenant
+        if status >= 500:
+            log.error("request", **fields)
+        elif status >= 400:
+            log.warning("request", **fields)
+        else:
+            log.info("request", **fields)
+
+
+async def _send_internal_error(send: Send, scope: Scope) -> None:
+    body = json.dumps(problem_body(500, "internal", "Internal error", instance=scope["path"]))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [(b"content-type", b"application/problem+json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})

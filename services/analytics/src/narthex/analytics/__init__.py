@@ -1,0 +1,1 @@
+"""narthex.analytics: Usage and prediction aggregates, drift."""

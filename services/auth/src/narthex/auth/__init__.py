@@ -1,0 +1,1 @@
+"""narthex.auth: Tenants, plans, API keys, JWT issuing and JWKS."""

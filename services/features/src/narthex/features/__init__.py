@@ -1,0 +1,1 @@
+"""narthex.features: Online feature store and transaction event ingestion."""

@@ -1,0 +1,17 @@
+"""App factory of the features service."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from narthex.common.app import service_app
+from narthex.features.settings import FeaturesSettings
+
+
+def create_app(settings: FeaturesSettings | None = None) -> FastAPI:
+    settings = settings or FeaturesSettings()
+    return service_app(
+        settings,
+        title="narthex features",
+        description="Online feature store and transaction event ingestion.",
+    )

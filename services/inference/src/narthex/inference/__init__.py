@@ -1,0 +1,1 @@
+"""narthex.inference: Model repository, dynamic batching and ONNX Runtime serving."""

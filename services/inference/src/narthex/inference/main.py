@@ -1,0 +1,17 @@
+"""App factory of the inference service."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from narthex.common.app import service_app
+from narthex.inference.settings import InferenceSettings
+
+
+def create_app(settings: InferenceSettings | None = None) -> FastAPI:
+    settings = settings or InferenceSettings()
+    return service_app(
+        settings,
+        title="narthex inference",
+        description="Model repository, dynamic batching and ONNX Runtime serving.",
+    )

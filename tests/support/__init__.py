@@ -1,0 +1,1 @@
+"""Shared test helpers: real local servers, process runners."""
