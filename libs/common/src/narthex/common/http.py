@@ -19,6 +19,7 @@ from narthex.common.context import REQUEST_ID_HEADER, current_request_id
 from narthex.common.deadline import DEADLINE_HEADER, deadline_at
 from narthex.common.errors import GatewayTimeout, ServiceUnavailable
 from narthex.common.telemetry import instrument_client
+from narthex.common.transport import AiohttpTransport
 
 log = structlog.get_logger("narthex.http")
 
@@ -154,14 +155,13 @@ class ServiceClient:
         self.budget = RetryBudget(policy.retry_budget_ratio, policy.retry_budget_min_per_second)
         self._client = httpx.AsyncClient(
             base_url=base_url,
-            transport=transport,
-            headers=headers,
-            timeout=httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout),
-            limits=httpx.Limits(
+            transport=transport
+            or AiohttpTransport(
                 max_connections=policy.max_connections,
-                max_keepalive_connections=policy.max_connections,
                 keepalive_expiry=policy.keepalive_expiry,
             ),
+            headers=headers,
+            timeout=httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout),
             follow_redirects=False,
         )
         instrument_client(self._client)

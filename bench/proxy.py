@@ -1,0 +1,331 @@
+"""Reverse-proxy pass-through benchmark: wrk against each target, ratios against a bare baseline."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"  # loopback only: nothing here may listen on or reach another interface
+PY = sys.executable
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+THREADS = 1  # one wrk thread: the box has 2 cores shared by wrk, the proxy and the upstream
+RATIO_TARGET = 0.80
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to start one proxy; ``{upstream_url}`` and ``{port}`` are substituted in argv/env."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    path: str = "/v1/models"  # the gateway routes /v1/models... to the inference upstream
+
+
+def _naive(app: str, client: str) -> Target:
+    argv = (PY, "-m", "bench.naive", "--app", app, "--client", client)
+    return Target((*argv, "--upstream", "{upstream_url}", "--port", "{port}"))
+
+
+# Add a target here: a name, the command line and env; every process must stay single-worker.
+TARGETS: dict[str, Target] = {
+    BASELINE: Target(
+        (PY, "-m", "bench.baseline", "--upstream", "{upstream_url}", "--port", "{port}")
+    ),
+    "gateway": Target(
+        (PY, "-m", "narthex.gateway"),
+        env={
+            "NARTHEX_GATEWAY_HOST": HOST,
+            "NARTHEX_GATEWAY_PORT": "{port}",
+            "NARTHEX_GATEWAY_ENV": "dev",
+            "NARTHEX_GATEWAY_AUTH_URL": "{upstream_url}",
+            "NARTHEX_GATEWAY_FEATURES_URL": "{upstream_url}",
+            "NARTHEX_GATEWAY_INFERENCE_URL": "{upstream_url}",
+            "NARTHEX_GATEWAY_ANALYTICS_URL": "{upstream_url}",
+        },
+    ),
+    "fastapi-httpx": _naive("fastapi", "httpx"),
+    "fastapi-aiohttp": _naive("fastapi", "aiohttp"),
+    "asgi-aiohttp": _naive("asgi", "aiohttp"),
+}
+UPSTREAM = Target((PY, "-m", "bench.upstream", "--host", HOST, "--port", "{port}"))
+
+
+class BenchError(Exception):
+    """A failure that ends the run with a non-zero exit status."""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: dict[str, int]
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    target: str
+    result: WrkResult
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    # The tiny race between close and the child's bind is acceptable on a quiet loopback.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(log: IO[bytes], limit: int = 4000) -> str:
+    log.flush()
+    log.seek(0, os.SEEK_END)
+    size = log.tell()
+    log.seek(max(0, size - limit))
+    return log.read().decode("utf-8", "replace").strip() or "(no output)"
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    url: str
+    argv: list[str]
+
+    def died(self) -> BenchError:
+        return BenchError(
+            f"{self.name} exited with status {self.proc.returncode}; output tail:\n"
+            + _tail(self.log)
+        )
+
+
+@contextmanager
+def spawn(name: str, target: Target, port: int, upstream_url: str = "") -> Iterator[Proc]:
+    """Start a target process and always stop it on exit (TERM, then KILL after a grace period)."""
+    subs = {"port": str(port), "upstream_url": upstream_url}
+    argv = [a.format(**subs) for a in target.argv]
+    env = {**os.environ, **{k: v.format(**subs) for k, v in target.env.items()}}
+    # Output goes to a file, not a pipe: a chatty server must never block on a full pipe buffer.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+        try:
+            yield Proc(name, proc, log, f"http://{HOST}:{port}", argv)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def wait_ready(server: Proc, path: str) -> None:
+    """Poll with a plain GET until it answers 200; fail fast if the process dies."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = "no attempt"
+    port = int(server.url.rsplit(":", 1)[1])
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise server.died()
+        conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                return
+            last = f"HTTP {resp.status}"
+        except OSError as exc:
+            last = repr(exc)
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise BenchError(
+        f"{server.name} not ready after {READY_TIMEOUT_S:.0f}s (last: {last}); output tail:\n"
+        + _tail(server.log)
+    )
+
+
+# --- wrk -----------------------------------------------------------------------------------------
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def _percentile_ms(output: str, pct: int) -> float:
+    match = re.search(rf"^\s*{pct}(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+    if match is None:
+        raise BenchError(f"no {pct}% latency in wrk output:\n{output}")
+    return float(match[1]) * _UNIT_MS[match[2]]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rps, requests = _RPS.search(output), _REQUESTS.search(output)
+    if rps is None or requests is None:
+        raise BenchError(f"cannot parse wrk output:\n{output}")
+    non_2xx = _NON_2XX.search(output)
+    sock = _SOCKET.search(output)
+    kinds = ("connect", "read", "write", "timeout")
+    return WrkResult(
+        rps=float(rps[1]),
+        p50_ms=_percentile_ms(output, 50),
+        p99_ms=_percentile_ms(output, 99),
+        requests=int(requests[1]),
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_errors={k: int(sock[i + 1]) if sock else 0 for i, k in enumerate(kinds)},
+    )
+
+
+def run_wrk(url: str, duration_s: int, connections: int) -> WrkResult:
+    argv = ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    argv += ["--timeout", "5s", url]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=duration_s + 30, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk did not finish: {' '.join(argv)}") from exc
+    if done.returncode != 0:
+        raise BenchError(f"wrk exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def plan(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, target) in run order: baseline first and last, so drift shows and averages out."""
+    others = [n for n in names if n != BASELINE]
+    if BASELINE not in names:
+        return [(n, n) for n in others]
+    return [(f"{BASELINE}#1", BASELINE), *((n, n) for n in others), (f"{BASELINE}#2", BASELINE)]
+
+
+def bench_target(label: str, name: str, upstream: Proc, args: argparse.Namespace) -> WrkResult:
+    target = TARGETS[name]
+    if upstream.proc.poll() is not None:
+        raise upstream.died()
+    with spawn(name, target, free_port(), upstream.url) as server:
+        wait_ready(server, target.path)
+        url = server.url + target.path
+        print(f"[{label}] {' '.join(server.argv)} -> {url}", file=sys.stderr, flush=True)
+        run_wrk(url, args.warmup, args.connections)
+        result = run_wrk(url, args.duration, args.connections)
+        if server.proc.poll() is not None:
+            raise server.died()
+    return result
+
+
+def _row(label: str, rps: float, p50: float, p99: float, errors: str) -> str:
+    return f"{label:<18}{rps:>12.1f}{p50:>10.2f}{p99:>10.2f}{errors:>10}"
+
+
+def report(runs: Sequence[Run]) -> dict[str, Any]:
+    """Print the table and ratios; return the same numbers for --json."""
+    print(f"{'target':<18}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>10}")
+    for run in runs:
+        r = run.result
+        print(_row(run.label, r.rps, r.p50_ms, r.p99_ms, str(r.errors)))
+    base = [run.result for run in runs if run.target == BASELINE]
+    summary: dict[str, Any] = {"runs": [{**asdict(r), "errors": r.result.errors} for r in runs]}
+    if not base:
+        return summary
+    mean = {k: sum(getattr(r, k) for r in base) / len(base) for k in ("rps", "p50_ms", "p99_ms")}
+    print(_row(f"{BASELINE} (mean)", mean["rps"], mean["p50_ms"], mean["p99_ms"], "-"))
+    if len(base) == 2:
+        drift = (base[1].rps - base[0].rps) / base[0].rps
+        print(f"baseline drift between runs: {drift:+.1%}")
+    ratios = {run.target: run.result.rps / mean["rps"] for run in runs if run.target != BASELINE}
+    print()
+    for name, ratio in ratios.items():
+        print(f"{name}/{BASELINE} throughput ratio: {ratio:.2f} (target >= {RATIO_TARGET:.2f})")
+    return {**summary, "baseline_mean": mean, "throughput_ratios": ratios}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__)
+    parser.add_argument(
+        "--targets",
+        default=f"{BASELINE},gateway",
+        help=f"comma-separated, from: {', '.join(TARGETS)} (default: %(default)s)",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        parser.error(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
+    if args.duration < 1 or args.warmup < 1 or args.connections < 1:
+        parser.error("--duration, --warmup and --connections must be >= 1")
+    args.names = list(dict.fromkeys(names))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not on PATH; install it with: apt-get install wrk", file=sys.stderr)
+        return 2
+    runs: list[Run] = []
+    try:
+        with spawn("upstream", UPSTREAM, free_port()) as upstream:
+            wait_ready(upstream, "/v1/echo")
+            for label, name in plan(args.names):
+                runs.append(Run(label, name, bench_target(label, name, upstream, args)))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"\nwrk -t{THREADS} -c{args.connections} -d{args.duration}s (warm-up {args.warmup}s), "
+        f"{os.cpu_count()} CPUs, loopback\n"
+    )
+    summary = report(runs)
+    failed = [run for run in runs if run.result.errors]
+    for run in failed:
+        r = run.result
+        print(f"ERRORS in {run.label}: non-2xx {r.non_2xx}, socket {r.socket_errors}")
+    if args.json is not None:
+        config = {k: getattr(args, k) for k in ("duration", "warmup", "connections", "names")}
+        summary = {"config": {**config, "threads": THREADS}, **summary}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
