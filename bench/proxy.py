@@ -26,6 +26,7 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 THREADS = 1  # one wrk thread: the box has 2 cores shared by wrk, the proxy and the upstream
 RATIO_TARGET = 0.80
+DRIFT_WARN = 0.10
 BASELINE = "baseline"
 
 
@@ -268,6 +269,9 @@ def report(runs: Sequence[Run]) -> dict[str, Any]:
     if len(base) == 2:
         drift = (base[1].rps - base[0].rps) / base[0].rps
         print(f"baseline drift between runs: {drift:+.1%}")
+        if abs(drift) > DRIFT_WARN:
+            # Big drift means something else took CPU mid-run; every ratio is suspect then.
+            print(f"warning: baseline drift above {DRIFT_WARN:.0%}; the box was busy, rerun")
     ratios = {run.target: run.result.rps / mean["rps"] for run in runs if run.target != BASELINE}
     print()
     for name, ratio in ratios.items():

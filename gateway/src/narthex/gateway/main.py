@@ -6,16 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.routing import Route as StarletteRoute
+from starlette.middleware import Middleware
 
 from narthex.common.app import service_app
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
-from narthex.gateway.proxy import Proxy
+from narthex.gateway.proxy import ProxyMiddleware
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
-
-PROXY_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
@@ -34,7 +32,6 @@ def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     clients: dict[str, ServiceClient] = {}
-    table = RouteTable()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,15 +49,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="narthex gateway",
         description="Public edge of narthex: authentication, rate limits, quotas, routing.",
         lifespan=lifespan,
+        middleware=[
+            Middleware(
+                ProxyMiddleware,
+                table=RouteTable(),
+                clients=clients,
+                max_body_bytes=settings.max_body_bytes,
+            )
+        ],
     )
     app.state.clients = clients
-    # Last, after the gateway's own routes: everything else is forwarded by the table.
-    app.router.routes.append(
-        StarletteRoute(
-            "/{path:path}",
-            Proxy(table, clients, settings.max_body_bytes),
-            methods=PROXY_METHODS,
-            include_in_schema=False,
-        )
-    )
     return app

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from narthex.common.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
-    NotFound,
     PayloadTooLarge,
     Problem,
     ServiceUnavailable,
+    render_problem,
 )
 from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
-from narthex.gateway.routing import RouteTable
+from narthex.common.transport import Exchange
+from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(
     {
@@ -47,6 +47,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
     b"accept-encoding",
+    b"expect",  # 100-continue is negotiated with the client by this hop's server
 }
 # The upstream's framing and identity stay behind; this hop sets its own.
 RESPONSE_DROP = HOP_BY_HOP | {
@@ -98,62 +99,74 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _retry_after(response: httpx.Response) -> dict[str, str]:
-    value = response.headers.get("retry-after", "")
-    return {"Retry-After": value if value.isdigit() else "1"}
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    for name, value in headers:
+        if name.lower() == b"retry-after" and value.isdigit():
+            return {"Retry-After": value.decode()}
+    return {"Retry-After": "1"}
 
 
-def check_upstream_status(response: httpx.Response) -> None:
+def check_upstream_status(response: Exchange) -> None:
     """An upstream's 5xx becomes the gateway's own problem; its body never leaks."""
     status = response.status_code
     if status < 500:
         return
     if status == 503:
-        raise ServiceUnavailable(headers=_retry_after(response))
+        raise ServiceUnavailable(headers=_retry_after(response.headers))
     if status == 504:
         raise GatewayTimeout()
     raise BadGateway()
 
 
-class Proxy:
-    """ASGI endpoint that forwards by the route table through each upstream's client."""
+class ProxyMiddleware:
+    """Forwards what the route table names; everything else goes on to the gateway's app.
+
+    A middleware rather than a route: proxied requests skip the router, the dependency
+    machinery and the exception middleware, which is most of a FastAPI request's cost.
+    So it renders its own problems.
+    """
 
     def __init__(
-        self, table: RouteTable, clients: Mapping[str, ServiceClient], max_body_bytes: int
+        self,
+        app: ASGIApp,
+        *,
+        table: RouteTable,
+        clients: Mapping[str, ServiceClient],
+        max_body_bytes: int,
     ) -> None:
+        self.app = app
         self.table = table
         self.clients = clients
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        route = self.table.match(path)
+        route = self.table.match(scope["path"]) if scope["type"] == "http" else None
         if route is None:
-            raise NotFound(f"no route for {path}")
+            await self.app(scope, receive, send)
+            return
         scope[ROUTE_SCOPE_KEY] = route.prefix
+        try:
+            await self._forward(route, scope, receive, send)
+        except Problem as problem:
+            await render_problem(problem, instance=scope["path"])(scope, receive, send)
+
+    async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         if route.methods is not None and method not in route.methods:
             raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
         body = await read_body(scope, receive, self.max_body_bytes)
-        client = self.clients[route.upstream]
-        target = route.rewrite or path
+        target = route.rewrite or scope["path"]
         query: bytes = scope["query_string"]
-        request = client.build_request(
-            method,
-            target + "?" + query.decode("latin-1") if query else target,
-            headers=upstream_headers(scope),
-            content=body,
+        if query:
+            target += "?" + query.decode("latin-1")
+        response = await self.clients[route.upstream].forward(
+            method, target, upstream_headers(scope), body
         )
-        response = await client.send(request)
         check_upstream_status(response)
         headers = [
-            (name, value)
-            for name, value in response.headers.raw
-            if name.lower() not in RESPONSE_DROP
+            (name, value) for name, value in response.headers if name.lower() not in RESPONSE_DROP
         ]
-        content = response.content
-        headers.append((b"content-length", str(len(content)).encode()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
-        await send({"type": "http.response.body", "body": content})
+        headers.append((b"content-length", b"%d" % len(response.content)))
+        start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        await send(start)
+        await send({"type": "http.response.body", "body": response.content})

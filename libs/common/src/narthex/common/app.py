@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware import Middleware
 
 from narthex.common.errors import install_error_handlers
 from narthex.common.metrics import (
@@ -19,7 +20,7 @@ from narthex.common.metrics import (
 from narthex.common.middleware import RequestContextMiddleware
 from narthex.common.readiness import CheckResult, Readiness
 from narthex.common.settings import ServiceSettings
-from narthex.common.telemetry import instrument_app, setup_tracing
+from narthex.common.telemetry import TracingMiddleware, setup_tracing
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -36,11 +37,13 @@ def service_app(
     description: str,
     version: str = "0.1.0",
     lifespan: Lifespan = _no_resources,
+    middleware: Sequence[Middleware] = (),
 ) -> FastAPI:
     """A FastAPI app with narthex's common behaviour; the service adds its routes.
 
     `lifespan` opens the service's resources; it runs inside the common one, and the
-    app is ready only once it has finished starting.
+    app is ready only once it has finished starting. `middleware` runs inside the
+    common request context and span, before routing (the gateway's proxy lives there).
     """
     readiness = Readiness()
     registry = new_registry()
@@ -63,6 +66,9 @@ def service_app(
         description=description,
         version=version,
         lifespan=common_lifespan,
+        # FastAPI's built-in telemetry would add a second server span per request on
+        # top of TracingMiddleware (and cost more): see narthex.common.telemetry.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.readiness = readiness
@@ -70,13 +76,16 @@ def service_app(
     readiness.add("lifespan", lifespan_started)
 
     install_error_handlers(app)
+    # add_middleware puts each one outside the ones before it: innermost first.
+    for inner in reversed(middleware):
+        app.add_middleware(inner.cls, *inner.args, **inner.kwargs)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=HttpMetrics(registry, settings.service_name),
         access_log_sample_rate=settings.access_log_sample_rate,
     )
     if settings.tracing:
-        instrument_app(app, setup_tracing(settings.service_name))
+        app.add_middleware(TracingMiddleware, provider=setup_tracing(settings.service_name))
 
     @app.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

@@ -70,10 +70,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
-            with (
-                structlog.contextvars.bound_contextvars(request_id=request_id),
-                deadline(budget) if budget is not None else nullcontext(),
-            ):
+            with deadline(budget) if budget is not None else nullcontext():
                 try:
                     await self.app(scope, receive, send_with_id)
                 except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,6 +25,7 @@ def serve(settings_cls: type[S], create_app: Callable[[S], FastAPI]) -> None:
         raise SystemExit(2) from None
     configure_logging(settings.service_name, level=settings.log_level, json=settings.log_json)
     app = create_app(settings)
+    tune_gc()
     uvicorn.run(
         app,
         host=settings.host,
@@ -35,4 +37,18 @@ def serve(settings_cls: type[S], create_app: Callable[[S], FastAPI]) -> None:
         log_config=None,  # keep the JSON logging configured above
         server_header=False,
         timeout_graceful_shutdown=10,
+        proxy_headers=False,  # X-Forwarded-* is believed only from trusted proxies, by us
     )
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections on the request path.
+
+    Everything alive after start-up (modules, app, settings) is moved out of the
+    collector's view, and young-generation collections run every 50k allocations
+    instead of 700: a request allocates hundreds of short-lived objects, almost none
+    cyclic, and the default threshold spent ~10% of the gateway's CPU collecting them.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

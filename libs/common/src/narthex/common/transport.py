@@ -1,84 +1,258 @@
-"""An httpx transport on aiohttp: httpx's API for callers, aiohttp's connection pool underneath."""
+"""The wire under every ServiceClient: keep-alive HTTP/1.1 on httptools, as an httpx transport."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
 
-import aiohttp
+import httptools
 import httpx
 
-# httpx's default transport (httpcore) pays a failed `import sniffio` and several locks
-# per request, and its pool collapses past ~32 concurrent connections (encode/httpx#3215).
-# aiohttp's connector does not: on the gateway's hot path that is the difference between
-# ~0.05x and ~0.9x of a bare aiohttp proxy. httpx stays the API every caller sees.
+# Why not httpx's own transport or aiohttp's client: measured on the gateway's hot
+# path, httpcore pays a failed `import sniffio` and several locks per request and its
+# pool collapses past ~32 concurrent connections (encode/httpx#3215): ~0.05x of a bare
+# aiohttp proxy. aiohttp's client is sound but alone costs ~80 us of CPU per call (URL
+# objects, multidicts, signals, timers), which left no room for tracing, metrics and
+# the breaker under the 0.8x target. Internal calls are plain HTTP/1.1 between our own
+# services (TLS is the mesh's job), so the client they need is small: this one writes a
+# request, parses the answer with httptools (the parser uvicorn uses), and keeps the
+# connection for the next call. Callers still see httpx's API and exceptions.
+
+# Framing and connection management belong to this hop, never to the caller.
+_OWN_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+_BODYLESS_STATUS = frozenset({204, 304})
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Buffers each response body (internal calls are small); honours httpx timeouts."""
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A buffered upstream response: what a proxy needs, nothing more."""
+
+    status_code: int
+    headers: list[tuple[bytes, bytes]]
+    content: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: one request in flight at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[Exchange] | None = None
+        self.reusable = False
+        self.idle_since = 0.0
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head_only = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.transport = None
+        self._fail(httpx.RemoteProtocolError("upstream closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
+            self.close()
+
+    # -- httptools callbacks -------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self.parser.get_status_code()
+        self.reusable = self.parser.should_keep_alive()
+        if self._head_only or self._status in _BODYLESS_STATUS:
+            # httptools cannot know a HEAD answer has no body; finish here, and do not
+            # reuse a connection whose parser state we cut short.
+            self.reusable = self.reusable and not self._head_only
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(Exchange(self._status, self._headers, b"".join(self._body)))
+
+    # -- use ------------------------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, request: bytes, body: bytes, head_only: bool) -> Exchange:
+        assert self.transport is not None
+        self._status, self._headers, self._body = 0, [], []
+        self._head_only = head_only
+        self.reusable = False
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request + body if len(body) < 65536 else request)
+        if len(body) >= 65536:
+            self.transport.write(body)  # no copy of a large body
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+
+
+class _Pool:
+    """Idle connections to one host:port, most recently used first."""
+
+    def __init__(self, host: str, port: int, max_connections: int, keepalive_expiry: float):
+        self.host = host
+        self.port = port
+        self.authority = f"{host}:{port}".encode()
+        self.keepalive_expiry = keepalive_expiry
+        self.slots = asyncio.Semaphore(max_connections)
+        self.idle: deque[_Connection] = deque()
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.transport is not None and now - conn.idle_since < self.keepalive_expiry:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, limit: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit):
+                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        return conn
+
+    async def exchange(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeouts: dict[str, float | None],
+    ) -> Exchange:
+        lines = [
+            b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), target.encode(), self.authority)
+        ]
+        lines.extend(
+            name + b": " + value + b"\r\n"
+            for name, value in headers
+            if name.lower() not in _OWN_HEADERS
+        )
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(b"content-length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        request = b"".join(lines)
+        total = timeouts.get("total")
+        async with self.slots:
+            conn = self._take_idle() or await self._connect(timeouts.get("connect"))
+            loop = asyncio.get_running_loop()
+            # One timer for the whole try, cancelled on completion: cheaper than
+            # asyncio.timeout, which costs more than the rest of this function.
+            timer = (
+                loop.call_later(total, conn._fail, httpx.ReadTimeout("upstream timed out"))
+                if total is not None
+                else None
+            )
+            try:
+                response = await conn.exchange(request, body, head_only=method == "HEAD")
+            except BaseException:
+                conn.close()  # half a response on the wire: never reuse it
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if conn.reusable:
+                conn.idle_since = time.monotonic()
+                self.idle.append(conn)
+            else:
+                conn.close()
+            return response
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+class H1Transport(httpx.AsyncBaseTransport):
+    """httpx transport over `_Pool`s (plain HTTP/1.1 only), with a raw `exchange()`."""
 
     def __init__(self, *, max_connections: int = 200, keepalive_expiry: float = 4.0) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[tuple[str, int], _Pool] = {}
 
-    def _open(self) -> aiohttp.ClientSession:
-        # Created on first use: a session binds to the running loop, and clients are
-        # often built before it starts.
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                keepalive_timeout=self._keepalive_expiry,
-                ttl_dns_cache=300,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,  # httpx decodes, as with its own transport
-                cookie_jar=aiohttp.DummyCookieJar(),  # a shared client must not share cookies
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            )
-        return self._session
+    def _pool(self, url: httpx.URL) -> _Pool:
+        if url.scheme != "http":
+            raise httpx.UnsupportedProtocol(f"internal calls are plain http, not {url.scheme}")
+        key = (url.host, url.port or 80)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = _Pool(*key, self._max_connections, self._keepalive_expiry)
+            self._pools[key] = pool
+        return pool
+
+    async def exchange(
+        self,
+        url: httpx.URL,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeouts: dict[str, float | None],
+    ) -> Exchange:
+        """One request to `url`'s host, with `target` (path and query) as given.
+
+        `timeouts` has `total` (the whole try) and `connect`. Failures are httpx's
+        exceptions, so callers classify them one way.
+        """
+        return await self._pool(url).exchange(method, target, headers, body, timeouts)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
-        session = self._open()
         try:
-            async with session.request(
+            exchange = await self.exchange(
+                request.url,
                 request.method,
-                str(request.url),
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                data=request.content or None,
-                allow_redirects=False,
-                timeout=timeout,
-                compress=None,
-            ) as response:
-                body = await response.read()
-                return httpx.Response(
-                    response.status,
-                    headers=response.raw_headers,
-                    stream=httpx.ByteStream(body),
-                    request=request,
-                    extensions={"http_version": b"HTTP/1.1"},
-                )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout(str(exc), request=request) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except (aiohttp.SocketTimeoutError, asyncio.TimeoutError) as exc:
-            raise httpx.ReadTimeout(str(exc), request=request) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.ReadError(str(exc), request=request) from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.NetworkError(str(exc), request=request) from exc
+                request.url.raw_path.decode("ascii"),
+                request.headers.raw,
+                request.content,
+                {
+                    "total": timeouts.get("total", timeouts.get("read")),
+                    "connect": timeouts.get("connect"),
+                },
+            )
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        return httpx.Response(
+            exchange.status_code,
+            headers=exchange.headers,
+            stream=httpx.ByteStream(exchange.content),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
