@@ -18,10 +18,13 @@ from narthex.common.metrics import HttpMetrics
 
 log = structlog.get_logger("narthex.access")
 
+# Probe and scrape paths: neither logged nor traced when they succeed, unless the call
+# carries a trace context (then it is part of a traced request, not a kubelet poll).
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
 # Set by handlers that route by data rather than by path template (the gateway proxy),
 # so that metrics stay labelled by a bounded set of names.
 ROUTE_SCOPE_KEY = "narthex.route"
-QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def route_template(scope: Scope) -> str:
@@ -48,11 +51,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming_id = budget = None
+        quiet = scope["path"] in QUIET_PATHS
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 incoming_id = value.decode("latin-1")
             elif name == b"x-request-timeout-ms":
                 budget = parse_header(value.decode("latin-1"))
+            elif name == b"traceparent":
+                quiet = False
         request_id = accept_request_id(incoming_id)
         id_header = (b"x-request-id", request_id.encode())
         status = 500
@@ -83,16 +89,14 @@ class RequestContextMiddleware:
                     elapsed = time.perf_counter() - start
                     route = route_template(scope)
                     self.metrics.observe(scope["method"], route, status, elapsed)
-                    self._access_log(scope, route, status, elapsed)
+                    if not (quiet and status < 400):
+                        self._access_log(scope, route, status, elapsed)
         finally:
             self.metrics.in_flight.dec()
             request_id_var.reset(token)
 
     def _access_log(self, scope: Scope, route: str, status: int, elapsed: float) -> None:
-        quiet = scope["path"] in QUIET_PATHS
-        if status < 400 and (
-            quiet or (self.sample_rate < 1.0 and random.random() >= self.sample_rate)
-        ):
+        if status < 400 and self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return
         fields: dict[str, Any] = {
             "method": scope["method"],

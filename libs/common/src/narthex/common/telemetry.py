@@ -69,7 +69,7 @@ class TracingMiddleware:
         self.tracer = provider.get_tracer("narthex.common.telemetry")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         carrier = {
@@ -77,6 +77,9 @@ class TracingMiddleware:
             for name, value in scope["headers"]
             if name in _TRACE_HEADERS
         }
+        if not carrier and scope["path"] in QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
         parent = propagate.extract(carrier) if carrier else None
         method: str = scope["method"]
         status = 500
