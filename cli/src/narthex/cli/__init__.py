@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The `narthex` command line: `narthex up` runs the platform locally."""

@@ -32,7 +32,9 @@ class ServiceSettings(BaseSettings):
 
     service_name: ClassVar[str] = "narthex"
 
-    env: Environment = Field("dev", description="dev | test | prod; prod refuses placeholders")
+    env: Environment = Field(
+        "dev", description="dev, test or prod; outside dev, placeholder secrets are refused"
+    )
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to bind")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

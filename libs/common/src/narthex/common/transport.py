@@ -230,12 +230,18 @@ class H1Transport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         try:
+            body = request.content
+        except httpx.RequestNotRead:
+            # A streamed body (an async iterator, multipart files): httpx only reads
+            # byte content up front; this transport sends bodies whole, so buffer it.
+            body = await request.aread()
+        try:
             exchange = await self.exchange(
                 request.url,
                 request.method,
                 request.url.raw_path.decode("ascii"),
                 request.headers.raw,
-                request.content,
+                body,
                 {
                     "total": timeouts.get("total", timeouts.get("read")),
                     "connect": timeouts.get("connect"),

@@ -1,0 +1,49 @@
+# narthex: the two commands that matter are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+# The uv on PATH if there is one, else a private copy installed from PyPI on first use.
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
+MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
+	services/auth/pyproject.toml services/features/pyproject.toml \
+	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml
+
+.PHONY: help run test lint format bench install clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+run: install ## Start the whole platform locally; prints URLs and a curl line that works
+	$(UV) run narthex up
+
+test: install lint ## Install everything, then lint, type-check and run every test
+	$(UV) run pytest
+
+lint: install ## ruff (lint + format check) and mypy --strict on the whole tree
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy
+
+format: install ## Apply ruff's fixes and formatting
+	$(UV) run ruff check --fix .
+	$(UV) run ruff format .
+
+bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios against baselines
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(UV) run python -m bench.proxy
+
+install: .venv/.installed ## Create .venv from uv.lock (done by run/test/bench)
+
+.venv/.installed: uv.lock $(MEMBERS) | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+clean: ## Remove the virtualenv, tool copies, caches and local state
+	rm -rf .venv .tools .state .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,372 @@
+"""`narthex up` end to end: real supervisor and services on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from narthex.cli.up import live_run
+
+pytestmark = pytest.mark.slow
+
+SERVICES = ("gateway", "auth", "features", "inference", "analytics")
+UPSTREAMS = SERVICES[1:]
+# Five Python services importing FastAPI at once take ~7 s on a 2-CPU box; allow for a
+# loaded CI machine without letting a hang run into pytest's global timeout.
+READY_TIMEOUT_S = 45.0
+STOP_TIMEOUT_S = 15.0
+SUMMARY_END = "Ctrl-C to stop"
+
+_handed_out: set[int] = set()
+
+
+def port_free(port: int) -> bool:
+    # SO_REUSEADDR as uvicorn does: a port left in TIME_WAIT by an earlier test is free.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_base(count: int = 5) -> int:
+    """The first of `count` consecutive free ports from 18000 up, never the same twice."""
+    for base in range(18000, 60000, count):
+        if base in _handed_out:
+            continue
+        if all(port_free(base + offset) for offset in range(count)):
+            _handed_out.add(base)
+            return base
+    raise RuntimeError("no five consecutive free ports")
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def narthex_env(**extra: str) -> dict[str, str]:
+    # The developer's own NARTHEX_* settings must not leak into what is under test.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NARTHEX_")}
+    env.update(extra)
+    return env
+
+
+def narthex_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "narthex.cli.main", *args]
+
+
+def read_run_file(state_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((state_dir / "up.json").read_text())
+    return data
+
+
+class Up:
+    """One `narthex up` process; its stdout and stderr collected by a reader thread."""
+
+    def __init__(self, state_dir: Path, port_base: int, env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.port_base = port_base
+        self.ports = [port_base + offset for offset in range(5)]
+        self.child_pids: list[int] = []
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            narthex_argv(
+                "up",
+                "--host",
+                "127.0.0.1",
+                "--port-base",
+                str(port_base),
+                "--state-dir",
+                str(state_dir),
+                "--timeout",
+                str(READY_TIMEOUT_S),
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env or narthex_env(),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        # A closed pipe ends the loop; nothing may escape a thread under filterwarnings=error.
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.proc.stdout:
+                with self._lock:
+                    self._lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        with self._lock:
+            return "\n".join(self._lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=5)
+                if text in self.output:
+                    return
+                pytest.fail(f"narthex up exited {self.proc.returncode}:\n{self.output}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} within {timeout} s:\n{self.output}")
+            time.sleep(0.1)
+
+    def remember_children(self, at_least: int = 5, timeout: float = 10.0) -> None:
+        """Child pids from the run file, once it names `at_least` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                self.child_pids = list(read_run_file(self.state_dir)["children"].values())
+            if len(self.child_pids) >= at_least:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"run file names {self.child_pids} after {timeout} s")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"narthex up still running after {timeout} s:\n{self.output}")
+        self._reader.join(timeout=5)
+        return code
+
+    def close(self) -> None:
+        """Whatever happened: the supervisor and every child it started are gone."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self.child_pids.extend(read_run_file(self.state_dir)["children"].values())
+        for pid in set(self.child_pids):
+            if pid_running(pid) and b"narthex." in Path(f"/proc/{pid}/cmdline").read_bytes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def running_up(state_dir: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
+    up = Up(state_dir, free_port_base(), env)
+    try:
+        yield up
+    finally:
+        up.close()
+
+
+def assert_all_stopped(up: Up) -> None:
+    assert up.child_pids, "the run file named no children"
+    assert [pid for pid in up.child_pids if pid_running(pid)] == []
+    assert [port for port in up.ports if not port_free(port)] == []
+    assert not (up.state_dir / "up.json").exists()
+
+
+@dataclass
+class Stack:
+    up: Up
+    urls: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One platform shared by the tests below; test_sigint_stops_everything ends it."""
+    state_dir = tmp_path_factory.mktemp("state")
+    # A run file left by a crashed supervisor (its pid is dead) must not block a start.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": "127.0.0.1", "ports": {}, "started_at": "earlier"}
+    (state_dir / "up.json").write_text(json.dumps(stale))
+    with running_up(state_dir) as up:
+        up.wait_for(SUMMARY_END, READY_TIMEOUT_S)
+        up.remember_children()
+        urls = {name: f"http://127.0.0.1:{up.port_base + i}" for i, name in enumerate(SERVICES)}
+        yield Stack(up, urls)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=5.0, trust_env=False) as http:
+        yield http
+
+
+def test_summary_names_urls_docs_logs_and_a_working_curl(
+    stack: Stack, client: httpx.Client
+) -> None:
+    output = stack.up.output
+    for url in stack.urls.values():
+        assert url in output
+    assert f"{stack.urls['gateway']}/docs" in output
+    assert str(stack.up.state_dir / "logs") in output
+    match = re.search(r"curl -s (\S+)", output)
+    assert match is not None, output
+    assert match.group(1) == f"{stack.urls['gateway']}/v1/status/inference"
+    assert client.get(match.group(1)).status_code == 200
+    assert client.get(f"{stack.urls['gateway']}/docs").status_code == 200
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_is_ready(stack: Stack, client: httpx.Client, service: str) -> None:
+    assert client.get(f"{stack.urls[service]}/readyz").status_code == 200
+    assert (stack.up.state_dir / "logs" / f"{service}.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_gateway_proxies_each_upstreams_status(
+    stack: Stack, client: httpx.Client, upstream: str
+) -> None:
+    response = client.get(f"{stack.urls['gateway']}/v1/status/{upstream}")
+    assert response.status_code == 200, response.text
+
+
+def test_gateway_readyz_names_each_upstream_up(stack: Stack, client: httpx.Client) -> None:
+    body = client.get(f"{stack.urls['gateway']}/readyz").json()
+    assert {name: body["checks"][name]["status"] for name in UPSTREAMS} == dict.fromkeys(
+        UPSTREAMS, "up"
+    )
+
+
+def test_run_file_describes_the_live_supervisor(stack: Stack) -> None:
+    info = read_run_file(stack.up.state_dir)
+    assert info["pid"] == stack.up.proc.pid
+    assert info["host"] == "127.0.0.1"
+    assert info["ports"] == {name: stack.up.port_base + i for i, name in enumerate(SERVICES)}
+    assert set(info["children"]) == set(SERVICES)
+    assert info["started_at"] != "earlier"
+
+
+def test_status_reports_every_service_ready(stack: Stack) -> None:
+    result = subprocess.run(
+        narthex_argv("status", "--state-dir", str(stack.up.state_dir)),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=narthex_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ready") == len(SERVICES), result.stdout
+
+
+def test_second_up_says_already_running(stack: Stack) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        narthex_argv(
+            "up", "--port-base", str(free_port_base()), "--state-dir", str(stack.up.state_dir)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=narthex_env(),
+    )
+    assert result.returncode == 1
+    assert "already running" in result.stderr
+    assert time.monotonic() - started < 10
+    assert stack.up.proc.poll() is None  # the first one is untouched
+
+
+def test_sigint_stops_everything(stack: Stack) -> None:
+    """Runs last among the tests on `stack`: it stops it."""
+    stack.up.proc.send_signal(signal.SIGINT)
+    assert stack.up.wait(STOP_TIMEOUT_S) == 0, stack.up.output
+    assert "stopped" in stack.up.output
+    assert_all_stopped(stack.up)
+
+
+def test_run_file_naming_a_reused_pid_is_stale(tmp_path: Path) -> None:
+    # After a crash or a container restart the old pid may be someone else's process.
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            stale = {"pid": other.pid, "host": "127.0.0.1", "ports": {}, "started_at": "x"}
+            (tmp_path / "up.json").write_text(json.dumps(stale))
+            assert live_run(tmp_path) is None
+        finally:
+            other.kill()
+
+
+def test_port_taken_by_a_foreign_listener_starts_nothing(tmp_path: Path) -> None:
+    base = free_port_base()
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", base + 3))
+        squatter.listen()
+        result = subprocess.run(
+            narthex_argv("up", "--port-base", str(base), "--state-dir", str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=narthex_env(),
+        )
+    assert result.returncode == 1
+    assert str(base + 3) in result.stderr
+    assert "inference" in result.stderr
+    assert not (tmp_path / "logs").exists()
+    assert not (tmp_path / "up.json").exists()
+    assert all(port_free(base + offset) for offset in (0, 1, 2, 4))
+
+
+def test_bad_configuration_shows_the_services_refusal(tmp_path: Path) -> None:
+    env = narthex_env(NARTHEX_FEATURES_LOG_LEVEL="chatty")
+    with running_up(tmp_path, env) as up:
+        assert up.wait(READY_TIMEOUT_S) == 1
+        assert "features refused its configuration (exit code 2)" in up.output
+        assert "NARTHEX_FEATURES_LOG_LEVEL" in up.output
+        assert "Ctrl-C to stop" not in up.output
+        assert [port for port in up.ports if not port_free(port)] == []
+        assert not (tmp_path / "up.json").exists()
+
+
+def test_a_child_dying_stops_the_rest(tmp_path: Path) -> None:
+    with running_up(tmp_path) as up:
+        up.wait_for(SUMMARY_END, READY_TIMEOUT_S)
+        up.remember_children()
+        victim = read_run_file(tmp_path)["children"]["inference"]
+        os.kill(victim, signal.SIGKILL)
+        assert up.wait(STOP_TIMEOUT_S) == 1
+        assert "inference was killed by SIGKILL while running" in up.output
+        assert "last " in up.output  # the tail of its log
+        assert_all_stopped(up)
+
+
+def test_concurrent_starts_one_wins_and_ctrl_c_mid_start_is_clean(tmp_path: Path) -> None:
+    with running_up(tmp_path) as first, running_up(tmp_path) as second:
+        # Whoever loses the lock (or sees the winner's run file) gives up at once.
+        deadline = time.monotonic() + 15
+        while first.proc.poll() is None and second.proc.poll() is None:
+            assert time.monotonic() < deadline, first.output + second.output
+            time.sleep(0.05)
+        loser, winner = (first, second) if first.proc.poll() is not None else (second, first)
+        assert loser.wait(5) == 1
+        assert "already running" in loser.output
+        # The winner is still starting its services; Ctrl-C now must stop those it started.
+        winner.remember_children(at_least=len(UPSTREAMS))
+        winner.proc.send_signal(signal.SIGINT)
+        assert winner.wait(STOP_TIMEOUT_S) == 0, winner.output
+        assert "Ctrl-C to stop" not in winner.output
+        assert_all_stopped(winner)
