@@ -13,22 +13,21 @@ from tests.support.services import Service, run_service
 pytestmark = pytest.mark.slow
 
 
-def access_lines(service: Service, path_route: str) -> list[dict[str, object]]:
-    return [
-        line
-        for line in service.log_lines()
-        if line.get("event") == "request" and line.get("route") == path_route
-    ]
-
-
-def wait_for_line(service: Service, route: str, timeout: float = 5.0) -> dict[str, object]:
+def wait_for_line(
+    service: Service, route: str, request_id: str, timeout: float = 5.0
+) -> dict[str, object]:
+    """The access line for one request (by its id: readiness polls log lines too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = access_lines(service, route)
-        if lines:
-            return lines[-1]
+        for line in service.log_lines():
+            if (
+                line.get("event") == "request"
+                and line.get("route") == route
+                and line.get("request_id") == request_id
+            ):
+                return line
         time.sleep(0.05)
-    raise AssertionError(f"no access line for {route} in {service.name}'s log")
+    raise AssertionError(f"no access line for {route} {request_id} in {service.name}'s log")
 
 
 def test_one_trace_id_across_two_hops_in_both_logs(tmp_path: Path) -> None:
@@ -53,8 +52,8 @@ def test_one_trace_id_across_two_hops_in_both_logs(tmp_path: Path) -> None:
             assert response.status_code == 200
             assert response.headers["x-request-id"] == "e2e-trace-0001"
 
-            gateway_line = wait_for_line(gateway, "/v1/status/analytics")
-            upstream_line = wait_for_line(analytics, "/readyz")
+            gateway_line = wait_for_line(gateway, "/v1/status/analytics", "e2e-trace-0001")
+            upstream_line = wait_for_line(analytics, "/readyz", "e2e-trace-0001")
 
     assert gateway_line["trace_id"] == trace_id
     assert upstream_line["trace_id"] == trace_id
@@ -74,8 +73,9 @@ def test_trace_id_is_made_at_the_edge_when_the_client_sends_none(tmp_path: Path)
         with run_service("gateway", tmp_path, env) as gateway:
             response = httpx.get(gateway.url + "/v1/status/analytics", timeout=5.0)
             assert response.status_code == 200
-            gateway_line = wait_for_line(gateway, "/v1/status/analytics")
-            upstream_line = wait_for_line(analytics, "/readyz")
+            request_id = response.headers["x-request-id"]  # made by the gateway
+            gateway_line = wait_for_line(gateway, "/v1/status/analytics", request_id)
+            upstream_line = wait_for_line(analytics, "/readyz", request_id)
     assert isinstance(gateway_line["trace_id"], str)
     assert len(gateway_line["trace_id"]) == 32
     assert upstream_line["trace_id"] == gateway_line["trace_id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,6 +60,11 @@ RESPONSE_DROP = HOP_BY_HOP | {
 }
 
 
+# What a path may carry unescaped (RFC 3986 pchar, "/"; "%" of the client's own escapes):
+# a space, CR, LF or a non-ASCII byte would change or split the upstream request line.
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+
+
 class MethodNotAllowed(Problem):
     status, type_slug, title = 405, "method-not-allowed", "Method not allowed"
 
@@ -97,6 +103,25 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def upstream_path(scope: Scope) -> str:
+    """The path as the client escaped it (`raw_path`), never the decoded `path`: decoding
+    turns `%2F`, `%3F`, `%20` or `%0D%0A` into a separator, a query or a new header line."""
+    raw: bytes | None = scope.get("raw_path")
+    if raw is None:
+        return quote(scope["path"], safe=_PATH_SAFE.replace("%", ""))
+    return quote_from_bytes(raw, safe=_PATH_SAFE)
+
+
+def _without_hop_by_hop(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """`headers` less `drop` and whatever a `Connection` header names (RFC 9110 7.6.1)."""
+    for name, value in headers:
+        if name.lower() == b"connection":
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -155,7 +180,7 @@ class ProxyMiddleware:
         if route.methods is not None and method not in route.methods:
             raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
         body = await read_body(scope, receive, self.max_body_bytes)
-        target = route.rewrite or scope["path"]
+        target = route.rewrite or upstream_path(scope)
         query: bytes = scope["query_string"]
         if query:
             target += "?" + query.decode("latin-1")
@@ -163,9 +188,7 @@ class ProxyMiddleware:
             method, target, upstream_headers(scope), body
         )
         check_upstream_status(response)
-        headers = [
-            (name, value) for name, value in response.headers if name.lower() not in RESPONSE_DROP
-        ]
+        headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(response.content)))
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)

@@ -29,7 +29,7 @@ class GatewaySettings(ServiceSettings):
     )
     max_body_bytes: int = Field(1 << 20, ge=1, description="request bodies above this get 413")
     upstream_connect_timeout: float = Field(1.0, gt=0, description="per try, seconds")
-    upstream_read_timeout: float = Field(30.0, gt=0, description="per try, seconds")
+    upstream_try_timeout: float = Field(30.0, gt=0, description="per try, seconds")
     upstream_deadline: float = Field(30.0, gt=0, description="all tries together, seconds")
     upstream_retries: bool = Field(True, description="retry safe requests (off under Istio)")
     upstream_max_attempts: int = Field(3, ge=1, le=10, description="tries per request")
@@ -47,7 +47,7 @@ class GatewaySettings(ServiceSettings):
     def client_policy(self) -> ClientPolicy:
         return ClientPolicy(
             connect_timeout=self.upstream_connect_timeout,
-            read_timeout=self.upstream_read_timeout,
+            try_timeout=self.upstream_try_timeout,
             deadline=self.upstream_deadline,
             retries=self.upstream_retries,
             max_attempts=self.upstream_max_attempts,

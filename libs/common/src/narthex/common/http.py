@@ -66,7 +66,7 @@ class ClientPolicy:
     """Timeouts, retries and breaking for one upstream."""
 
     connect_timeout: float = 1.0
-    read_timeout: float = 5.0
+    try_timeout: float = 5.0  # one try: connecting, sending and reading the whole answer
     deadline: float = 10.0
     retries: bool = True  # off when the mesh (Istio) retries instead
     max_attempts: int = 3
@@ -180,7 +180,7 @@ class ServiceClient:
             base_url=base_url,
             transport=self._transport,
             headers=headers,
-            timeout=httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout),
+            timeout=httpx.Timeout(policy.try_timeout, connect=policy.connect_timeout),
             follow_redirects=False,
         )
         instrument_client(self._client)
@@ -236,11 +236,12 @@ class ServiceClient:
             request.headers[REQUEST_ID_HEADER] = request_id
 
         async def attempt(left: float) -> httpx.Response:
-            request.headers[DEADLINE_HEADER] = str(max(1, int(left * 1000)))
+            budget = min(self.policy.try_timeout, left)
+            request.headers[DEADLINE_HEADER] = _budget_ms(budget).decode()
             request.extensions["timeout"] = self._timeouts(left)
-            # httpx has no whole-request timeout; this is the try's, so read_timeout
+            # httpx has no whole-request timeout; this is the try's, so try_timeout
             # holds on any transport (`_timeouts` leaves httpx's per-phase ones off).
-            async with asyncio.timeout(min(self.policy.read_timeout, left)):
+            async with asyncio.timeout(budget):
                 return await self._client.send(request)
 
         return await self._call(request.method, request.url.path, attempt, deadline, idempotent)
@@ -278,7 +279,8 @@ class ServiceClient:
         headers.extend(trace_headers())
 
         async def attempt(left: float) -> Exchange:
-            sent = [*headers, (DEADLINE_HEADER.encode(), b"%d" % max(1, int(left * 1000)))]
+            budget = min(self.policy.try_timeout, left)
+            sent = [*headers, (DEADLINE_HEADER.encode(), _budget_ms(budget))]
             return await transport.exchange(
                 url, method, self._base_path + target, sent, body, self._timeouts(left)
             )
@@ -287,14 +289,15 @@ class ServiceClient:
 
     def _timeouts(self, left: float) -> dict[str, float | None]:
         policy = self.policy
-        # One timer for the whole try plus one for connecting: per-read timers
+        # One timer for the whole try, plus waiting for a free connection and
+        # connecting when those happen: per-read timers
         # cost the proxy path ~25 us a request and add nothing a try timeout lacks.
         return {
-            "total": min(policy.read_timeout, left),
+            "total": min(policy.try_timeout, left),
             "connect": min(policy.connect_timeout, left),
             "read": None,
             "write": None,
-            "pool": None,
+            "pool": min(policy.connect_timeout, left),
         }
 
     async def _call(
@@ -380,6 +383,11 @@ class ServiceClient:
         if failure.kind in ("timeout", "deadline"):
             raise UpstreamTimeout(self.name) from None
         raise UpstreamUnavailable(self.name) from None
+
+
+def _budget_ms(seconds: float) -> bytes:
+    """The callee's share of our deadline: what this try will wait, in milliseconds."""
+    return b"%d" % max(1, int(seconds * 1000))
 
 
 async def _classify(attempt: Callable[[float], Awaitable[R]], left: float) -> R:

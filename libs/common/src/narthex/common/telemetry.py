@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 
 import httpx
 from opentelemetry import context as otel_context
@@ -24,19 +25,14 @@ _TRACE_HEADERS = (b"traceparent", b"tracestate")
 _provider: TracerProvider | None = None
 
 
-def setup_tracing(service: str) -> TracerProvider:
-    """Install the process's tracer provider (once).
-
-    Every request gets a trace id (continued from the caller's `traceparent`), so ids
+def build_tracer_provider(service: str, environ: Mapping[str, str]) -> TracerProvider:
+    """Every request gets a trace id (continued from the caller's `traceparent`), so ids
     reach logs, error bodies and the next hop either way. Spans are *recorded* only
     when something receives them: with an OTLP endpoint the sampler is the SDK's
     (`OTEL_TRACES_SAMPLER`, parent-based always-on by default); without one, spans are
     non-recording, which on the gateway saves ~70 us of CPU per request, measured.
     """
-    global _provider
-    if _provider is not None:
-        return _provider
-    exporting = bool(os.environ.get(OTLP_ENDPOINT_ENV))
+    exporting = bool(environ.get(OTLP_ENDPOINT_ENV))
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: service}),
         sampler=None if exporting else ALWAYS_OFF,
@@ -47,10 +43,17 @@ def setup_tracing(service: str) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    _instrument_redis()
-    _provider = provider
     return provider
+
+
+def setup_tracing(service: str) -> TracerProvider:
+    """Install the process's tracer provider, once (OpenTelemetry allows one)."""
+    global _provider
+    if _provider is None:
+        _provider = build_tracer_provider(service, os.environ)
+        trace.set_tracer_provider(_provider)
+        _instrument_redis()
+    return _provider
 
 
 class TracingMiddleware:

@@ -47,6 +47,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._head_only = False
+        self._framed = True
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -55,6 +56,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.transport = None
+        if self._status and not self._framed and exc is None:
+            # Neither Content-Length nor chunked: the body ends where the connection does.
+            self.on_message_complete()
         self._fail(httpx.RemoteProtocolError("upstream closed the connection"))
 
     def data_received(self, data: bytes) -> None:
@@ -71,6 +75,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self.parser.get_status_code()
         self.reusable = self.parser.should_keep_alive()
+        self._framed = any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers
+        )
         if self._head_only or self._status in _BODYLESS_STATUS:
             # httptools cannot know a HEAD answer has no body; finish here, and do not
             # reuse a connection whose parser state we cut short.
@@ -98,7 +105,7 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes, body: bytes, head_only: bool) -> Exchange:
         assert self.transport is not None
-        self._status, self._headers, self._body = 0, [], []
+        self._status, self._headers, self._body, self._framed = 0, [], [], True
         self._head_only = head_only
         self.reusable = False
         self.waiter = asyncio.get_running_loop().create_future()
@@ -163,7 +170,8 @@ class _Pool:
         lines.append(b"\r\n")
         request = b"".join(lines)
         total = timeouts.get("total")
-        async with self.slots:
+        await self._acquire_slot(timeouts.get("pool"))
+        try:
             conn = self._take_idle() or await self._connect(timeouts.get("connect"))
             loop = asyncio.get_running_loop()
             # One timer for the whole try, cancelled on completion: cheaper than
@@ -187,6 +195,18 @@ class _Pool:
             else:
                 conn.close()
             return response
+        finally:
+            self.slots.release()
+
+    async def _acquire_slot(self, limit: float | None) -> None:
+        if not self.slots.locked():
+            await self.slots.acquire()  # the common case: no timer needed
+            return
+        try:
+            async with asyncio.timeout(limit):
+                await self.slots.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout(f"no free connection to {self.host}:{self.port}") from exc
 
     def close(self) -> None:
         while self.idle:

@@ -1,0 +1,728 @@
+"""The gateway's proxy end to end: the real gateway app in process, real upstream servers.
+
+The gateway is `create_app(...)` with its lifespan running, called through httpx's
+ASGI transport; every upstream is a real HTTP server on 127.0.0.1 (a misbehaving
+`UpstreamServer`, or a `ScriptedUpstream` that answers with the exact status, headers
+and body a test writes), so what crosses the wire is observed from the upstream's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import AnyHttpUrl
+from starlette.types import Message
+
+from narthex.common.errors import PROBLEM_BASE
+from narthex.gateway.main import create_app
+from narthex.gateway.routing import UPSTREAMS
+from narthex.gateway.settings import GatewaySettings
+from tests.support.upstream import RecordedRequest, UpstreamServer, refusing_port
+
+MAX_BODY = 1024
+# Timing assertions allow this much for a loaded machine; counts are always exact.
+SLACK = 0.3
+BOUND = 10.0  # no test may hang: every gateway call runs under this
+
+# Short timeouts keep failure tests fast; a breaker that only opens when a test asks.
+BASE_SETTINGS: dict[str, Any] = {
+    "tracing": False,
+    "max_body_bytes": MAX_BODY,
+    "upstream_connect_timeout": 0.5,
+    "upstream_try_timeout": 1.0,
+    "upstream_deadline": 2.0,
+    "upstream_retries": True,
+    "upstream_max_attempts": 3,
+    "breaker_fail_max": 100,
+    "breaker_reset_timeout": 30.0,
+}
+SECRET = "SECRET-STACKTRACE"
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+# -- a real upstream that answers exactly what the test says -------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: list[tuple[str, str]] = field(
+        default_factory=lambda: [("Content-Type", "application/json")]
+    )
+    body: bytes = b'{"ok": true}'
+    chunked: bool = False  # send the body chunked (the test adds Transfer-Encoding)
+
+    def encode(self) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} Whatever", *(f"{k}: {v}" for k, v in self.headers)]
+        if self.chunked:
+            half = len(self.body) // 2
+            parts = [p for p in (self.body[:half], self.body[half:]) if p]
+            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+        else:
+            lines.append(f"Content-Length: {len(self.body)}")
+            body = self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class ScriptedUpstream:
+    """A keep-alive HTTP/1.1 server on 127.0.0.1 answering every request with `reply`."""
+
+    def __init__(self, reply: Reply | None = None) -> None:
+        self.reply = reply or Reply()
+        self.requests: list[RecordedRequest] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ")
+                raw = [
+                    (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines if ln)
+                ]
+                headers = {k.lower(): v for k, v in raw}
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                path, _, query = target.partition("?")
+                self.requests.append(
+                    RecordedRequest(method, path, query, headers, body, time.monotonic(), raw)
+                )
+                writer.write(self.reply.encode())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+
+# -- the gateway under test ----------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    http: httpx.AsyncClient
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async with asyncio.timeout(BOUND):
+            return await self.http.request(method, url, **kwargs)
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("POST", url, **kwargs)
+
+
+def gateway_settings(urls: str | Mapping[str, str], **overrides: Any) -> GatewaySettings:
+    """Settings with every upstream at `urls` (one URL for all four, or one each)."""
+    url = dict.fromkeys(UPSTREAMS, urls) if isinstance(urls, str) else dict(urls)
+    options: dict[str, Any] = {**BASE_SETTINGS, **overrides}
+    return GatewaySettings(
+        auth_url=AnyHttpUrl(url["auth"]),
+        features_url=AnyHttpUrl(url["features"]),
+        inference_url=AnyHttpUrl(url["inference"]),
+        analytics_url=AnyHttpUrl(url["analytics"]),
+        **options,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: GatewaySettings) -> AsyncIterator[Gateway]:
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gw") as http,
+    ):
+        yield Gateway(app, http)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamServer]:
+    async with UpstreamServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, UpstreamServer]]:
+    """One real server per upstream, so a test can tell which one a request reached."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield {name: await stack.enter_async_context(UpstreamServer()) for name in UPSTREAMS}
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    async with ScriptedUpstream() as server:
+        yield server
+
+
+def urls_of(servers: Mapping[str, UpstreamServer]) -> dict[str, str]:
+    return {name: server.url for name, server in servers.items()}
+
+
+def assert_problem(
+    response: httpx.Response, status: int, slug: str, *, absent: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A problem+json from the gateway itself, with none of the `absent` texts in it."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["type"] == PROBLEM_BASE + slug
+    assert body["status"] == status
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "trace_id" in body
+    for text in absent:
+        assert text not in response.text, text
+        assert all(text not in value for value in response.headers.values()), text
+    return body
+
+
+def retry_after(response: httpx.Response) -> int:
+    value = response.headers["retry-after"]
+    assert value.isdigit(), value
+    return int(value)
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "name"),
+    [
+        ("POST", "/v1/models/x/predict", "explain=true&top_k=3", "inference"),
+        ("GET", "/v2/models", "", "inference"),
+        ("GET", "/v2/models/iris/versions/2", "verbose=1", "inference"),
+        ("POST", "/v1/events/transactions", "", "features"),
+        ("GET", "/v1/usage", "from=2026-01-01&to=2026-02-01&tenant=a%20b", "analytics"),
+        ("POST", "/v1/auth/token", "", "auth"),
+    ],
+)
+async def test_a_route_reaches_its_upstream_with_path_and_query_preserved(
+    upstreams: dict[str, UpstreamServer], method: str, path: str, query: str, name: str
+) -> None:
+    body = b'{"inputs": [1, 2, 3]}' if method == "POST" else b""
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        response = await gw.request(method, path + ("?" + query if query else ""), content=body)
+
+    assert response.status_code == 200
+    assert response.json() == {"path": path, "method": method, "ok": True}
+    (seen,) = upstreams[name].requests
+    assert (seen.method, seen.path, seen.query, seen.body) == (method, path, query, body)
+    assert {other: s.calls() for other, s in upstreams.items() if other != name} == dict.fromkeys(
+        set(UPSTREAMS) - {name}, 0
+    )
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/v1/models/a%20b/predict",
+        "/v1/models/a%2Fb/predict",
+        "/v1/models/a%3Fb/predict",
+        "/v1/models/caf%C3%A9/predict",
+        "/v1/models/x%0D%0AX-Injected:%20yes/predict",
+        # Decoded, this is a whole second request smuggled onto the upstream connection.
+        "/v1/models/x%20HTTP/1.1%0D%0AHost:%20i%0D%0A%0D%0AGET%20/v1/admin/models%20HTTP/1.1"
+        "%0D%0AX-Injected:%20yes",
+    ],
+)
+async def test_an_escaped_path_is_forwarded_as_the_client_sent_it(
+    upstream: UpstreamServer, raw_path: str
+) -> None:
+    """The upstream gets the path as escaped on the wire, never the decoded one: a
+    decoded space, `?`, `/` or CR LF would change (or split) the upstream request."""
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.post(raw_path + "?k=v", content=b"{}")
+
+    assert response.status_code == 200, response.text
+    (seen,) = upstream.requests
+    assert (seen.path, seen.query) == (raw_path, "k=v")
+    assert "x-injected" not in seen.headers
+
+
+async def test_an_unknown_path_is_a_404_problem_and_reaches_no_upstream(
+    upstreams: dict[str, UpstreamServer],
+) -> None:
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        get = await gw.get("/v1/nope")
+        post = await gw.post("/v1/nope/deeper?x=1", content=b"{}")
+        near_miss = await gw.get("/v2x/models")
+
+    for response in (get, post, near_miss):
+        assert_problem(response, 404, "not-found")
+    assert sum(server.calls() for server in upstreams.values()) == 0
+
+
+async def test_status_route_is_rewritten_to_the_upstreams_readyz(
+    upstreams: dict[str, UpstreamServer],
+) -> None:
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        response = await gw.get("/v1/status/inference")
+
+    assert response.status_code == 200
+    (seen,) = upstreams["inference"].requests
+    assert (seen.method, seen.path, seen.query) == ("GET", "/readyz", "")
+    assert sum(s.calls() for n, s in upstreams.items() if n != "inference") == 0
+
+
+async def test_status_route_answers_405_with_allow_to_other_methods(
+    upstreams: dict[str, UpstreamServer],
+) -> None:
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        response = await gw.post("/v1/status/inference", content=b"{}")
+
+    assert_problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == "GET"
+    assert sum(server.calls() for server in upstreams.values()) == 0
+
+
+# -- headers -------------------------------------------------------------------------------
+
+
+HOP_BY_HOP_REQUEST = {
+    "Connection": "keep-alive, X-Secret-Hop",
+    "X-Secret-Hop": "1",
+    "Keep-Alive": "timeout=5, max=1000",
+    "TE": "trailers",
+    "Trailer": "X-Checksum",
+    "Upgrade": "websocket",
+    "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+    "Proxy-Connection": "keep-alive",
+}
+
+
+async def test_hop_by_hop_request_headers_stay_behind_and_end_to_end_ones_go_on(
+    upstream: UpstreamServer,
+) -> None:
+    headers = {
+        **HOP_BY_HOP_REQUEST,
+        "Authorization": "Bearer token-123",
+        "Content-Type": "application/json",
+        "X-Tenant-Hint": "acme",
+        # Set by this hop, never believed from the client.
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Request-Timeout-Ms": "999999",
+    }
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.post("/v1/models/x/predict", content=b'{"a": 1}', headers=headers)
+
+    assert response.status_code == 200
+    (seen,) = upstream.requests
+    sent = {name.lower() for name, _ in seen.raw_headers}
+    assert not sent & {name.lower() for name in HOP_BY_HOP_REQUEST}, sent
+    assert seen.header_values("authorization") == ["Bearer token-123"]
+    assert seen.header_values("content-type") == ["application/json"]
+    assert seen.header_values("x-tenant-hint") == ["acme"]
+    assert seen.header_values("x-request-id") == [response.headers["x-request-id"]]
+    assert seen.header_values("x-forwarded-for") == ["127.0.0.1"]  # the ASGI client
+    (budget,) = seen.header_values("x-request-timeout-ms")
+    assert budget.isdigit()
+    assert 1 <= int(budget) <= 2000  # what is left of the gateway's deadline
+    assert len(seen.header_values("host")) == 1
+    assert seen.header_values("content-length") == ["8"]
+    assert seen.body == b'{"a": 1}'
+
+
+async def test_hop_by_hop_response_headers_stay_behind(scripted: ScriptedUpstream) -> None:
+    body = b'{"score": 0.93, "label": "fraud"}'
+    scripted.reply = Reply(
+        200,
+        [
+            ("Content-Type", "application/json"),
+            ("X-Model-Version", "7"),
+            ("Connection", "keep-alive"),
+            ("Keep-Alive", "timeout=5, max=100"),
+            ("Server", "secret-upstream/1.2"),
+            ("Transfer-Encoding", "chunked"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+        ],
+        body,
+        chunked=True,
+    )
+    async with running(gateway_settings(scripted.url)) as gw:
+        response = await gw.post("/v1/models/x/predict", content=b"{}")
+
+    assert response.status_code == 200
+    assert response.content == body
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-model-version"] == "7"
+    assert response.headers["content-length"] == str(len(body))
+    assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    for name in ("connection", "keep-alive", "transfer-encoding", "server", "proxy-authenticate"):
+        assert name not in response.headers, name
+    assert "secret-upstream" not in str(response.headers)
+
+
+async def test_headers_the_upstreams_connection_header_names_stay_behind(
+    scripted: ScriptedUpstream,
+) -> None:
+    scripted.reply = Reply(
+        200,
+        [
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive, X-Upstream-Hop"),
+            ("X-Upstream-Hop", "internal-only"),
+            ("X-Model-Version", "7"),
+        ],
+    )
+    async with running(gateway_settings(scripted.url)) as gw:
+        response = await gw.get("/v2/models")
+
+    assert response.status_code == 200
+    assert "x-upstream-hop" not in response.headers
+    assert response.headers["x-model-version"] == "7"
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    ["has spaces in it 123", "x" * 300, "short", "semi;colon;id-0123", "-leading-dash-123"],
+)
+async def test_a_malformed_request_id_is_replaced(upstream: UpstreamServer, incoming: str) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.get("/v2/models", headers={"X-Request-ID": incoming})
+
+    assert response.status_code == 200
+    issued = response.headers["x-request-id"]
+    assert issued != incoming
+    assert REQUEST_ID.fullmatch(issued)
+    assert upstream.requests[0].header_values("x-request-id") == [issued]
+
+
+async def test_a_well_formed_request_id_is_kept_and_forwarded(upstream: UpstreamServer) -> None:
+    incoming = "req-2026.11.23:abcdef_0123"
+    async with running(gateway_settings(upstream.url)) as gw:
+        ok = await gw.get("/v2/models", headers={"X-Request-ID": incoming})
+        upstream.behave(None, status=500)
+        failed = await gw.post("/v1/models/x/predict", headers={"X-Request-ID": incoming})
+
+    assert ok.headers["x-request-id"] == incoming
+    assert [r.header_values("x-request-id") for r in upstream.requests] == [[incoming]] * 2
+    assert assert_problem(failed, 502, "bad-gateway")["request_id"] == incoming
+
+
+# -- the body cap --------------------------------------------------------------------------
+
+
+async def chunks(total: int, size: int = 300) -> AsyncIterator[bytes]:
+    """`total` bytes as an async iterator: httpx sends it chunked, without Content-Length."""
+    sent = 0
+    while sent < total:
+        part = min(size, total - sent)
+        yield b"z" * part
+        sent += part
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_of_exactly_the_cap_passes(upstream: UpstreamServer, framing: str) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        content = b"z" * MAX_BODY if framing == "content-length" else chunks(MAX_BODY)
+        response = await gw.post("/v1/events/transactions", content=content)
+
+    assert response.status_code == 200
+    (seen,) = upstream.requests
+    assert seen.body == b"z" * MAX_BODY
+    assert seen.header_values("content-length") == [str(MAX_BODY)]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_over_the_cap_is_413_and_never_sent(
+    upstream: UpstreamServer, framing: str
+) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        content = b"z" * (MAX_BODY + 1) if framing == "content-length" else chunks(MAX_BODY + 1)
+        response = await gw.post("/v1/events/transactions", content=content)
+
+    assert_problem(response, 413, "payload-too-large")
+    assert upstream.calls() == 0
+
+
+async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> None:
+    """httpx will not send a bad Content-Length, so the ASGI scope is built by hand."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/x/predict",
+        "raw_path": b"/v1/models/x/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw"), (b"content-length", b"12abc")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gw", 80),
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"hello", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with running(gateway_settings(upstream.url)) as gw, asyncio.timeout(BOUND):
+        await gw.app(scope, receive, send)
+
+    start, body = sent
+    assert start["status"] == 400
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert b"/problems/bad-request" in body["body"]
+    assert upstream.calls() == 0
+
+
+# -- upstream failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected", "slug", "retry"),
+    [
+        (500, [], 502, "bad-gateway", None),
+        (502, [], 502, "bad-gateway", None),
+        (503, [("Retry-After", "7")], 503, "unavailable", 7),
+        (504, [], 504, "upstream-timeout", None),
+    ],
+)
+async def test_an_upstream_5xx_becomes_the_gateways_own_problem(
+    scripted: ScriptedUpstream,
+    status: int,
+    headers: list[tuple[str, str]],
+    expected: int,
+    slug: str,
+    retry: int | None,
+) -> None:
+    scripted.reply = Reply(
+        status,
+        [("Content-Type", "text/plain"), ("X-Backend-Host", "10.9.8.7:9000"), *headers],
+        f"{SECRET}: Traceback (most recent call last) at 10.9.8.7:9000".encode(),
+    )
+    async with running(gateway_settings(scripted.url)) as gw:
+        response = await gw.post("/v1/models/x/predict", content=b"{}")
+
+    assert_problem(
+        response, expected, slug, absent=(SECRET, "Traceback", "10.9.8.7", f":{scripted.port}")
+    )
+    assert "x-backend-host" not in response.headers
+    if retry is not None:
+        assert retry_after(response) == retry
+    assert len(scripted.requests) == 1  # a POST answered 5xx is not retried
+
+
+async def test_a_problems_trace_id_is_the_trace_the_upstream_call_belonged_to(
+    scripted: ScriptedUpstream,
+) -> None:
+    scripted.reply = Reply(500, body=SECRET.encode())
+    caller = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    async with running(gateway_settings(scripted.url, tracing=True)) as gw:
+        response = await gw.post(
+            "/v1/models/x/predict", content=b"{}", headers={"traceparent": caller}
+        )
+
+    body = assert_problem(response, 502, "bad-gateway", absent=(SECRET,))
+    (seen,) = scripted.requests
+    (traceparent,) = seen.header_values("traceparent")
+    _, trace_id, span_id, _ = traceparent.split("-")
+    # The caller's trace continues through the gateway, in a span of the gateway's own.
+    assert body["trace_id"] == trace_id == "ab" * 16
+    assert span_id != "cd" * 8
+
+
+async def test_a_slow_upstream_is_a_504_with_retry_after(upstream: UpstreamServer) -> None:
+    upstream.behave(None, delay=5.0)
+    settings = gateway_settings(upstream.url, upstream_try_timeout=0.2, upstream_deadline=0.5)
+    async with running(settings) as gw:
+        start = time.monotonic()
+        response = await gw.get("/v2/models")
+        elapsed = time.monotonic() - start
+
+    assert_problem(response, 504, "upstream-timeout", absent=(f":{upstream.port}",))
+    assert retry_after(response) >= 1
+    assert elapsed <= 0.5 + SLACK
+    assert 1 <= upstream.calls() <= 3
+
+
+async def test_nothing_listening_is_a_503_with_retry_after() -> None:
+    with refusing_port() as port:
+        async with running(gateway_settings(f"http://127.0.0.1:{port}")) as gw:
+            response = await gw.get("/v2/models")
+    assert_problem(response, 503, "upstream-unavailable", absent=(f":{port}",))
+    assert retry_after(response) >= 1
+
+
+async def test_the_breaker_opens_after_fail_max_and_spares_the_upstream(
+    scripted: ScriptedUpstream, upstream: UpstreamServer
+) -> None:
+    scripted.reply = Reply(500, body=SECRET.encode())
+    urls = {**dict.fromkeys(UPSTREAMS, upstream.url), "inference": scripted.url}
+    settings = gateway_settings(urls, breaker_fail_max=2, upstream_retries=False)
+    async with running(settings) as gw:
+        failures = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(2)]
+        opened = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(3)]
+        ready = await gw.get("/readyz")
+
+    for response in failures:
+        assert_problem(response, 502, "bad-gateway", absent=(SECRET,))
+    for response in opened:
+        assert_problem(response, 503, "circuit-open", absent=(SECRET,))
+        assert retry_after(response) >= 1
+    assert len(scripted.requests) == 2  # nothing reached it once the breaker was open
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["inference"] == {"status": "down", "breaker": "open"}
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (404, b'{"detail": "no model named x"}'),
+        (422, b'{"detail": [{"loc": ["body", "inputs"], "msg": "Field required"}]}'),
+    ],
+)
+async def test_an_upstream_4xx_passes_through_unchanged(
+    scripted: ScriptedUpstream, status: int, body: bytes
+) -> None:
+    scripted.reply = Reply(status, [("Content-Type", "application/json")], body)
+    # A 4xx is the client's fault: even with fail_max=1 it never opens the breaker.
+    async with running(gateway_settings(scripted.url, breaker_fail_max=1)) as gw:
+        responses = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(3)]
+
+    for response in responses:
+        assert response.status_code == status
+        assert response.content == body
+        assert response.headers["content-type"] == "application/json"
+    assert len(scripted.requests) == 3
+
+
+# -- retries -------------------------------------------------------------------------------
+
+
+async def test_a_post_is_not_retried_once_sent(upstream: UpstreamServer) -> None:
+    upstream.behave("/v1/models/x/predict", drop=True)
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.post("/v1/models/x/predict", content=b"{}")
+
+    assert_problem(response, 503, "upstream-unavailable")
+    assert upstream.calls("/v1/models/x/predict") == 1
+
+
+async def test_a_get_is_retried(upstream: UpstreamServer) -> None:
+    upstream.behave("/v2/models", drop=True, times=2)
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.get("/v2/models")
+
+    assert response.status_code == 200
+    assert upstream.calls("/v2/models") == 3
+
+
+# -- readiness and metrics -----------------------------------------------------------------
+
+
+async def test_readyz_is_200_naming_each_upstream_when_all_are_up(
+    upstream: UpstreamServer,
+) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        response = await gw.get("/readyz")
+
+    assert response.status_code == 200
+    report = response.json()
+    assert report["status"] == "ready"
+    for name in UPSTREAMS:
+        assert report["checks"][name] == {"status": "up", "breaker": "closed", "http_status": 200}
+    assert upstream.calls("/readyz") == 4
+
+
+async def test_readyz_is_503_when_one_upstream_is_down(
+    upstreams: dict[str, UpstreamServer],
+) -> None:
+    with refusing_port() as port:
+        urls = {**urls_of(upstreams), "features": f"http://127.0.0.1:{port}"}
+        async with running(gateway_settings(urls)) as gw:
+            response = await gw.get("/readyz")
+
+    assert response.status_code == 503
+    report = response.json()
+    assert report["status"] == "not_ready"
+    assert report["checks"]["features"]["status"] == "down"
+    assert report["checks"]["features"]["breaker"] == "closed"
+    for name in ("auth", "inference", "analytics"):
+        assert report["checks"][name]["status"] == "up"
+        assert report["checks"][name]["breaker"] == "closed"
+
+
+def request_counts(metrics_text: str) -> Iterator[tuple[dict[str, str], float]]:
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "http_requests":
+            for sample in family.samples:
+                if sample.name == "http_requests_total":
+                    yield sample.labels, sample.value
+
+
+async def test_metrics_label_proxied_requests_by_route_prefix_not_raw_path(
+    upstream: UpstreamServer,
+) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        await gw.post("/v1/models/x/predict", content=b"{}")
+        await gw.get("/v1/models/y/predict?top=1")
+        await gw.get("/v2/models/iris-1234")
+        await gw.get("/v1/nope/abc")
+        metrics = await gw.get("/metrics")
+
+    text = metrics.text
+    for raw in ("/v1/models/x", "/v1/models/y", "/v2/models/iris-1234", "/v1/nope", "top=1"):
+        assert raw not in text, raw
+    counts = {
+        (labels["method"], labels["route"], labels["status"]): value
+        for labels, value in request_counts(text)
+    }
+    assert counts[("POST", "/v1/models", "200")] == 1
+    assert counts[("GET", "/v1/models", "200")] == 1
+    assert counts[("GET", "/v2", "200")] == 1
+    assert counts[("GET", "unmatched", "404")] == 1
