@@ -98,18 +98,19 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = route_template(scope)
-            span.update_name(f"{method} {route}")
-            span.set_attributes(
-                {
-                    "http.request.method": method,
-                    "http.route": route,
-                    "url.path": scope["path"],
-                    "http.response.status_code": status,
-                }
-            )
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
+            if span.is_recording():  # a non-recording span keeps ids only: skip the rest
+                route = route_template(scope)
+                span.update_name(f"{method} {route}")
+                span.set_attributes(
+                    {
+                        "http.request.method": method,
+                        "http.route": route,
+                        "url.path": scope["path"],
+                        "http.response.status_code": status,
+                    }
+                )
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)
             span.end()
             otel_context.detach(token)
 
