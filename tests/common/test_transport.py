@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from types import TracebackType
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from narthex.common.transport import H1Transport
+from tests.support.loopback import LoopbackServer
 from tests.support.upstream import refusing_port
 
 # Timing assertions allow this much for a loaded machine; counts are always exact.
@@ -84,59 +84,24 @@ class Conn:
 Handler = Callable[[Conn], Awaitable[None]]
 
 
-@dataclass
-class RawServer:
+class RawServer(LoopbackServer):
     """`handler` runs once per accepted connection; the connection closes when it returns."""
 
-    handler: Handler
-    accepted: int = 0
-    requests: list[Req] = field(default_factory=list)
-    _peer_closed: dict[int, asyncio.Event] = field(default_factory=dict)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.accepted = 0
+        self.requests: list[Req] = []
+        self._peer_closed: dict[int, asyncio.Event] = {}
 
     def peer_closed(self, conn: int) -> asyncio.Event:
         """Set once the client has closed connection number `conn`."""
         return self._peer_closed.setdefault(conn, asyncio.Event())
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(self.accepted, reader, writer, self)
         self.accepted += 1
-        try:
-            await self.handler(conn)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+        await self.handler(conn)
 
 
 def response(

@@ -14,7 +14,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -28,6 +27,7 @@ from narthex.common.errors import PROBLEM_BASE
 from narthex.gateway.main import create_app
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
+from tests.support.loopback import LoopbackServer
 from tests.support.upstream import RecordedRequest, UpstreamServer, refusing_port
 
 MAX_BODY = 1024
@@ -75,69 +75,28 @@ class Reply:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     """A keep-alive HTTP/1.1 server on 127.0.0.1 answering every request with `reply`."""
 
     def __init__(self, reply: Reply | None = None) -> None:
+        super().__init__()
         self.reply = reply or Reply()
         self.requests: list[RecordedRequest] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> ScriptedUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = request_line.split(" ")
-                raw = [
-                    (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines if ln)
-                ]
-                headers = {k.lower(): v for k, v in raw}
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                path, _, query = target.partition("?")
-                self.requests.append(
-                    RecordedRequest(method, path, query, headers, body, time.monotonic(), raw)
-                )
-                writer.write(self.reply.encode())
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = request_line.split(" ")
+            raw = [(k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines if ln)]
+            headers = {k.lower(): v for k, v in raw}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            path, _, query = target.partition("?")
+            self.requests.append(
+                RecordedRequest(method, path, query, headers, body, time.monotonic(), raw)
+            )
+            writer.write(self.reply.encode())
+            await writer.drain()
 
 
 # -- the gateway under test ----------------------------------------------------------------

@@ -29,7 +29,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
+
+from tests.support.loopback import LoopbackServer
 
 __all__ = ["Behaviour", "RecordedRequest", "UpstreamServer", "refusing_port"]
 
@@ -94,53 +95,16 @@ class _BadRequest(Exception):
     pass
 
 
-class UpstreamServer:
+class UpstreamServer(LoopbackServer):
     """A misbehaving HTTP/1.1 upstream on an ephemeral port of 127.0.0.1."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.port = 0
+        super().__init__(host)
         self.requests: list[RecordedRequest] = []
         self._rules = _Rules()
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
         self._arrival = asyncio.Event()  # set on every request
 
-    # -- lifecycle -----------------------------------------------------------------
-
-    async def start(self) -> UpstreamServer:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        # Handlers may be sleeping in a `delay` or waiting on a keep-alive connection.
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        await server.wait_closed()
-
-    async def __aenter__(self) -> UpstreamServer:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     # -- the test's controls ---------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def behave(
         self,
@@ -191,38 +155,26 @@ class UpstreamServer:
 
     # -- the server --------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            while True:
-                try:
-                    request = await self._read_request(reader)
-                except (_BadRequest, asyncio.IncompleteReadError, ConnectionError):
-                    return
-                if request is None:
-                    return  # the client closed a keep-alive connection
-                self.requests.append(request)
-                self._arrival.set()
-                rule = self._rules.take(request.path)
-                if rule.delay > 0:
-                    await asyncio.sleep(rule.delay)
-                if rule.drop:
-                    _reset(writer)
-                    return
-                writer.write(_response(rule.status, request))
-                await writer.drain()
-                if request.headers.get("connection", "").lower() == "close":
-                    return
-        except (ConnectionError, asyncio.CancelledError):
-            return
-        finally:
-            self._connections.discard(task)
-            if not writer.is_closing():
-                writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                request = await self._read_request(reader)
+            except _BadRequest:
+                return
+            if request is None:
+                return  # the client closed a keep-alive connection
+            self.requests.append(request)
+            self._arrival.set()
+            rule = self._rules.take(request.path)
+            if rule.delay > 0:
+                await asyncio.sleep(rule.delay)
+            if rule.drop:
+                _reset(writer)
+                return
+            writer.write(_response(rule.status, request))
+            await writer.drain()
+            if request.headers.get("connection", "").lower() == "close":
+                return
 
     async def _read_request(self, reader: asyncio.StreamReader) -> RecordedRequest | None:
         try:
