@@ -23,7 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
 from starlette.types import Message
 
+from narthex.common import scopes
 from narthex.common.errors import PROBLEM_BASE
+from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
+from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
@@ -131,14 +134,37 @@ def gateway_settings(urls: str | Mapping[str, str], **overrides: Any) -> Gateway
     )
 
 
+# The proxy's own behaviour is under test here, not authentication (tests/gateway/
+# test_identity.py and tests/e2e do that against a real auth service): the gateway
+# trusts a local test key, and the client sends a token that may call every route.
+SIGNING_KEY = SigningKey.generate()
+TOKEN = issue_token(
+    SIGNING_KEY,
+    issuer="narthex-auth",
+    audience="narthex",
+    subject="t_proxytests",
+    plan="standard",
+    roles=[scopes.ADMIN],
+    scopes=scopes.scopes_for({scopes.ADMIN}),
+    ttl=3600,
+)
+
+
 @contextlib.asynccontextmanager
 async def running(settings: GatewaySettings) -> AsyncIterator[Gateway]:
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gw") as http,
+        httpx.AsyncClient(
+            transport=transport,
+            base_url="http://gw",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as http,
     ):
+        jwks = JwksCache.static({"keys": [SIGNING_KEY.public_jwk()]})
+        verifier = TokenVerifier(jwks, issuer="narthex-auth", audience="narthex")
+        app.state.identity = Identity(verifier, app.state.clients["auth"])
         yield Gateway(app, http)
 
 
@@ -303,7 +329,6 @@ async def test_hop_by_hop_request_headers_stay_behind_and_end_to_end_ones_go_on(
 ) -> None:
     headers = {
         **HOP_BY_HOP_REQUEST,
-        "Authorization": "Bearer token-123",
         "Content-Type": "application/json",
         "X-Tenant-Hint": "acme",
         # Set by this hop, never believed from the client.
@@ -317,7 +342,8 @@ async def test_hop_by_hop_request_headers_stay_behind_and_end_to_end_ones_go_on(
     (seen,) = upstream.requests
     sent = {name.lower() for name, _ in seen.raw_headers}
     assert not sent & {name.lower() for name in HOP_BY_HOP_REQUEST}, sent
-    assert seen.header_values("authorization") == ["Bearer token-123"]
+    # The caller's verified token goes on (the client's default header here).
+    assert seen.header_values("authorization") == [f"Bearer {TOKEN}"]
     assert seen.header_values("content-type") == ["application/json"]
     assert seen.header_values("x-tenant-hint") == ["acme"]
     assert seen.header_values("x-request-id") == [response.headers["x-request-id"]]
@@ -457,7 +483,11 @@ async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> 
         "raw_path": b"/v1/models/x/predict",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"gw"), (b"content-length", b"12abc")],
+        "headers": [
+            (b"host", b"gw"),
+            (b"content-length", b"12abc"),
+            (b"authorization", f"Bearer {TOKEN}".encode()),
+        ],
         "client": ("127.0.0.1", 50000),
         "server": ("gw", 80),
     }

@@ -94,10 +94,34 @@ def test_each_upstream_has_a_get_only_status_route_rewritten_to_readyz() -> None
     for name in UPSTREAMS:
         route = table.match(f"/v1/status/{name}")
         assert route == Route(
-            f"/v1/status/{name}", name, rewrite="/readyz", methods=frozenset({"GET"})
+            f"/v1/status/{name}",
+            name,
+            rewrite="/readyz",
+            methods=frozenset({"GET"}),
+            public=True,
         )
 
 
 def test_routes_are_tried_longest_first() -> None:
     lengths = [len(route.prefix) for route in RouteTable().routes]
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_every_route_that_is_not_public_names_who_may_call_it() -> None:
+    for route in RouteTable().routes:
+        assert route.public or route.scope or route.role, route
+
+
+def test_only_the_token_endpoint_signing_keys_and_status_are_public() -> None:
+    public = {route.prefix for route in RouteTable().routes if route.public}
+    assert public == {
+        "/v1/auth/token",
+        "/.well-known/jwks.json",
+        *(f"/v1/status/{name}" for name in UPSTREAMS),
+    }
+
+
+def test_every_admin_path_requires_the_admin_role() -> None:
+    for route in RouteTable().routes:
+        if route.prefix.startswith("/v1/admin/"):
+            assert route.role == "admin", route

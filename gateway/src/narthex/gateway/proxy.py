@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from narthex.common.errors import (
     BadGateway,
     BadRequest,
+    Forbidden,
     GatewayTimeout,
     PayloadTooLarge,
     Problem,
@@ -18,7 +19,9 @@ from narthex.common.errors import (
 )
 from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
+from narthex.common.security import Principal
 from narthex.common.transport import Exchange
+from narthex.gateway.identity import Identity
 from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(
@@ -38,6 +41,9 @@ HOP_BY_HOP = frozenset(
 # context are re-issued, the deadline is what is left of ours, and upstreams answer
 # uncompressed so the body we relay is exactly the one we read.
 REQUEST_DROP = HOP_BY_HOP | {
+    # Credentials: replaced by the caller's verified JWT; API keys never go inside.
+    b"authorization",
+    b"x-api-key",
     b"host",
     b"content-length",
     b"x-request-id",
@@ -143,6 +149,13 @@ def check_upstream_status(response: Exchange) -> None:
     raise BadGateway()
 
 
+def authorize(route: Route, principal: Principal) -> None:
+    if route.role is not None and not principal.has_role(route.role):
+        raise Forbidden(f"requires the {route.role} role")
+    if route.scope is not None and not principal.has_scope(route.scope):
+        raise Forbidden(f"requires the {route.scope} scope")
+
+
 class ProxyMiddleware:
     """Forwards what the route table names; everything else goes on to the gateway's app.
 
@@ -157,11 +170,13 @@ class ProxyMiddleware:
         *,
         table: RouteTable,
         clients: Mapping[str, ServiceClient],
+        identity: Callable[[Scope], Identity],
         max_body_bytes: int,
     ) -> None:
         self.app = app
         self.table = table
         self.clients = clients
+        self.identity = identity
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,14 +194,18 @@ class ProxyMiddleware:
         method: str = scope["method"]
         if route.methods is not None and method not in route.methods:
             raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
+        headers = upstream_headers(scope)
+        if not route.public:
+            principal = await self.identity(scope).authenticate(scope)
+            authorize(route, principal)
+            scope.setdefault("state", {})["tenant"] = principal.tenant
+            headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         target = route.rewrite or upstream_path(scope)
         query: bytes = scope["query_string"]
         if query:
             target += "?" + query.decode("latin-1")
-        response = await self.clients[route.upstream].forward(
-            method, target, upstream_headers(scope), body
-        )
+        response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(response.content)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from narthex.common import scopes
+
 UPSTREAMS = ("auth", "features", "inference", "analytics")
 
 
@@ -16,6 +18,10 @@ class Route:
     # Send to this fixed upstream path instead of the request's own path.
     rewrite: str | None = None
     methods: frozenset[str] | None = None
+    # Who may call it: anyone (public), or a verified caller holding the scope / role.
+    public: bool = False
+    scope: str | None = None
+    role: str | None = None
 
     def matches(self, path: str) -> bool:
         return path == self.prefix or (
@@ -23,28 +29,38 @@ class Route:
         )
 
 
+GET = frozenset({"GET", "HEAD"})
+
 ROUTES: tuple[Route, ...] = (
-    # auth: token exchange, signing keys, a tenant's own keys, tenants and plans
-    Route("/v1/auth", "auth"),
-    Route("/.well-known/jwks.json", "auth", methods=frozenset({"GET", "HEAD"})),
-    Route("/v1/keys", "auth"),
-    Route("/v1/admin/tenants", "auth"),
-    Route("/v1/admin/plans", "auth"),
-    Route("/v1/admin/keys", "auth"),
+    # auth: token exchange and signing keys (public), a tenant's own keys, administration
+    Route("/v1/auth/token", "auth", methods=frozenset({"POST"}), public=True),
+    Route("/.well-known/jwks.json", "auth", methods=GET, public=True),
+    Route("/v1/keys", "auth", scope=scopes.KEYS),
+    Route("/v1/admin/tenants", "auth", role=scopes.ADMIN),
+    Route("/v1/admin/plans", "auth", role=scopes.ADMIN),
+    Route("/v1/admin/keys", "auth", role=scopes.ADMIN),
+    Route("/v1/admin/signing-keys", "auth", role=scopes.ADMIN),
+    Route("/v1/admin/audit", "auth", role=scopes.ADMIN),
     # inference: predictions, embeddings, the Open Inference Protocol, model admin
-    Route("/v1/models", "inference"),
-    Route("/v1/embeddings", "inference"),
-    Route("/v2", "inference"),
-    Route("/v1/admin/models", "inference"),
+    Route("/v1/models", "inference", scope=scopes.INFERENCE),
+    Route("/v1/embeddings", "inference", scope=scopes.INFERENCE),
+    Route("/v2", "inference", scope=scopes.INFERENCE),
+    Route("/v1/admin/models", "inference", role=scopes.ADMIN),
     # features: event ingestion
-    Route("/v1/events", "features"),
+    Route("/v1/events", "features", scope=scopes.EVENTS),
     # analytics: usage and drift
-    Route("/v1/usage", "analytics"),
-    Route("/v1/admin/usage", "analytics"),
-    Route("/v1/admin/drift", "analytics"),
-    # each upstream's readiness, as the gateway sees it
+    Route("/v1/usage", "analytics", scope=scopes.USAGE),
+    Route("/v1/admin/usage", "analytics", role=scopes.ADMIN),
+    Route("/v1/admin/drift", "analytics", role=scopes.ADMIN),
+    # each upstream's readiness, as the gateway sees it (what a status page shows)
     *(
-        Route(f"/v1/status/{name}", name, rewrite="/readyz", methods=frozenset({"GET"}))
+        Route(
+            f"/v1/status/{name}",
+            name,
+            rewrite="/readyz",
+            methods=frozenset({"GET"}),
+            public=True,
+        )
         for name in UPSTREAMS
     ),
 )

@@ -8,16 +8,15 @@ from pydantic import AnyHttpUrl, Field
 from pydantic_settings import SettingsConfigDict
 
 from narthex.common.http import ClientPolicy
-from narthex.common.settings import ServiceSettings
+from narthex.common.settings import AuthClientSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(AuthClientSettings):
     model_config = SettingsConfigDict(env_prefix="NARTHEX_GATEWAY_")
 
     service_name: ClassVar[str] = "gateway"
 
     port: int = Field(8000, ge=1, le=65535, description="TCP port to bind")
-    auth_url: AnyHttpUrl = Field(AnyHttpUrl("http://127.0.0.1:8001"), description="auth service")
     features_url: AnyHttpUrl = Field(
         AnyHttpUrl("http://127.0.0.1:8002"), description="features service"
     )
@@ -34,6 +33,9 @@ class GatewaySettings(ServiceSettings):
     upstream_retries: bool = Field(True, description="retry safe requests (off under Istio)")
     upstream_max_attempts: int = Field(3, ge=1, le=10, description="tries per request")
     breaker_fail_max: int = Field(5, ge=1, description="consecutive failures that open")
+    api_key_revalidate_seconds: float = Field(
+        30.0, gt=0, description="an API key's exchange is redone this often (revocation delay)"
+    )
     breaker_reset_timeout: float = Field(10.0, gt=0, description="seconds open before a trial")
 
     def upstream_urls(self) -> dict[str, str]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 
+from narthex.common.authn import RequireTokenMiddleware, app_verifier
 from narthex.common.errors import install_error_handlers
 from narthex.common.metrics import (
     CONTENT_TYPE_LATEST,
@@ -19,10 +20,12 @@ from narthex.common.metrics import (
 )
 from narthex.common.middleware import RequestContextMiddleware
 from narthex.common.readiness import CheckResult, Readiness
+from narthex.common.security import TokenVerifier
 from narthex.common.settings import ServiceSettings
 from narthex.common.telemetry import TracingMiddleware, setup_tracing
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+VerifierFactory = Callable[[Any], AbstractAsyncContextManager[TokenVerifier]]
 
 
 @asynccontextmanager
@@ -38,12 +41,20 @@ def service_app(
     version: str = "0.1.0",
     lifespan: Lifespan = _no_resources,
     middleware: Sequence[Middleware] = (),
+    authenticate: bool = False,
+    verifier: VerifierFactory | None = None,
+    public_paths: frozenset[str] = frozenset(),
 ) -> FastAPI:
     """A FastAPI app with narthex's common behaviour; the service adds its routes.
 
     `lifespan` opens the service's resources; it runs inside the common one, and the
     app is ready only once it has finished starting. `middleware` runs inside the
     common request context and span, before routing (the gateway's proxy lives there).
+
+    `authenticate` makes every route but the probes and `public_paths` require a
+    verified JWT (zero trust: internal services check the caller themselves). The
+    verifier comes from `verifier(settings)`, opened around the service's lifespan, or
+    from `app.state.token_verifier` if the service's lifespan sets it (auth does).
     """
     readiness = Readiness()
     registry = new_registry()
@@ -54,7 +65,10 @@ def service_app(
 
     @asynccontextmanager
     async def common_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with lifespan(app):
+        async with AsyncExitStack() as stack:
+            if verifier is not None:
+                app.state.token_verifier = await stack.enter_async_context(verifier(settings))
+            await stack.enter_async_context(lifespan(app))
             started["value"] = True
             try:
                 yield
@@ -77,6 +91,8 @@ def service_app(
 
     install_error_handlers(app)
     # add_middleware puts each one outside the ones before it: innermost first.
+    if authenticate:
+        app.add_middleware(RequireTokenMiddleware, verifier=app_verifier, public_paths=public_paths)
     for inner in reversed(middleware):
         app.add_middleware(inner.cls, *inner.args, **inner.kwargs)
     app.add_middleware(

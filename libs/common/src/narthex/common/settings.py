@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "test", "prod"]
@@ -62,6 +62,24 @@ class ServiceSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+
+
+class JwtSettings(ServiceSettings):
+    """Settings of a service that issues or checks narthex tokens."""
+
+    jwt_issuer: str = Field("narthex-auth", description="`iss` of every narthex token")
+    jwt_audience: str = Field("narthex", description="`aud` of every narthex token")
+
+
+class AuthClientSettings(JwtSettings):
+    """Settings of a service that verifies callers' tokens against the auth service."""
+
+    auth_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8001"), description="auth service (JWKS, token exchange)"
+    )
+    jwks_unknown_kid_cooldown: float = Field(
+        30.0, gt=0, description="seconds between JWKS refreshes caused by unknown key ids"
+    )
 
 
 class SettingsError(SystemExit):

@@ -1,17 +1,72 @@
-"""App factory of the auth service."""
+"""App factory of the auth service: store, signing keys, token verification, routes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 from fastapi import FastAPI
 
+from narthex.auth.routes import router
+from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
+from narthex.auth.signing import SigningKeyRing
+from narthex.auth.store import AuthStore, migrate
 from narthex.common.app import service_app
+from narthex.common.readiness import CheckResult
+from narthex.common.security import JwksCache, TokenVerifier
+
+PUBLIC_PATHS = frozenset({"/v1/auth/token", "/.well-known/jwks.json"})
 
 
 def create_app(settings: AuthSettings | None = None) -> FastAPI:
     settings = settings or AuthSettings()
-    return service_app(
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await migrate(settings.database_url)
+        # Dev generates its keys on first start; elsewhere they must be provided.
+        keyring = SigningKeyRing(settings.signing_keys_dir, generate=settings.env == "dev")
+        store = await AuthStore.open(settings.database_url)
+        service = AuthService(store, keyring, settings)
+
+        async def own_keys() -> dict[str, Any]:
+            return keyring.jwks()
+
+        app.state.auth = service
+        # The auth service checks the tokens it issued like any other service does,
+        # but reads its own key ring instead of fetching its JWKS over HTTP.
+        app.state.token_verifier = TokenVerifier(
+            JwksCache(own_keys, refresh_interval=5.0, unknown_kid_cooldown=1.0),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+
+        async def database() -> CheckResult:
+            await store.ping()
+            return CheckResult(True)
+
+        app.state.readiness.add("database", database)
+        flusher = asyncio.create_task(service.flush_last_used_forever())
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await service.flush_last_used()
+            await store.close()
+
+    app = service_app(
         settings,
         title="narthex auth",
         description="Tenants, plans, API keys, JWT issuing and JWKS.",
+        lifespan=lifespan,
+        authenticate=True,
+        public_paths=PUBLIC_PATHS,
     )
+    app.include_router(router)
+    return app

@@ -7,10 +7,10 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from narthex.common.settings import ServiceSettings
+from narthex.common.settings import AuthClientSettings
 
 
-class FeaturesSettings(ServiceSettings):
+class FeaturesSettings(AuthClientSettings):
     model_config = SettingsConfigDict(env_prefix="NARTHEX_FEATURES_")
 
     service_name: ClassVar[str] = "features"

@@ -7,10 +7,10 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from narthex.common.settings import ServiceSettings
+from narthex.common.settings import AuthClientSettings
 
 
-class InferenceSettings(ServiceSettings):
+class InferenceSettings(AuthClientSettings):
     model_config = SettingsConfigDict(env_prefix="NARTHEX_INFERENCE_")
 
     service_name: ClassVar[str] = "inference"

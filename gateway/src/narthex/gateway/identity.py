@@ -1,0 +1,154 @@
+"""Who is calling: a verified JWT, or an API key exchanged for one at the auth service, cached."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from starlette.types import Scope
+
+from narthex.common.authn import MissingToken
+from narthex.common.errors import ServiceUnavailable, Unauthorized
+from narthex.common.http import ServiceClient, UpstreamError
+from narthex.common.security import (
+    InvalidToken,
+    Principal,
+    TokenVerifier,
+    cache_key,
+    looks_like_api_key,
+)
+
+# Query parameters that carry credentials in other APIs; refused here whatever their value.
+_CREDENTIAL_PARAMS = (b"api_key=", b"apikey=", b"api-key=", b"access_token=", b"key=nx_")
+
+
+class KeyInQuery(Unauthorized):
+    type_slug, title = "credentials-in-query", "Credentials are accepted only in headers"
+
+    def __init__(self) -> None:
+        # Query strings end up in logs, proxies and browser history: refused, not used.
+        super().__init__(
+            "send the key as `X-API-Key` or `Authorization: Bearer`",
+            headers={"WWW-Authenticate": 'Bearer realm="narthex"'},
+        )
+
+
+class InvalidApiKey(Unauthorized):
+    type_slug, title = "invalid-credentials", "Invalid API key"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the API key is not valid", headers={"WWW-Authenticate": 'Bearer realm="narthex"'}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    principal: Principal | None  # None: the key was refused (cached briefly)
+    fresh_until: float  # monotonic
+
+
+class Identity:
+    """Turns a request's credentials into a Principal.
+
+    API keys are exchanged once at the auth service and the token is cached under the
+    key's hash (never the key itself) until `revalidate_seconds` pass or shortly before
+    it expires, whichever is sooner: so a revoked key stops working within that time.
+    Refused keys are remembered for `refused_seconds` so that a client retrying a bad
+    key in a loop does not turn into load on the auth service.
+    """
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        auth: ServiceClient,
+        *,
+        revalidate_seconds: float = 30.0,
+        refused_seconds: float = 5.0,
+        max_keys: int = 100_000,
+    ) -> None:
+        self.verifier = verifier
+        self.auth = auth
+        self.revalidate_seconds = revalidate_seconds
+        self.refused_seconds = refused_seconds
+        self.max_keys = max_keys
+        self._keys: OrderedDict[str, _Entry] = OrderedDict()
+        self._exchanges: dict[str, asyncio.Future[_Entry]] = {}
+        self.exchanges = 0  # calls made to the auth service, for metrics and tests
+
+    async def authenticate(self, scope: Scope) -> Principal:
+        query: bytes = scope["query_string"]
+        if query and _credentials_in(query):
+            raise KeyInQuery()
+        authorization = api_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" or name == b"x-api-key":
+                if authorization is not None or api_key is not None:
+                    raise InvalidToken()  # more than one credential: believe none
+                text = value.decode("latin-1").strip()
+                if name == b"x-api-key":
+                    api_key = text
+                else:
+                    authorization = text
+        if authorization is not None:
+            scheme, _, credential = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not credential.strip():
+                raise MissingToken()
+            credential = credential.strip()
+            if looks_like_api_key(credential):
+                return await self._from_api_key(credential)
+            return await self.verifier.verify(credential)
+        if api_key is not None:
+            return await self._from_api_key(api_key)
+        raise MissingToken()
+
+    async def _from_api_key(self, key: str) -> Principal:
+        digest = cache_key(key)
+        entry = self._keys.get(digest)
+        if entry is None or entry.fresh_until <= time.monotonic():
+            # One exchange per key at a time: concurrent requests wait for it.
+            pending = self._exchanges.get(digest)
+            if pending is None:
+                pending = asyncio.ensure_future(self._exchange(key))
+                self._exchanges[digest] = pending
+                pending.add_done_callback(lambda _: self._exchanges.pop(digest, None))
+            entry = await asyncio.shield(pending)
+            self._remember(digest, entry)
+        if entry.principal is None:
+            raise InvalidApiKey()
+        return entry.principal
+
+    async def _exchange(self, key: str) -> _Entry:
+        self.exchanges += 1
+        try:
+            response = await self.auth.post(
+                "/v1/auth/token", headers={"x-api-key": key}, deadline=5.0
+            )
+        except UpstreamError as exc:
+            # The auth service being away is a 503, never a verdict on the key.
+            raise ServiceUnavailable(headers={"Retry-After": "1"}) from exc
+        now = time.monotonic()
+        if response.status_code in (400, 401, 403):
+            return _Entry(None, now + self.refused_seconds)
+        if response.status_code != 200:
+            raise ServiceUnavailable(headers={"Retry-After": "1"})
+        principal = await self.verifier.verify(response.json()["access_token"])
+        # Renew a minute before the token expires, and at least every revalidate period.
+        lifetime = principal.expires_at - time.time() - 60.0
+        return _Entry(principal, now + max(1.0, min(self.revalidate_seconds, lifetime)))
+
+    def _remember(self, digest: str, entry: _Entry) -> None:
+        self._keys[digest] = entry
+        self._keys.move_to_end(digest)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+
+
+def _credentials_in(query: bytes) -> bool:
+    decoded = unquote_to_bytes(query.replace(b"+", b" ")).lower()
+    return b"nx_" in decoded or any(
+        decoded.startswith(p) or b"&" + p in decoded for p in _CREDENTIAL_PARAMS
+    )

@@ -1,0 +1,132 @@
+"""Zero trust inside: every call to an internal service carries a JWT, verified before routing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from narthex.common.errors import Forbidden, Problem, Unauthorized, render_problem
+from narthex.common.http import ClientPolicy, ServiceClient
+from narthex.common.security import JwksCache, JwksUnavailable, Principal, TokenVerifier
+from narthex.common.settings import AuthClientSettings
+
+# Probes, scrapes and the API description stay open: they carry no tenant data.
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+BEARER = "bearer "
+
+
+class MissingToken(Unauthorized):
+    type_slug, title = "unauthorized", "Authentication required"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "send a token as `Authorization: Bearer <jwt>`",
+            headers={"WWW-Authenticate": 'Bearer realm="narthex"'},
+        )
+
+
+def bearer_token(scope: Scope) -> str | None:
+    """The token of an `Authorization: Bearer ...` header, if there is exactly one."""
+    found = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if found is not None:
+                return None  # two Authorization headers: ambiguous, believe neither
+            text = value.decode("latin-1")
+            if text[: len(BEARER)].lower() != BEARER:
+                return None
+            found = text[len(BEARER) :].strip()
+    return found or None
+
+
+class RequireTokenMiddleware:
+    """Verifies the caller's JWT on every path but the open ones; puts the Principal in
+    `request.state.principal` (and the tenant in the access log)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        verifier: Callable[[Scope], TokenVerifier],
+        public_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.open_paths = OPEN_PATHS | public_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            token = bearer_token(scope)
+            if token is None:
+                raise MissingToken()
+            principal = await self.verifier(scope).verify(token)
+        except (Problem, JwksUnavailable) as problem:
+            await render_problem(problem, instance=scope["path"])(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["tenant"] = principal.tenant
+        await self.app(scope, receive, send)
+
+
+def app_verifier(scope: Scope) -> TokenVerifier:
+    """The verifier a service's lifespan put on `app.state.token_verifier`."""
+    verifier: TokenVerifier = scope["app"].state.token_verifier
+    return verifier
+
+
+@asynccontextmanager
+async def remote_verifier(settings: AuthClientSettings) -> AsyncIterator[TokenVerifier]:
+    """A TokenVerifier whose keys come from the auth service's JWKS, cached."""
+    policy = ClientPolicy(try_timeout=2.0, deadline=3.0)
+    async with ServiceClient("auth", str(settings.auth_url), policy) as client:
+
+        async def fetch() -> Mapping[str, Any]:
+            response = await client.get("/.well-known/jwks.json")
+            response.raise_for_status()
+            document: Mapping[str, Any] = response.json()
+            return document
+
+        jwks = JwksCache(fetch, unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown)
+        yield TokenVerifier(jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+
+
+def _principal(request: Request) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # a route outside RequireTokenMiddleware's reach
+        raise MissingToken()
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def require_role(role: str) -> Any:
+    """A dependency: the caller's Principal, which must hold `role` (403 otherwise)."""
+
+    def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.has_role(role):
+            raise Forbidden(f"requires the {role} role")
+        return principal
+
+    return Depends(check)
+
+
+def require_scope(scope: str) -> Any:
+    """A dependency: the caller's Principal, whose token must carry `scope` (403 otherwise)."""
+
+    def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.has_scope(scope):
+            raise Forbidden(f"requires the {scope} scope")
+        return principal
+
+    return Depends(check)

@@ -1,0 +1,266 @@
+"""Identity logic: API keys, token exchange, tenants and plans, each admin action audited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from narthex.auth.settings import AuthSettings
+from narthex.auth.signing import SigningKeyRing
+from narthex.auth.store import (
+    AuditEntry,
+    AuthStore,
+    KeyRecord,
+    PlanRecord,
+    StoreError,
+    TenantRecord,
+)
+from narthex.auth.store import Conflict as StoreConflict
+from narthex.auth.store import NotFound as StoreNotFound
+from narthex.common.errors import BadRequest, Forbidden, NotFound, Problem, Unauthorized
+from narthex.common.scopes import ADMIN, TENANT, scopes_for
+from narthex.common.security import (
+    ApiKey,
+    generate_api_key,
+    hash_secret,
+    issue_token,
+    parse_api_key,
+    secret_matches,
+)
+
+log = structlog.get_logger("narthex.auth")
+
+
+class InvalidCredentials(Unauthorized):
+    type_slug, title = "invalid-credentials", "Invalid API key"
+
+    def __init__(self) -> None:
+        # One answer for every reason (unknown id, wrong secret, revoked, expired):
+        # a caller probing keys learns nothing from the difference.
+        super().__init__(
+            "the API key is not valid", headers={"WWW-Authenticate": 'Bearer realm="narthex"'}
+        )
+
+
+class InvalidScope(BadRequest):
+    type_slug, title = "invalid-scope", "Requested scope not allowed"
+
+
+class Conflict(Problem):
+    status, type_slug, title = 409, "conflict", "Conflict"
+
+
+class AlreadyBootstrapped(Conflict):
+    title = "Already bootstrapped"
+
+
+@contextmanager
+def _as_problems() -> Iterator[None]:
+    """The store's refusals, as the answers a client gets."""
+    try:
+        yield
+    except StoreConflict as exc:
+        raise Conflict(str(exc)) from None
+    except StoreNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except StoreError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_in: int
+    scopes: frozenset[str]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuthService:
+    def __init__(self, store: AuthStore, keyring: SigningKeyRing, settings: AuthSettings) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.settings = settings
+        self._pepper = settings.key_pepper.get_secret_value()
+        # key id -> last exchange: written in batches, never once per request.
+        self._last_used: dict[str, datetime] = {}
+
+    # -- token exchange --------------------------------------------------------------------
+    async def exchange(
+        self, presented: str, requested_scopes: Iterable[str] | None = None
+    ) -> IssuedToken:
+        parsed = parse_api_key(presented)
+        if parsed is None:
+            raise InvalidCredentials()
+        found = await self.store.get_key(parsed.key_id)
+        if found is None:
+            raise InvalidCredentials()
+        key, tenant, plan = found.key, found.tenant, found.plan
+        now = _now()
+        if (
+            not secret_matches(self._pepper, parsed.secret, key.secret_hash)
+            or key.env != parsed.env
+            or key.revoked_at is not None
+            or (key.expires_at is not None and key.expires_at <= now)
+            or tenant.disabled_at is not None
+        ):
+            raise InvalidCredentials()
+        granted = scopes_for(frozenset(tenant.roles))
+        if requested_scopes is not None:
+            requested = frozenset(requested_scopes)
+            if not requested <= granted:
+                raise InvalidScope(f"not granted: {' '.join(sorted(requested - granted))}")
+            granted = requested
+        ttl = self.settings.token_ttl_seconds
+        token = issue_token(
+            self.keyring.signing_key(),
+            issuer=self.settings.jwt_issuer,
+            audience=self.settings.jwt_audience,
+            subject=tenant.id,
+            plan=plan.name,
+            roles=list(tenant.roles),
+            scopes=sorted(granted),
+            ttl=ttl,
+        )
+        self._last_used[key.id] = now
+        return IssuedToken(token, ttl, granted)
+
+    async def flush_last_used(self) -> None:
+        if not self._last_used:
+            return
+        batch, self._last_used = self._last_used, {}
+        await self.store.touch_keys(batch)
+
+    async def flush_last_used_forever(self) -> None:
+        """Background task of the lifespan: one write per interval, whatever the traffic."""
+        while True:
+            await asyncio.sleep(self.settings.last_used_flush_seconds)
+            try:
+                await self.flush_last_used()
+            except Exception:
+                log.exception("could not record key last-used times")
+
+    # -- keys ------------------------------------------------------------------------------
+    def _new_key(self) -> tuple[ApiKey, str]:
+        key = generate_api_key(self.settings.key_env())
+        return key, hash_secret(self._pepper, key.secret)
+
+    async def create_key(
+        self, tenant_id: str, name: str, expires_at: datetime | None, actor: str
+    ) -> tuple[ApiKey, KeyRecord]:
+        if await self.store.get_tenant(tenant_id) is None:
+            raise NotFound("no such tenant")
+        if expires_at is not None and expires_at <= _now():
+            raise BadRequest("expires_at must be in the future")
+        key, secret_hash = self._new_key()
+        with _as_problems():
+            record = await self.store.add_key(
+                tenant_id,
+                key.key_id,
+                key.env,
+                name,
+                secret_hash,
+                expires_at=expires_at,
+                audit=AuditEntry(actor, "key.create", key.key_id, {"tenant": tenant_id}),
+            )
+        return key, record
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        return await self.store.list_keys(tenant_id)
+
+    async def _owned_key(self, key_id: str, tenant_id: str | None) -> KeyRecord:
+        found = await self.store.get_key(key_id)
+        if found is None:
+            raise NotFound("no such key")
+        if tenant_id is not None and found.key.tenant_id != tenant_id:
+            # Key ids are random: saying "not yours" reveals nothing guessable.
+            raise Forbidden("the key belongs to another tenant")
+        return found.key
+
+    async def revoke_key(self, key_id: str, actor: str, tenant_id: str | None = None) -> KeyRecord:
+        key = await self._owned_key(key_id, tenant_id)
+        if key.revoked_at is not None:
+            return key
+        return await self.store.revoke_key(
+            key_id, _now(), audit=AuditEntry(actor, "key.revoke", key_id, {"tenant": key.tenant_id})
+        )
+
+    async def rotate_key(
+        self, key_id: str, actor: str, tenant_id: str | None = None
+    ) -> tuple[KeyRecord, ApiKey, KeyRecord]:
+        old = await self._owned_key(key_id, tenant_id)
+        if old.revoked_at is not None:
+            raise Conflict("a revoked key cannot be rotated")
+        key, secret_hash = self._new_key()
+        grace_until = _now() + timedelta(seconds=self.settings.key_rotation_grace_seconds)
+        with _as_problems():
+            rotation = await self.store.rotate_key(
+                key_id,
+                key.key_id,
+                key.env,
+                old.name,
+                secret_hash,
+                grace_until,
+                audit=AuditEntry(
+                    actor, "key.rotate", key_id, {"tenant": old.tenant_id, "new": key.key_id}
+                ),
+            )
+        return rotation.old, key, rotation.new
+
+    # -- tenants and plans -----------------------------------------------------------------
+    async def create_tenant(
+        self, name: str, plan: str, roles: Iterable[str], actor: str
+    ) -> TenantRecord:
+        with _as_problems():
+            return await self.store.create_tenant(
+                name,
+                plan,
+                sorted(set(roles)),
+                audit=AuditEntry(actor, "tenant.create", None, {"name": name, "plan": plan}),
+            )
+
+    async def tenant(self, tenant_id: str) -> TenantRecord:
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound("no such tenant")
+        return tenant
+
+    async def set_plan(self, tenant_id: str, plan: str, actor: str) -> TenantRecord:
+        with _as_problems():
+            return await self.store.set_tenant_plan(
+                tenant_id, plan, audit=AuditEntry(actor, "tenant.plan", tenant_id, {"plan": plan})
+            )
+
+    async def create_plan(self, actor: str, **fields: Any) -> PlanRecord:
+        with _as_problems():
+            return await self.store.create_plan(
+                audit=AuditEntry(actor, "plan.create", str(fields["name"])), **fields
+            )
+
+    async def update_plan(self, name: str, actor: str, **changes: Any) -> PlanRecord:
+        if not changes:
+            raise BadRequest("nothing to change")
+        with _as_problems():
+            return await self.store.update_plan(
+                name, audit=AuditEntry(actor, "plan.update", name, dict(changes)), **changes
+            )
+
+    async def bootstrap(self, name: str = "operator") -> tuple[TenantRecord, ApiKey]:
+        """The first admin tenant and its key. Once: a second call is refused."""
+        if any(ADMIN in t.roles for t in await self.store.list_tenants()):
+            raise AlreadyBootstrapped("an admin tenant exists already")
+        tenant = await self.create_tenant(name, "enterprise", [ADMIN], actor="bootstrap")
+        key, _ = await self.create_key(tenant.id, "bootstrap", None, actor="bootstrap")
+        return tenant, key
+
+    async def ensure_tenant(self, name: str, plan: str, actor: str) -> TenantRecord:
+        existing = await self.store.get_tenant_by_name(name)
+        return existing or await self.create_tenant(name, plan, [TENANT], actor)

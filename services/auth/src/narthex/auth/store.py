@@ -1,0 +1,627 @@
+"""AuthStore: the auth service's database (plans, tenants, API keys, audit log) and migrate()."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple, Self, TypedDict, Unpack
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, bindparam, event, or_, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from narthex.auth.models import ApiKey, AuditLog, Plan, Tenant, UTCDateTime
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Any constant will do: it only has to be the same for every replica running migrate().
+_MIGRATION_LOCK = 0x6E61727468657801
+_TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class StoreError(Exception):
+    """Base of the errors the store raises on purpose (anything else is a bug or an outage)."""
+
+
+class Conflict(StoreError):
+    """The name or id is taken, or the change contradicts the row's state."""
+
+
+class NotFound(StoreError):
+    """A row the operation needs does not exist."""
+
+
+class UnknownPlan(NotFound):
+    pass
+
+
+class UnknownTenant(NotFound):
+    pass
+
+
+class UnknownKey(NotFound):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRecord:
+    name: str
+    rate_per_second: float
+    burst: int
+    daily_quota: int
+    max_items_per_request: int
+    allowed_models: tuple[str, ...]
+    builtin: bool
+    created_at: datetime
+
+    def allows_model(self, model: str) -> bool:
+        # An empty list means no restriction, not "nothing allowed".
+        return not self.allowed_models or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    id: str
+    name: str
+    plan_name: str
+    roles: tuple[str, ...]
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    tenant_id: str
+    env: str
+    name: str
+    secret_hash: str = field(repr=False)
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    replaced_by: str | None
+
+    def is_active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedKey:
+    """A key with its tenant and that tenant's plan: all the token exchange needs."""
+
+    key: KeyRecord
+    tenant: TenantRecord
+    plan: PlanRecord
+
+
+class Rotation(NamedTuple):
+    """The old key (now with its grace expiry and successor) and the new one."""
+
+    old: KeyRecord
+    new: KeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """The audit line a mutating method writes in its own transaction.
+
+    `target` defaults to what the mutation touches (the new tenant's id, the plan name, the
+    key id), which the caller may not know before the call.
+    """
+
+    actor: str
+    action: str
+    target: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+class PlanChanges(TypedDict, total=False):
+    rate_per_second: float
+    burst: int
+    daily_quota: int
+    max_items_per_request: int
+    allowed_models: Sequence[str]
+
+
+class AuthStore:
+    """Every method is one short transaction and returns frozen records, never ORM rows."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, database_url: str) -> Self:
+        """A store on an async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`.
+
+        Connects once, so that a wrong URL or a down server fails start-up, not a request.
+        """
+        store = cls(_create_engine(database_url))
+        try:
+            await store.ping()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def ping(self) -> None:
+        """Round trip to the database (readiness); raises when it cannot be reached."""
+        async with self._engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- plans ---------------------------------------------------------------------------
+
+    async def list_plans(self) -> list[PlanRecord]:
+        async with self._sessions() as session:
+            rows = await session.scalars(select(Plan).order_by(Plan.name))
+            return [_plan_record(row) for row in rows]
+
+    async def get_plan(self, name: str) -> PlanRecord | None:
+        async with self._sessions() as session:
+            row = await session.get(Plan, name)
+            return None if row is None else _plan_record(row)
+
+    async def create_plan(
+        self,
+        name: str,
+        *,
+        rate_per_second: float,
+        burst: int,
+        daily_quota: int,
+        max_items_per_request: int,
+        allowed_models: Sequence[str] = (),
+        audit: AuditEntry | None = None,
+    ) -> PlanRecord:
+        row = Plan(
+            name=name,
+            rate_per_second=rate_per_second,
+            burst=burst,
+            daily_quota=daily_quota,
+            max_items_per_request=max_items_per_request,
+            allowed_models=list(allowed_models),
+            builtin=False,
+            created_at=_now(),
+        )
+        try:
+            async with self._sessions.begin() as session:
+                await _write_audit(session, audit, name)
+                session.add(row)
+                await session.flush()
+        except IntegrityError:
+            raise Conflict(f"plan {name!r} already exists") from None
+        return _plan_record(row)
+
+    async def update_plan(
+        self, name: str, *, audit: AuditEntry | None = None, **changes: Unpack[PlanChanges]
+    ) -> PlanRecord:
+        # Unpack only binds for type checkers: a caller forwarding a parsed body is checked here.
+        unknown = set(changes) - PlanChanges.__optional_keys__
+        if unknown:
+            raise TypeError(f"not plan settings: {', '.join(sorted(unknown))}")
+        async with self._sessions.begin() as session:
+            await _write_audit(session, audit, name)
+            row = await session.get(Plan, name)
+            if row is None:
+                raise UnknownPlan(name)
+            if "rate_per_second" in changes:
+                row.rate_per_second = changes["rate_per_second"]
+            if "burst" in changes:
+                row.burst = changes["burst"]
+            if "daily_quota" in changes:
+                row.daily_quota = changes["daily_quota"]
+            if "max_items_per_request" in changes:
+                row.max_items_per_request = changes["max_items_per_request"]
+            if "allowed_models" in changes:
+                row.allowed_models = list(changes["allowed_models"])
+            return _plan_record(row)
+
+    # -- tenants -------------------------------------------------------------------------
+
+    async def create_tenant(
+        self,
+        name: str,
+        plan_name: str,
+        roles: Sequence[str],
+        *,
+        audit: AuditEntry | None = None,
+    ) -> TenantRecord:
+        row = Tenant(
+            id=_new_tenant_id(),
+            name=name,
+            plan_name=plan_name,
+            roles=list(roles),
+            created_at=_now(),
+            disabled_at=None,
+        )
+        try:
+            async with self._sessions.begin() as session:
+                await _write_audit(session, audit, row.id)
+                session.add(row)
+                await session.flush()
+        except IntegrityError:
+            # The database refused it; find out which rule (no error-message parsing).
+            if await self.get_plan(plan_name) is None:
+                raise UnknownPlan(plan_name) from None
+            raise Conflict(f"tenant {name!r} already exists") from None
+        return _tenant_record(row)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        async with self._sessions() as session:
+            row = await session.get(Tenant, tenant_id)
+            return None if row is None else _tenant_record(row)
+
+    async def get_tenant_by_name(self, name: str) -> TenantRecord | None:
+        async with self._sessions() as session:
+            row = await session.scalar(select(Tenant).where(Tenant.name == name))
+            return None if row is None else _tenant_record(row)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        async with self._sessions() as session:
+            rows = await session.scalars(select(Tenant).order_by(Tenant.name))
+            return [_tenant_record(row) for row in rows]
+
+    async def set_tenant_plan(
+        self, tenant_id: str, plan_name: str, *, audit: AuditEntry | None = None
+    ) -> TenantRecord:
+        try:
+            async with self._sessions.begin() as session:
+                await _write_audit(session, audit, tenant_id)
+                row = await session.get(Tenant, tenant_id)
+                if row is None:
+                    raise UnknownTenant(tenant_id)
+                row.plan_name = plan_name
+                await session.flush()
+        except IntegrityError:
+            raise UnknownPlan(plan_name) from None
+        return _tenant_record(row)
+
+    async def set_tenant_disabled(
+        self, tenant_id: str, disabled_at: datetime | None, *, audit: AuditEntry | None = None
+    ) -> TenantRecord:
+        """Disable a tenant from `disabled_at` on, or enable it again with None."""
+        async with self._sessions.begin() as session:
+            await _write_audit(session, audit, tenant_id)
+            row = await session.get(Tenant, tenant_id)
+            if row is None:
+                raise UnknownTenant(tenant_id)
+            row.disabled_at = disabled_at
+            return _tenant_record(row)
+
+    # -- API keys ------------------------------------------------------------------------
+
+    async def add_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        env: str,
+        name: str,
+        secret_hash: str,
+        expires_at: datetime | None = None,
+        *,
+        audit: AuditEntry | None = None,
+    ) -> KeyRecord:
+        row = ApiKey(
+            id=key_id,
+            tenant_id=tenant_id,
+            env=env,
+            name=name,
+            secret_hash=secret_hash,
+            created_at=_now(),
+            expires_at=expires_at,
+            last_used_at=None,
+            revoked_at=None,
+            replaced_by=None,
+        )
+        try:
+            async with self._sessions.begin() as session:
+                await _write_audit(session, audit, key_id)
+                session.add(row)
+                await session.flush()
+        except IntegrityError:
+            if await self.get_tenant(tenant_id) is None:
+                raise UnknownTenant(tenant_id) from None
+            raise Conflict(f"key id {key_id!r} is taken") from None
+        return _key_record(row)
+
+    async def get_key(self, key_id: str) -> ResolvedKey | None:
+        """The key, its tenant and their plan in one round trip (the token-exchange path)."""
+        statement = (
+            select(ApiKey, Tenant, Plan)
+            .join(Tenant, ApiKey.tenant_id == Tenant.id)
+            .join(Plan, Tenant.plan_name == Plan.name)
+            .where(ApiKey.id == key_id)
+        )
+        async with self._sessions() as session:
+            found = (await session.execute(statement)).one_or_none()
+            if found is None:
+                return None
+            key, tenant, plan = found
+            return ResolvedKey(_key_record(key), _tenant_record(tenant), _plan_record(plan))
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        statement = (
+            select(ApiKey)
+            .where(ApiKey.tenant_id == tenant_id)
+            .order_by(ApiKey.created_at, ApiKey.id)
+        )
+        async with self._sessions() as session:
+            return [_key_record(row) for row in await session.scalars(statement)]
+
+    async def revoke_key(
+        self, key_id: str, at: datetime, *, audit: AuditEntry | None = None
+    ) -> KeyRecord:
+        """Revoke a key; revoking it again keeps the first revocation time."""
+        async with self._sessions.begin() as session:
+            await _write_audit(session, audit, key_id)
+            row = await session.get(ApiKey, key_id)
+            if row is None:
+                raise UnknownKey(key_id)
+            if row.revoked_at is None:
+                row.revoked_at = at
+            return _key_record(row)
+
+    async def rotate_key(
+        self,
+        old_key_id: str,
+        new_key_id: str,
+        env: str,
+        name: str,
+        secret_hash: str,
+        grace_until: datetime,
+        *,
+        expires_at: datetime | None = None,
+        audit: AuditEntry | None = None,
+    ) -> Rotation:
+        """Add a new key for the old key's tenant; the old one lives on until `grace_until`.
+
+        A revoked or already rotated key cannot be rotated (Conflict): rotation is a chain,
+        never a fork.
+        """
+        try:
+            async with self._sessions.begin() as session:
+                await _write_audit(session, audit, old_key_id)
+                # FOR UPDATE (PostgreSQL): two concurrent rotations of one key serialise here
+                # and the second sees replaced_by set.
+                old = await session.get(ApiKey, old_key_id, with_for_update=True)
+                if old is None:
+                    raise UnknownKey(old_key_id)
+                if old.revoked_at is not None:
+                    raise Conflict(f"key {old_key_id!r} is revoked")
+                if old.replaced_by is not None:
+                    raise Conflict(f"key {old_key_id!r} was already rotated")
+                new = ApiKey(
+                    id=new_key_id,
+                    tenant_id=old.tenant_id,
+                    env=env,
+                    name=name,
+                    secret_hash=secret_hash,
+                    created_at=_now(),
+                    expires_at=expires_at,
+                    last_used_at=None,
+                    revoked_at=None,
+                    replaced_by=None,
+                )
+                session.add(new)
+                # The models declare no relationship, so the unit of work cannot know that
+                # old.replaced_by references the new row: insert it first, explicitly.
+                await session.flush()
+                if old.expires_at is None or grace_until < old.expires_at:
+                    old.expires_at = grace_until
+                old.replaced_by = new_key_id
+                await session.flush()
+        except IntegrityError:
+            raise Conflict(f"key id {new_key_id!r} is taken") from None
+        return Rotation(old=_key_record(old), new=_key_record(new))
+
+    async def touch_keys(self, last_used: Mapping[str, datetime]) -> None:
+        """Record when keys were last used, in one statement; a time only moves forward."""
+        if not last_used:
+            return
+        seen = bindparam("seen", type_=UTCDateTime())
+        statement = (
+            update(ApiKey)
+            .where(ApiKey.id == bindparam("key_id"))
+            # In the WHERE clause rather than read-then-write: replicas flushing overlapping
+            # batches cannot move a time backwards whatever order they commit in.
+            .where(or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < seen))
+            .values(last_used_at=seen)
+        )
+        # Sorted: concurrent batches lock rows in the same order, so they cannot deadlock.
+        params = [{"key_id": key_id, "seen": at} for key_id, at in sorted(last_used.items())]
+        # On a plain connection, an executemany of one UPDATE (a session would turn a list
+        # of parameters into its own bulk update by primary key, without our WHERE).
+        async with self._engine.begin() as connection:
+            await connection.execute(statement, params)
+
+    # -- audit ---------------------------------------------------------------------------
+
+    async def record(
+        self, actor: str, action: str, target: str, detail: Mapping[str, Any] | None = None
+    ) -> AuditRecord:
+        row = _audit_row(AuditEntry(actor, action, target, detail or {}), target)
+        async with self._sessions.begin() as session:
+            session.add(row)
+        return _audit_record(row)
+
+    async def list_audit(self, limit: int = 100) -> list[AuditRecord]:
+        """The latest `limit` entries, newest first."""
+        statement = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit)
+        async with self._sessions() as session:
+            return [_audit_record(row) for row in await session.scalars(statement)]
+
+
+async def migrate(database_url: str) -> None:
+    """`alembic upgrade head` on an async URL; a no-op when the schema is current."""
+    engine = _create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together: one migrates, the others wait, then find head.
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+            await connection.run_sync(_upgrade)
+    finally:
+        await engine.dispose()
+
+
+def _upgrade(connection: Connection) -> None:
+    config = Config()
+    # configparser interpolation: a literal % in the install path must be doubled.
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    # migrations/env.py runs on this connection, inside migrate()'s transaction.
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _create_engine(database_url: str) -> AsyncEngine:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        # pre-ping: a restarted or failed-over server costs one retry, not an error.
+        return create_async_engine(url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+    event.listen(engine.sync_engine, "connect", _sqlite_connect)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    # Take BEGIN away from the sqlite3 driver (see _sqlite_begin): its legacy mode runs SELECTs
+    # outside the transaction and DDL in autocommit.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")  # off by default, and per connection
+    cursor.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN")
+
+
+async def _write_audit(session: AsyncSession, audit: AuditEntry | None, target: str) -> None:
+    if audit is None:
+        return
+    session.add(_audit_row(audit, target))
+    # Written before the mutation: if the mutation then fails, the rollback visibly takes
+    # this line with it (the tests rely on that order to prove the shared transaction).
+    await session.flush()
+
+
+def _audit_row(entry: AuditEntry, target: str) -> AuditLog:
+    return AuditLog(
+        at=_now(),
+        actor=entry.actor,
+        action=entry.action,
+        target=entry.target if entry.target is not None else target,
+        detail=dict(entry.detail),
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # A row written in this call still holds the caller's offset; make it look like a read.
+    return None if value is None else value.astimezone(UTC)
+
+
+def _new_tenant_id() -> str:
+    return "t_" + "".join(secrets.choice(_TENANT_ID_ALPHABET) for _ in range(16))
+
+
+def _plan_record(row: Plan) -> PlanRecord:
+    return PlanRecord(
+        name=row.name,
+        rate_per_second=row.rate_per_second,
+        burst=row.burst,
+        daily_quota=row.daily_quota,
+        max_items_per_request=row.max_items_per_request,
+        allowed_models=tuple(row.allowed_models),
+        builtin=row.builtin,
+        created_at=row.created_at,
+    )
+
+
+def _tenant_record(row: Tenant) -> TenantRecord:
+    return TenantRecord(
+        id=row.id,
+        name=row.name,
+        plan_name=row.plan_name,
+        roles=tuple(row.roles),
+        created_at=row.created_at,
+        disabled_at=_utc(row.disabled_at),
+    )
+
+
+def _key_record(row: ApiKey) -> KeyRecord:
+    return KeyRecord(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        env=row.env,
+        name=row.name,
+        secret_hash=row.secret_hash,
+        created_at=row.created_at,
+        expires_at=_utc(row.expires_at),
+        last_used_at=_utc(row.last_used_at),
+        revoked_at=_utc(row.revoked_at),
+        replaced_by=row.replaced_by,
+    )
+
+
+def _audit_record(row: AuditLog) -> AuditRecord:
+    return AuditRecord(
+        id=row.id,
+        at=row.at,
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        detail=row.detail,
+    )
