@@ -34,6 +34,7 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
 		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(UV) run python -m bench.proxy
+	$(UV) run python -m bench.identity
 
 install: .venv/.installed ## Create .venv from uv.lock (done by run/test/bench)
 

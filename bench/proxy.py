@@ -36,7 +36,9 @@ class Target:
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
-    path: str = "/v1/models"  # the gateway routes /v1/models... to the inference upstream
+    # A public route: the gateway forwards it to the inference upstream's /readyz (the
+    # trivial upstream answers every path alike), so no credentials are involved.
+    path: str = "/v1/status/inference"
 
 
 def _naive(app: str, client: str) -> Target:
@@ -210,8 +212,12 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(url: str, duration_s: int, connections: int) -> WrkResult:
+def run_wrk(
+    url: str, duration_s: int, connections: int, headers: Mapping[str, str] | None = None
+) -> WrkResult:
     argv = ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
     argv += ["--timeout", "5s", url]
     try:
         done = subprocess.run(

@@ -715,3 +715,17 @@ async def test_metrics_label_proxied_requests_by_route_prefix_not_raw_path(
     assert counts[("GET", "/v1/models", "200")] == 1
     assert counts[("GET", "/v2", "200")] == 1
     assert counts[("GET", "unmatched", "404")] == 1
+
+
+async def test_api_keys_reach_only_the_token_exchange(upstreams: dict[str, UpstreamServer]) -> None:
+    key = "nx_dev_abcdefgh12345678_" + "A" * 40
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        exchanged = await gw.post("/v1/auth/token", headers={"X-API-Key": key})
+        proxied = await gw.get("/v1/models", headers={"X-Request-ID": "no-key-inside-0001"})
+    assert exchanged.status_code == 200
+    assert proxied.status_code == 200
+    (token_call,) = upstreams["auth"].requests
+    assert token_call.header_values("x-api-key") == [key]
+    (model_call,) = upstreams["inference"].requests
+    assert model_call.header_values("x-api-key") == []
+    assert model_call.header_values("authorization") == [f"Bearer {TOKEN}"]

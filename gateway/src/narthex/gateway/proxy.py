@@ -40,22 +40,26 @@ HOP_BY_HOP = frozenset(
 # Set by this hop for the upstream, never passed on from the client: ids and trace
 # context are re-issued, the deadline is what is left of ours, and upstreams answer
 # uncompressed so the body we relay is exactly the one we read.
-REQUEST_DROP = HOP_BY_HOP | {
-    # Credentials: replaced by the caller's verified JWT; API keys never go inside.
-    b"authorization",
-    b"x-api-key",
-    b"host",
-    b"content-length",
-    b"x-request-id",
-    b"traceparent",
-    b"tracestate",
-    b"x-request-timeout-ms",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"accept-encoding",
-    b"expect",  # 100-continue is negotiated with the client by this hop's server
-}
+# Replaced by the caller's verified JWT: API keys never go past the gateway, except to
+# the token exchange itself.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
+REQUEST_DROP = (
+    HOP_BY_HOP
+    | CREDENTIAL_HEADERS
+    | {
+        b"host",
+        b"content-length",
+        b"x-request-id",
+        b"traceparent",
+        b"tracestate",
+        b"x-request-timeout-ms",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"accept-encoding",
+        b"expect",  # 100-continue is negotiated with the client by this hop's server
+    }
+)
 # The upstream's framing and identity stay behind; this hop sets its own.
 RESPONSE_DROP = HOP_BY_HOP | {
     b"content-length",
@@ -195,6 +199,10 @@ class ProxyMiddleware:
         if route.methods is not None and method not in route.methods:
             raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
         headers = upstream_headers(scope)
+        if route.forward_credentials:
+            headers.extend(
+                (name, value) for name, value in scope["headers"] if name in CREDENTIAL_HEADERS
+            )
         if not route.public:
             principal = await self.identity(scope).authenticate(scope)
             authorize(route, principal)

@@ -22,6 +22,8 @@ class Route:
     public: bool = False
     scope: str | None = None
     role: str | None = None
+    # Pass the caller's own credentials through (only the token exchange needs them).
+    forward_credentials: bool = False
 
     def matches(self, path: str) -> bool:
         return path == self.prefix or (
@@ -33,7 +35,13 @@ GET = frozenset({"GET", "HEAD"})
 
 ROUTES: tuple[Route, ...] = (
     # auth: token exchange and signing keys (public), a tenant's own keys, administration
-    Route("/v1/auth/token", "auth", methods=frozenset({"POST"}), public=True),
+    Route(
+        "/v1/auth/token",
+        "auth",
+        methods=frozenset({"POST"}),
+        public=True,
+        forward_credentials=True,
+    ),
     Route("/.well-known/jwks.json", "auth", methods=GET, public=True),
     Route("/v1/keys", "auth", scope=scopes.KEYS),
     Route("/v1/admin/tenants", "auth", role=scopes.ADMIN),
