@@ -138,7 +138,7 @@ class Identity:
         principal = await self.verifier.verify(response.json()["access_token"])
         # Renew a minute before the token expires, and at least every revalidate period.
         lifetime = principal.expires_at - time.time() - 60.0
-        return _Entry(principal, now + max(1.0, min(self.revalidate_seconds, lifetime)))
+        return _Entry(principal, now + min(self.revalidate_seconds, max(1.0, lifetime)))
 
     def _remember(self, digest: str, entry: _Entry) -> None:
         self._keys[digest] = entry
