@@ -63,9 +63,14 @@ async def auth() -> AsyncIterator[ScriptedUpstream]:
         yield server
 
 
-async def identity_for(url: str, **options: float) -> tuple[Identity, ServiceClient]:
+async def identity_for(
+    url: str, *, revalidate_seconds: float = 30.0, refused_seconds: float = 5.0
+) -> tuple[Identity, ServiceClient]:
     client = ServiceClient("auth", url, ClientPolicy(try_timeout=1.0, deadline=2.0))
-    return Identity(verifier(), client, **options), client
+    identity = Identity(
+        verifier(), client, revalidate_seconds=revalidate_seconds, refused_seconds=refused_seconds
+    )
+    return identity, client
 
 
 async def test_a_bearer_jwt_is_verified_without_calling_auth(auth: ScriptedUpstream) -> None:
