@@ -81,7 +81,7 @@ class Identity:
 
     async def authenticate(self, scope: Scope) -> Principal:
         query: bytes = scope["query_string"]
-        if query and _credentials_in(query):
+        if query and credentials_in_query(query):
             raise KeyInQuery()
         authorization = api_key = None
         for name, value in scope["headers"]:
@@ -147,7 +147,8 @@ class Identity:
             self._keys.popitem(last=False)
 
 
-def _credentials_in(query: bytes) -> bool:
+def credentials_in_query(query: bytes) -> bool:
+    """Whether a raw query string carries something that looks like a credential."""
     decoded = unquote_to_bytes(query.replace(b"+", b" ")).lower()
     return b"nx_" in decoded or any(
         decoded.startswith(p) or b"&" + p in decoded for p in _CREDENTIAL_PARAMS

@@ -21,7 +21,7 @@ from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
-from narthex.gateway.identity import Identity
+from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
 from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(
@@ -203,14 +203,20 @@ class ProxyMiddleware:
             headers.extend(
                 (name, value) for name, value in scope["headers"] if name in CREDENTIAL_HEADERS
             )
-        if not route.public:
+        query: bytes = scope["query_string"]
+        if route.public:
+            # Identity refuses keys in the query of the other routes; here (the token
+            # endpoint above all) the URL, key included, would go on to the upstream
+            # and into every access log on the way.
+            if query and credentials_in_query(query):
+                raise KeyInQuery()
+        else:
             principal = await self.identity(scope).authenticate(scope)
             authorize(route, principal)
             scope.setdefault("state", {})["tenant"] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         target = route.rewrite or upstream_path(scope)
-        query: bytes = scope["query_string"]
         if query:
             target += "?" + query.decode("latin-1")
         response = await self.clients[route.upstream].forward(method, target, headers, body)

@@ -20,10 +20,18 @@ from narthex.auth.store import (
     PlanRecord,
     StoreError,
     TenantRecord,
+    UnknownPlan,
 )
 from narthex.auth.store import Conflict as StoreConflict
 from narthex.auth.store import NotFound as StoreNotFound
-from narthex.common.errors import BadRequest, Forbidden, NotFound, Problem, Unauthorized
+from narthex.common.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Problem,
+    Unauthorized,
+    ValidationFailed,
+)
 from narthex.common.scopes import ADMIN, TENANT, scopes_for
 from narthex.common.security import (
     ApiKey,
@@ -65,6 +73,9 @@ def _as_problems() -> Iterator[None]:
     """The store's refusals, as the answers a client gets."""
     try:
         yield
+    except UnknownPlan as exc:
+        # A plan named in a request body: the body is wrong, nothing at the URL is missing.
+        raise ValidationFailed(f"no plan named {str(exc)!r}") from None
     except StoreConflict as exc:
         raise Conflict(str(exc)) from None
     except StoreNotFound as exc:
@@ -158,6 +169,9 @@ class AuthService:
     ) -> tuple[ApiKey, KeyRecord]:
         if await self.store.get_tenant(tenant_id) is None:
             raise NotFound("no such tenant")
+        if expires_at is not None and expires_at.utcoffset() is None:
+            # A naive time would be compared with an aware one (a 500) or guessed at.
+            raise BadRequest("expires_at needs a UTC offset, e.g. 2030-01-01T00:00:00Z")
         if expires_at is not None and expires_at <= _now():
             raise BadRequest("expires_at must be in the future")
         key, secret_hash = self._new_key()
@@ -248,6 +262,8 @@ class AuthService:
     async def update_plan(self, name: str, actor: str, **changes: Any) -> PlanRecord:
         if not changes:
             raise BadRequest("nothing to change")
+        if await self.store.get_plan(name) is None:
+            raise NotFound("no such plan")
         with _as_problems():
             return await self.store.update_plan(
                 name, audit=AuditEntry(actor, "plan.update", name, dict(changes)), **changes

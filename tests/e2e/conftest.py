@@ -1,0 +1,111 @@
+"""End-to-end fixtures: a real auth + inference + gateway platform, once per database backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from narthex.auth.service import AuthService
+from narthex.auth.settings import AuthSettings
+from narthex.auth.signing import SigningKeyRing
+from narthex.auth.store import AuthStore, migrate
+from tests.support.databases import BACKENDS, Backend, throwaway_database
+from tests.support.services import Service, run_service
+
+# The same pepper for the in-process bootstrap and the auth process: the admin key
+# hashed by one must verify in the other.
+KEY_PEPPER = "e2e-identity-pepper-0123456789"
+TOKEN_TTL_SECONDS = 900
+
+
+@dataclass(frozen=True)
+class Platform:
+    backend: Backend
+    auth: Service
+    inference: Service
+    gateway: Service
+    signing_keys_dir: Path
+    admin_tenant_id: str
+    admin_key: str
+
+
+async def _bootstrap(database_url: str, keys_dir: Path) -> tuple[str, str]:
+    """The operator tenant and its admin key, written straight into the auth database."""
+    await migrate(database_url)
+    settings = AuthSettings(
+        database_url=database_url,
+        signing_keys_dir=keys_dir,
+        key_pepper=SecretStr(KEY_PEPPER),
+    )
+    store = await AuthStore.open(database_url)
+    try:
+        service = AuthService(store, SigningKeyRing(keys_dir, generate=True), settings)
+        tenant, key = await service.bootstrap()
+    finally:
+        await store.close()
+    return tenant.id, str(key)
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=BACKENDS)
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    """auth, inference (a representative internal upstream) and the gateway, started once
+    per backend for the whole module; the database is dropped afterwards."""
+    backend: Backend = request.param
+    directory = tmp_path_factory.mktemp(f"platform-{backend}")
+    keys_dir = directory / "keys"
+    # One event loop for the database's whole life: created, used and dropped in it.
+    with asyncio.Runner() as runner, ExitStack() as stack:
+        database = throwaway_database(backend, directory)
+        database_url = runner.run(database.__aenter__())
+        stack.callback(lambda: runner.run(database.__aexit__(None, None, None)))
+        tenant_id, admin_key = runner.run(_bootstrap(database_url, keys_dir))
+
+        auth = stack.enter_context(
+            run_service(
+                "auth",
+                directory,
+                {
+                    "NARTHEX_AUTH_ENV": "dev",
+                    "NARTHEX_AUTH_DATABASE_URL": database_url,
+                    "NARTHEX_AUTH_SIGNING_KEYS_DIR": str(keys_dir),
+                    "NARTHEX_AUTH_KEY_PEPPER": KEY_PEPPER,
+                    "NARTHEX_AUTH_TOKEN_TTL_SECONDS": str(TOKEN_TTL_SECONDS),
+                    "NARTHEX_AUTH_KEY_ROTATION_GRACE_SECONDS": "3600",
+                },
+            )
+        )
+        inference = stack.enter_context(
+            run_service("inference", directory, {"NARTHEX_INFERENCE_AUTH_URL": auth.url})
+        )
+        gateway = stack.enter_context(
+            run_service(
+                "gateway",
+                directory,
+                {
+                    "NARTHEX_GATEWAY_AUTH_URL": auth.url,
+                    "NARTHEX_GATEWAY_INFERENCE_URL": inference.url,
+                    # Not under test here; any ready service keeps the gateway's readiness green.
+                    "NARTHEX_GATEWAY_FEATURES_URL": inference.url,
+                    "NARTHEX_GATEWAY_ANALYTICS_URL": inference.url,
+                    "NARTHEX_GATEWAY_API_KEY_REVALIDATE_SECONDS": "2",
+                    "NARTHEX_GATEWAY_JWKS_UNKNOWN_KID_COOLDOWN": "30",
+                },
+            )
+        )
+        yield Platform(
+            backend=backend,
+            auth=auth,
+            inference=inference,
+            gateway=gateway,
+            signing_keys_dir=keys_dir,
+            admin_tenant_id=tenant_id,
+            admin_key=admin_key,
+        )
