@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from narthex.cli.up import live_run
+from narthex.common.security import parse_api_key
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,8 @@ UPSTREAMS = SERVICES[1:]
 READY_TIMEOUT_S = 45.0
 STOP_TIMEOUT_S = 15.0
 SUMMARY_END = "Ctrl-C to stop"
+# The gateway redoes an API key's exchange this often: how long a revoked key still works.
+REVALIDATE_S = 2
 
 _handed_out: set[int] = set()
 
@@ -204,7 +207,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     dead.wait()
     stale = {"pid": dead.pid, "host": "127.0.0.1", "ports": {}, "started_at": "earlier"}
     (state_dir / "up.json").write_text(json.dumps(stale))
-    with running_up(state_dir) as up:
+    env = narthex_env(NARTHEX_GATEWAY_API_KEY_REVALIDATE_SECONDS=str(REVALIDATE_S))
+    with running_up(state_dir, env) as up:
         up.wait_for(SUMMARY_END, READY_TIMEOUT_S)
         up.remember_children()
         urls = {name: f"http://127.0.0.1:{up.port_base + i}" for i, name in enumerate(SERVICES)}
@@ -289,6 +293,46 @@ def test_second_up_says_already_running(stack: Stack) -> None:
     assert "already running" in result.stderr
     assert time.monotonic() - started < 10
     assert stack.up.proc.poll() is None  # the first one is untouched
+
+
+def test_first_run_prints_the_operator_key_once(stack: Stack) -> None:
+    match = re.search(r"operator key \(shown once, keep it\): (\S+)", stack.up.output)
+    assert match is not None, stack.up.output
+    assert parse_api_key(match.group(1)) is not None
+    assert stack.up.output.count(match.group(1)) == 1
+
+
+def test_demo_key_curl_line_works_until_the_key_is_revoked(
+    stack: Stack, client: httpx.Client
+) -> None:
+    match = re.search(r'curl -s -H "Authorization: Bearer (\S+)" (\S+)', stack.up.output)
+    assert match is not None, stack.up.output
+    key, url = parse_api_key(match.group(1)), match.group(2)
+    assert key is not None
+    assert url == f"{stack.urls['gateway']}/v1/keys"
+    headers = {"Authorization": f"Bearer {key}"}
+
+    # What the printed curl line does: through the gateway to auth, as the demo tenant.
+    response = client.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    listed = {item["id"]: item for item in response.json()}
+    assert listed[key.key_id]["name"] == "narthex-up"
+    assert listed[key.key_id]["revoked_at"] is None
+
+    revoke = subprocess.run(
+        narthex_argv("keys", "revoke", key.key_id, "--state-dir", str(stack.up.state_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=narthex_env(),
+    )
+    assert revoke.returncode == 0, revoke.stdout + revoke.stderr
+    revoked_at = time.monotonic()
+    while (status := client.get(url, headers=headers).status_code) == 200:
+        # Once the gateway's cached exchange expires, it asks auth again and is refused.
+        assert time.monotonic() - revoked_at < REVALIDATE_S + 8, "still accepted"
+        time.sleep(0.2)
+    assert status == 401
 
 
 def test_sigint_stops_everything(stack: Stack) -> None:

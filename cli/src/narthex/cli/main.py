@@ -1,13 +1,16 @@
-"""The `narthex` command line (typer): thin wrappers over narthex.cli.up."""
+"""The `narthex` command line (typer): thin wrappers over narthex.cli.up and narthex.cli.admin."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from narthex.cli.up import UpOptions, run_status, run_up
+
+if TYPE_CHECKING:
+    from narthex.cli.admin import Action
 
 app = typer.Typer(
     name="narthex",
@@ -52,6 +55,134 @@ def up(
 def status(state_dir: StateDir = Path(".state")) -> None:
     """Show whether each service of a running `narthex up` is ready (exit 1 if any is not)."""
     raise typer.Exit(run_status(state_dir))
+
+
+# -- administration: straight on the auth database, where the auth service runs --------------
+
+admin_app = typer.Typer(help="Set up a deployment: the operator tenant.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create, list, revoke and rotate a tenant's API keys.", no_args_is_help=True
+)
+app.add_typer(admin_app, name="admin")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="Auth database, a SQLAlchemy async URL (default: NARTHEX_AUTH_DATABASE_URL).",
+    ),
+]
+AuthStateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Use a `narthex up` state directory: its auth.db and keys/"
+        " (default: the NARTHEX_AUTH_* environment, as the auth service reads it).",
+        file_okay=False,
+    ),
+]
+Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id or name.")]
+KeyId = Annotated[str, typer.Argument(help="Key id, or its nx_<env>_<id> prefix.")]
+
+
+def _admin(database_url: str | None, state_dir: Path | None, action: Action) -> None:
+    # Imported on use: the auth service's stack costs seconds that `up --help` need not pay.
+    from narthex.cli.admin import Target, run
+
+    raise typer.Exit(run(Target(database_url, state_dir), action))
+
+
+@admin_app.command()
+def bootstrap(
+    name: Annotated[str, typer.Option(help="Name of the operator tenant.")] = "operator",
+    database_url: DatabaseUrl = None,
+    state_dir: AuthStateDir = None,
+) -> None:
+    """Create the operator tenant (role admin, plan enterprise) and print its key, once."""
+    from narthex.cli import admin
+
+    _admin(database_url, state_dir, lambda service: admin.bootstrap(service, name))
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="Tenant name (unique).")],
+    plan: Annotated[str, typer.Option(help="free, standard, enterprise or custom.")] = "standard",
+    admin_role: Annotated[
+        bool, typer.Option("--admin", help="Role admin instead of tenant.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    state_dir: AuthStateDir = None,
+) -> None:
+    """Create a tenant and print its id."""
+    from narthex.cli import admin
+
+    _admin(
+        database_url,
+        state_dir,
+        lambda service: admin.create_tenant(service, name, plan, admin_role),
+    )
+
+
+@tenants_app.command("list")
+def tenants_list(database_url: DatabaseUrl = None, state_dir: AuthStateDir = None) -> None:
+    """List the tenants: id, name, plan, roles, created."""
+    from narthex.cli import admin
+
+    _admin(database_url, state_dir, admin.list_tenants)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Tenant,
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "default",
+    expires_in_days: Annotated[
+        int | None, typer.Option(min=1, help="Expire after this many days (default: never).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    state_dir: AuthStateDir = None,
+) -> None:
+    """Create an API key for a tenant and print it, once."""
+    from narthex.cli import admin
+
+    _admin(
+        database_url,
+        state_dir,
+        lambda service: admin.create_key(service, tenant, name, expires_in_days),
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Tenant, database_url: DatabaseUrl = None, state_dir: AuthStateDir = None
+) -> None:
+    """List a tenant's keys (prefix, name, dates, status); secrets are never shown."""
+    from narthex.cli import admin
+
+    _admin(database_url, state_dir, lambda service: admin.list_keys(service, tenant))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: KeyId, database_url: DatabaseUrl = None, state_dir: AuthStateDir = None
+) -> None:
+    """Revoke a key now (the gateway stops accepting it within its revalidation time)."""
+    from narthex.cli import admin
+
+    _admin(database_url, state_dir, lambda service: admin.revoke_key(service, key_id))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: KeyId, database_url: DatabaseUrl = None, state_dir: AuthStateDir = None
+) -> None:
+    """Replace a key: print the new one, once; the old one works until its grace expiry."""
+    from narthex.cli import admin
+
+    _admin(database_url, state_dir, lambda service: admin.rotate_key(service, key_id))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import ctypes
 import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,9 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
+
+from narthex.cli.paths import auth_database_url, signing_keys_dir
+
+if TYPE_CHECKING:
+    from narthex.cli.admin import Provisioned
 
 # Port order (port_base + index) and URL order; the gateway is first here but started last.
 SERVICES: tuple[str, ...] = ("gateway", "auth", "features", "inference", "analytics")
@@ -202,7 +208,7 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def service_env(service: str, host: str, ports: dict[str, int]) -> dict[str, str]:
+def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path) -> dict[str, str]:
     """The child's environment: the caller's, with everything `up` decides set explicitly."""
     prefix = f"NARTHEX_{service.upper()}_"
     env = dict(os.environ)
@@ -219,6 +225,11 @@ def service_env(service: str, host: str, ports: dict[str, int]) -> dict[str, str
     if service == "gateway":
         for upstream in UPSTREAMS:
             env[f"{prefix}{upstream.upper()}_URL"] = service_url(host, ports[upstream])
+    if service == "auth":
+        # In the state directory, not the caller's env or working directory: each
+        # --state-dir is a platform of its own, tenants and keys included.
+        env[f"{prefix}DATABASE_URL"] = auth_database_url(state_dir)
+        env[f"{prefix}SIGNING_KEYS_DIR"] = str(signing_keys_dir(state_dir))
     return env
 
 
@@ -288,6 +299,10 @@ class _ChildFailed(Exception):
         super().__init__(child.name)
         self.child = child
         self.starting = starting
+
+
+class _ProvisionFailed(Exception):
+    pass
 
 
 class _NotReady(Exception):
@@ -366,14 +381,21 @@ class Supervisor:
                 self.say(f"narthex: starting {', '.join(UPSTREAMS)} ...")
                 self._wait_ready(client, [self.spawn(name) for name in UPSTREAMS], deadline)
                 self.say("narthex: starting gateway ...")
-                self._wait_ready(client, [self.spawn("gateway")], deadline)
-                self.print_summary(client)
+                gateway = self.spawn("gateway")
+                # Auth is ready: set up the tenants while the gateway boots.
+                provisioned = self.provision()
+                self._wait_ready(client, [gateway], deadline)
+                self.print_summary(client, provisioned)
             self._watch()
         except _Stop as stop:
             self.say(f"\nnarthex: {signal.Signals(stop.signum).name} received, stopping ...")
             return 0
         except _ChildFailed as failed:
             self.report_failure(failed.child, failed.starting)
+            self._say_stopping_rest()
+            return 1
+        except _ProvisionFailed as failed:
+            self.warn(f"narthex: could not set up the operator and demo tenants: {failed}")
             self._say_stopping_rest()
             return 1
         except _NotReady as late:
@@ -400,7 +422,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=service_env(name, self.options.host, self.ports),
+                env=service_env(name, self.options.host, self.ports, self.options.state_dir),
                 # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
                 # which then stops the children in order and reports how that went.
                 process_group=0,
@@ -451,7 +473,17 @@ class Supervisor:
             self._check(starting=False)
             time.sleep(POLL_INTERVAL_S)
 
-    def print_summary(self, client: httpx.Client) -> None:
+    def provision(self) -> Provisioned:
+        """The operator tenant (first run only), the demo tenant and this run's demo key."""
+        # Imported here: the auth service's stack costs seconds, which `status` need not pay.
+        from narthex.cli.admin import AdminError, provision_sync
+
+        try:
+            return provision_sync(self.options.state_dir)
+        except AdminError as exc:
+            raise _ProvisionFailed(str(exc)) from None
+
+    def print_summary(self, client: httpx.Client, provisioned: Provisioned) -> None:
         gateway = self.children["gateway"].url
         try:
             body = client.get(f"{gateway}/readyz").json()
@@ -472,6 +504,24 @@ class Supervisor:
         self.say(f"  API docs   {gateway}/docs")
         self.say(f"  logs       {self.log_dir}/<service>.log")
         self.say(f"  try        curl -s {gateway}/v1/status/inference")
+        self.say("")
+        if provisioned.operator_key is not None:
+            self.say(f"  operator key (shown once, keep it): {provisioned.operator_key}")
+        else:
+            self.say(
+                "  operator   bootstrapped by an earlier run (its key was shown then;"
+                f" `narthex keys create --tenant {shlex.quote(provisioned.operator)}"
+                f" --state-dir {shlex.quote(str(self.options.state_dir))}`"
+                " makes another)"
+            )
+        demo = provisioned.demo
+        self.say(f"  demo       tenant {demo.name} ({demo.id}), plan {demo.plan_name}")
+        retired = f", {provisioned.revoked} earlier one(s) revoked" if provisioned.revoked else ""
+        self.say(f"  demo key   {provisioned.demo_key}  (new each run{retired})")
+        self.say(
+            f'  try        curl -s -H "Authorization: Bearer {provisioned.demo_key}"'
+            f" {gateway}/v1/keys"
+        )
         self.say("\nCtrl-C to stop.")
 
     def report_failure(self, child: Child, starting: bool) -> None:

@@ -1,0 +1,14 @@
+"""Where a state directory keeps the auth service's database and signing keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def auth_database_url(state_dir: Path) -> str:
+    # Absolute: the services run with their own working directory in mind, not ours.
+    return f"sqlite+aiosqlite:///{state_dir.resolve() / 'auth.db'}"
+
+
+def signing_keys_dir(state_dir: Path) -> Path:
+    return state_dir.resolve() / "keys"
