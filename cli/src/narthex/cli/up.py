@@ -503,7 +503,7 @@ class Supervisor:
         self.say(f"  readiness  {gateway}/readyz: {readiness}")
         self.say(f"  API docs   {gateway}/docs")
         self.say(f"  logs       {self.log_dir}/<service>.log")
-        self.say(f"  try        curl -s {gateway}/v1/status/inference")
+        self.say(f"  status     curl -s {gateway}/v1/status/inference")
         self.say("")
         if provisioned.operator_key is not None:
             self.say(f"  operator key (shown once, keep it): {provisioned.operator_key}")
