@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from narthex.auth import schemas
 from narthex.auth.service import AuthService, InvalidCredentials
 from narthex.auth.store import KeyRecord, PlanRecord, TenantRecord
-from narthex.common.authn import require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, require_role, require_scope
 from narthex.common.errors import BadRequest
 from narthex.common.scopes import ADMIN, KEYS
 from narthex.common.security import Principal
@@ -112,6 +112,27 @@ async def token(
 @router.get("/.well-known/jwks.json", tags=["tokens"], summary="Public signing keys (JWKS)")
 async def jwks(service: Service) -> JSONResponse:
     return JSONResponse(service.keyring.jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+
+@router.get(
+    "/v1/auth/limits",
+    response_model=schemas.TenantLimits,
+    tags=["tokens"],
+    summary="The caller's current plan limits (read by the gateway, cached briefly)",
+)
+async def my_limits(service: Service, caller: CurrentPrincipal) -> schemas.TenantLimits:
+    # The tenant's plan as it is now, not as it was when the token was issued: a plan
+    # change takes effect without waiting for tokens to expire.
+    tenant, plan = await service.limits(caller.tenant)
+    return schemas.TenantLimits(
+        tenant=tenant.id,
+        plan=plan.name,
+        rate_per_second=plan.rate_per_second,
+        burst=plan.burst,
+        daily_quota=plan.daily_quota,
+        max_items_per_request=plan.max_items_per_request,
+        allowed_models=list(plan.allowed_models),
+    )
 
 
 # -- a tenant's own keys --------------------------------------------------------------------

@@ -35,6 +35,18 @@ class Plan(BaseModel):
     builtin: bool
 
 
+class TenantLimits(BaseModel):
+    """What the gateway enforces for a tenant: its current plan's numbers."""
+
+    tenant: str
+    plan: str
+    rate_per_second: float
+    burst: int
+    daily_quota: int
+    max_items_per_request: int
+    allowed_models: list[str]
+
+
 class PlanCreate(Strict):
     name: PlanName
     rate_per_second: float = Field(gt=0, le=100_000)

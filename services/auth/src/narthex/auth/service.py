@@ -247,6 +247,13 @@ class AuthService:
             raise NotFound("no such tenant")
         return tenant
 
+    async def limits(self, tenant_id: str) -> tuple[TenantRecord, PlanRecord]:
+        tenant = await self.tenant(tenant_id)
+        plan = await self.store.get_plan(tenant.plan_name)
+        if plan is None:  # a foreign key guarantees it; a clear error if that ever breaks
+            raise NotFound("the tenant's plan is gone")
+        return tenant, plan
+
     async def set_plan(self, tenant_id: str, plan: str, actor: str) -> TenantRecord:
         with _as_problems():
             return await self.store.set_tenant_plan(
