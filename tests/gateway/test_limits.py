@@ -1,0 +1,380 @@
+"""The limiter contract (token bucket, cost, daily quota, peek), run against both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from narthex.gateway.limits import Decision, Limiter, Limits, MemoryLimiter, RedisLimiter
+from tests.support.redis import REDIS_URL, RedisScratch, redis_scratch
+
+# So slow that no token comes back during a test: the bucket only drains.
+NO_REFILL = 1e-6
+# A fixed instant (2026-03-01 12:00:00 UTC) for the memory backend's clock.
+NOON = dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC).timestamp()
+
+
+class ManualClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Backend:
+    """A limiter plus how time passes for it: a driven clock, or real sleeps against Redis."""
+
+    limiter: Limiter
+    clock: ManualClock | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.clock is not None
+
+    def now(self) -> float:
+        return self.clock.now if self.clock is not None else time.time()
+
+    async def wait(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        clock = ManualClock(NOON)
+        yield Backend(MemoryLimiter(clock=clock), clock=clock)
+        return
+    async with redis_scratch() as scratch:
+        yield Backend(RedisLimiter(scratch.client, prefix=scratch.prefix))
+
+
+@pytest.fixture
+async def scratch() -> AsyncIterator[RedisScratch]:
+    async with redis_scratch() as scratch:
+        yield scratch
+
+
+async def drain(limiter: Limiter, tenant: str, limits: Limits) -> tuple[int, Decision]:
+    """Cost-1 requests back to back until one is refused: how many passed, and the refusal."""
+    admitted = 0
+    while (decision := await limiter.acquire(tenant, limits, 1)).allowed:
+        admitted += 1
+        assert admitted <= limits.burst + 100, "the bucket never ran dry"
+    return admitted, decision
+
+
+def seconds_to_midnight(now: float) -> float:
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    midnight = dt.datetime.combine(moment.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return midnight.timestamp() - now
+
+
+def utc_date() -> str:
+    return dt.datetime.now(dt.UTC).date().isoformat()
+
+
+async def test_a_new_tenant_starts_with_a_full_bucket(backend: Backend) -> None:
+    limits = Limits(rate=20, burst=5, daily_quota=1000)
+    admitted, refusal = await drain(backend.limiter, "t_new", limits)
+
+    assert admitted == 5
+    assert not refusal.allowed
+    assert refusal.reason == "rate"
+    # Against Redis a millisecond or so of refill has accrued since the bucket ran dry.
+    assert refusal.retry_after == pytest.approx(1 / 20, abs=1e-9 if backend.exact else 0.01)
+    assert refusal.quota_used == 5
+    # Waiting the advertised time is enough for the same request.
+    await backend.wait(refusal.retry_after + 0.002)
+    assert (await backend.limiter.acquire("t_new", limits, 1)).allowed
+
+
+async def test_refill_admits_rate_times_elapsed(backend: Backend) -> None:
+    limits = Limits(rate=20, burst=20, daily_quota=1000)
+    await drain(backend.limiter, "t_refill", limits)
+    slack = 0 if backend.exact else 1
+
+    for seconds, expected in ((0.5, 10), (0.25, 5)):
+        await backend.wait(seconds)
+        admitted, refusal = await drain(backend.limiter, "t_refill", limits)
+        assert abs(admitted - expected) <= slack, (seconds, admitted)
+        assert refusal.reason == "rate"
+
+
+async def test_a_request_costs_its_items_and_one_over_the_burst_is_too_large(
+    backend: Backend,
+) -> None:
+    limits = Limits(rate=NO_REFILL, burst=10, daily_quota=100)
+    five = await backend.limiter.acquire("t_cost", limits, 5)
+    assert five.allowed
+    assert five.reason == "ok"
+    assert five.retry_after == 0
+    assert five.remaining == pytest.approx(5, abs=1e-3)
+    assert (five.quota_used, five.quota_remaining) == (5, 95)
+
+    too_large = await backend.limiter.acquire("t_cost", limits, 11)
+    assert not too_large.allowed
+    assert too_large.reason == "too_large"
+    assert too_large.retry_after == 0
+    assert too_large.remaining == pytest.approx(5, abs=1e-3)
+    assert too_large.quota_used == 5
+
+    after = await backend.limiter.peek("t_cost", limits)
+    assert after.remaining == pytest.approx(5, abs=1e-3)
+    assert after.quota_used == 5
+    # Exactly what is left still passes; one more does not, and costs nothing.
+    assert (await backend.limiter.acquire("t_cost", limits, 5)).allowed
+    refused = await backend.limiter.acquire("t_cost", limits, 1)
+    assert refused.reason == "rate"
+    assert refused.quota_used == 10
+
+
+async def test_a_cost_equal_to_the_burst_passes_on_a_full_bucket(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=10, daily_quota=100)
+    decision = await backend.limiter.acquire("t_whole", limits, 10)
+    assert decision.allowed
+    assert decision.remaining == pytest.approx(0, abs=1e-3)
+
+
+async def test_the_daily_quota_stops_the_tenant_at_exactly_its_limit(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=100, daily_quota=7)
+    for _ in range(7):
+        assert (await backend.limiter.acquire("t_quota", limits, 1)).allowed
+
+    expected_reset = seconds_to_midnight(backend.now())
+    refusal = await backend.limiter.acquire("t_quota", limits, 1)
+    assert not refusal.allowed
+    assert refusal.reason == "quota"
+    assert (refusal.quota_limit, refusal.quota_used, refusal.quota_remaining) == (7, 7, 0)
+    assert refusal.retry_after == refusal.quota_reset_seconds
+    assert refusal.quota_reset_seconds == pytest.approx(expected_reset, abs=2)
+    assert 0 < refusal.quota_reset_seconds <= 86400
+    # The quota refusal took no tokens from the bucket.
+    assert refusal.remaining == pytest.approx(93, abs=1e-3)
+    assert (await backend.limiter.peek("t_quota", limits)).remaining == pytest.approx(93, abs=1e-3)
+
+
+async def test_a_cost_that_would_overrun_the_quota_is_refused_whole(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=100, daily_quota=7)
+    assert (await backend.limiter.acquire("t_fit", limits, 5)).allowed
+    over = await backend.limiter.acquire("t_fit", limits, 3)
+    assert over.reason == "quota"
+    assert over.quota_used == 5
+    assert over.remaining == pytest.approx(95, abs=1e-3)
+    fits = await backend.limiter.acquire("t_fit", limits, 2)
+    assert fits.allowed
+    assert (fits.quota_used, fits.quota_remaining) == (7, 0)
+
+
+async def test_a_rate_refusal_consumes_no_quota(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=3, daily_quota=100)
+    admitted, refusal = await drain(backend.limiter, "t_rate", limits)
+    assert admitted == 3
+    assert refusal.reason == "rate"
+    assert refusal.quota_used == 3
+    assert (await backend.limiter.acquire("t_rate", limits, 2)).quota_used == 3
+    assert (await backend.limiter.peek("t_rate", limits)).quota_used == 3
+
+
+async def test_peek_consumes_nothing_and_agrees_with_acquire(backend: Backend) -> None:
+    limits = Limits(rate=0.001, burst=5, daily_quota=8)
+    fresh = await backend.limiter.peek("t_peek", limits)
+    assert fresh.allowed
+    assert fresh.reason == "ok"
+    assert (fresh.capacity, fresh.remaining, fresh.seconds_until_full) == (5, 5, 0)
+    assert fresh.refill_rate == 0.001
+    assert (fresh.quota_limit, fresh.quota_used, fresh.quota_remaining) == (8, 0, 8)
+    assert fresh.quota_reset_seconds == pytest.approx(seconds_to_midnight(backend.now()), abs=2)
+    assert fresh.retry_after == 0
+    for _ in range(10):
+        await backend.limiter.peek("t_peek", limits)
+
+    decisions = [await backend.limiter.acquire("t_peek", limits, 1) for _ in range(3)]
+    view = await backend.limiter.peek("t_peek", limits)
+    assert view.allowed
+    assert view.remaining == pytest.approx(decisions[-1].remaining, abs=1e-3)
+    assert view.remaining == pytest.approx(2, abs=1e-3)
+    assert view.seconds_until_full == pytest.approx(3 / 0.001, rel=1e-3)
+    assert (view.quota_used, view.quota_remaining) == (3, 5)
+
+    admitted, _ = await drain(backend.limiter, "t_peek", limits)
+    assert admitted == 2
+    empty = await backend.limiter.peek("t_peek", limits)
+    assert not empty.allowed
+    assert empty.reason == "rate"
+    assert empty.retry_after == pytest.approx(1 / 0.001, rel=1e-3)
+    assert empty.quota_used == 5
+
+
+async def test_peek_reports_a_spent_quota(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=10, daily_quota=4)
+    assert (await backend.limiter.acquire("t_spent", limits, 4)).allowed
+    view = await backend.limiter.peek("t_spent", limits)
+    assert not view.allowed
+    assert view.reason == "quota"
+    assert view.retry_after == view.quota_reset_seconds
+    assert view.remaining == pytest.approx(6, abs=1e-3)
+
+
+async def test_tenants_are_independent(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=3, daily_quota=4)
+    admitted, refusal = await drain(backend.limiter, "t_a", limits)
+    assert (admitted, refusal.reason) == (3, "rate")
+
+    other = await backend.limiter.peek("t_b", limits)
+    assert (other.remaining, other.quota_used) == (3, 0)
+    admitted, refusal = await drain(backend.limiter, "t_b", limits)
+    assert (admitted, refusal.reason) == (3, "rate")
+    assert (await backend.limiter.peek("t_a", limits)).quota_used == 3
+
+
+async def test_concurrent_acquires_admit_exactly_the_burst(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=50, daily_quota=1000)
+    decisions = await asyncio.gather(
+        *(backend.limiter.acquire("t_crowd", limits, 1) for _ in range(200))
+    )
+    assert sum(d.allowed for d in decisions) == 50
+    assert {d.reason for d in decisions if not d.allowed} == {"rate"}
+    assert (await backend.limiter.peek("t_crowd", limits)).quota_used == 50
+
+
+async def test_concurrent_acquires_admit_exactly_the_quota(backend: Backend) -> None:
+    limits = Limits(rate=NO_REFILL, burst=50, daily_quota=30)
+    decisions = await asyncio.gather(
+        *(backend.limiter.acquire("t_crowd", limits, 1) for _ in range(200))
+    )
+    assert sum(d.allowed for d in decisions) == 30
+    assert {d.reason for d in decisions if not d.allowed} == {"quota"}
+    view = await backend.limiter.peek("t_crowd", limits)
+    assert view.remaining == pytest.approx(20, abs=1e-3)
+
+
+async def test_a_cost_below_one_is_a_programming_error(backend: Backend) -> None:
+    with pytest.raises(ValueError, match="cost"):
+        await backend.limiter.acquire("t_zero", Limits(rate=1, burst=1, daily_quota=1), 0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "quota"),
+    [(0, 1, 1), (-1, 1, 1), (float("inf"), 1, 1), (float("nan"), 1, 1), (1, 0, 1), (1, 1, -1)],
+)
+def test_nonsense_limits_are_refused(rate: float, burst: int, quota: int) -> None:
+    with pytest.raises(ValueError, match="must"):
+        Limits(rate=rate, burst=burst, daily_quota=quota)
+
+
+# Memory backend only: its clock can be driven across midnight and backwards.
+
+
+async def test_memory_quota_resets_at_utc_midnight() -> None:
+    midnight = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
+    clock = ManualClock(midnight - 0.5)
+    limiter = MemoryLimiter(clock=clock)
+    limits = Limits(rate=100, burst=10, daily_quota=2)
+    assert (await limiter.acquire("t_day", limits, 2)).allowed
+    refusal = await limiter.acquire("t_day", limits, 1)
+    assert refusal.reason == "quota"
+    assert refusal.retry_after == pytest.approx(0.5)
+
+    clock.now += refusal.retry_after
+    fresh = await limiter.acquire("t_day", limits, 1)
+    assert fresh.allowed
+    assert (fresh.quota_used, fresh.quota_reset_seconds) == (1, 86400)
+
+
+async def test_memory_a_clock_stepped_back_does_not_drain_the_bucket() -> None:
+    clock = ManualClock(NOON)
+    limiter = MemoryLimiter(clock=clock)
+    limits = Limits(rate=1, burst=5, daily_quota=100)
+    assert (await limiter.acquire("t_step", limits, 2)).remaining == 3
+    clock.now -= 30
+    assert (await limiter.peek("t_step", limits)).remaining == 3
+
+
+# Redis backend only.
+
+
+class CountingRedis(Redis):
+    """The same server and pool as `pool_of`, recording every command the limiter sends."""
+
+    def __init__(self, pool_of: Redis) -> None:
+        super().__init__(connection_pool=pool_of.connection_pool)
+        self.commands: list[str] = []
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]).upper())
+        # redis-py leaves this method unannotated; give it a type rather than silence mypy.
+        send: Callable[..., Awaitable[Any]] = super().execute_command
+        return await send(*args, **options)
+
+
+async def test_redis_a_decision_is_one_evalsha(scratch: RedisScratch) -> None:
+    client = CountingRedis(scratch.client)
+    limiter = RedisLimiter(client, prefix=scratch.prefix)
+    limits = Limits(rate=20, burst=5, daily_quota=100)
+    await limiter.peek("t_trip", limits)  # the script may not be loaded yet
+    client.commands.clear()
+
+    for cost in (1, 2, 3, 9):  # allowed, allowed, rate, too_large
+        await limiter.acquire("t_trip", limits, cost)
+    await limiter.peek("t_trip", limits)
+    assert client.commands == ["EVALSHA"] * 5
+
+
+async def test_redis_survives_a_script_flush(scratch: RedisScratch) -> None:
+    client = CountingRedis(scratch.client)
+    limiter = RedisLimiter(client, prefix=scratch.prefix)
+    limits = Limits(rate=NO_REFILL, burst=5, daily_quota=100)
+    assert (await limiter.acquire("t_flush", limits, 1)).allowed
+
+    await scratch.client.script_flush()
+    client.commands.clear()
+    after = await limiter.acquire("t_flush", limits, 1)
+    assert after.allowed
+    assert after.quota_used == 2
+    assert client.commands == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
+
+
+async def test_redis_keys_expire_and_a_peek_writes_nothing(scratch: RedisScratch) -> None:
+    client = scratch.client
+    limiter = RedisLimiter(client, prefix=scratch.prefix)
+    limits = Limits(rate=20, burst=5, daily_quota=100)
+    await limiter.peek("t_ttl", limits)
+    assert [k async for k in client.scan_iter(match=f"{scratch.prefix}:*")] == []
+
+    day_before = utc_date()
+    decision = await limiter.acquire("t_ttl", limits, 2)
+    days = {day_before, utc_date()}
+    keys = sorted([k.decode() async for k in client.scan_iter(match=f"{scratch.prefix}:*")])
+    bucket, quota = keys
+    assert bucket == f"{scratch.prefix}:{{t_ttl}}:bucket"
+    # The counter is named by the UTC day the script read from the server's clock.
+    assert quota.removeprefix(f"{scratch.prefix}:{{t_ttl}}:quota:") in days
+
+    # The bucket lives until it would be full again (2 tokens at 20/s = 100 ms) plus 1 s.
+    assert 0 < await client.pttl(bucket) <= 100 + 1000
+    # The day's counter lives until an hour after the UTC day ends.
+    quota_ttl = await client.ttl(quota)
+    assert quota_ttl == pytest.approx(decision.quota_reset_seconds + 3600, abs=2)
+
+
+async def test_redis_works_with_a_decoding_client(scratch: RedisScratch) -> None:
+    client = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        limiter = RedisLimiter(client, prefix=scratch.prefix)
+        limits = Limits(rate=NO_REFILL, burst=2, daily_quota=100)
+        assert (await limiter.acquire("t_text", limits, 2)).remaining == pytest.approx(0, abs=1e-3)
+        assert (await limiter.acquire("t_text", limits, 1)).reason == "rate"
+    finally:
+        await client.aclose()
