@@ -28,8 +28,10 @@ from narthex.common.errors import PROBLEM_BASE
 from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
+from narthex.gateway.plans import TenantPlan
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
+from tests.support.plans import FixedPlans
 from tests.support.scripted import Reply, ScriptedUpstream
 from tests.support.upstream import UpstreamServer, refusing_port
 
@@ -102,6 +104,11 @@ TOKEN = issue_token(
 )
 
 
+# Limits are not under test here either (tests/gateway/test_ratelimit.py): a plan no test
+# in this file comes near.
+ROOMY_PLAN = TenantPlan("t_proxytests", "roomy", 1e6, 1_000_000, 10**12, 10_000, ())
+
+
 @contextlib.asynccontextmanager
 async def running(settings: GatewaySettings) -> AsyncIterator[Gateway]:
     app = create_app(settings)
@@ -117,6 +124,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Gateway]:
         jwks = JwksCache.static({"keys": [SIGNING_KEY.public_jwk()]})
         verifier = TokenVerifier(jwks, issuer="narthex-auth", audience="narthex")
         app.state.identity = Identity(verifier, app.state.clients["auth"])
+        app.state.plans = FixedPlans(ROOMY_PLAN)
         yield Gateway(app, http)
 
 

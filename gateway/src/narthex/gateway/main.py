@@ -7,17 +7,22 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.middleware import Middleware
-from starlette.types import Scope
 
 from narthex.common.app import service_app
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.common.security import JwksCache, TokenVerifier
 from narthex.gateway.identity import Identity
+from narthex.gateway.limits import RedisLimiter
+from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
+from narthex.gateway.ratelimit import EdgeLimiter, LimiterMetrics
+from narthex.gateway.routes import router
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
+from narthex.gateway.state import app_identity, app_limits
 
 
 def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
@@ -33,10 +38,19 @@ def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
     return check
 
 
-def app_identity(scope: Scope) -> Identity:
-    """The Identity the lifespan put on `app.state` (so tests can swap it)."""
-    identity: Identity = scope["app"].state.identity
-    return identity
+@asynccontextmanager
+async def shared_redis(url: str) -> AsyncIterator[Redis]:
+    # Blocking pool: under load a request waits briefly for a connection rather than
+    # failing (redis-py's default pool raises once all are busy, which would look like
+    # an outage). Short timeouts: a Redis that does not answer is treated as down fast.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=0.5, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+    client = Redis.from_pool(pool)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -67,6 +81,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.identity = Identity(
                 verifier, auth, revalidate_seconds=settings.api_key_revalidate_seconds
             )
+            app.state.plans = PlanBook(auth, ttl=settings.plan_cache_seconds)
+            shared = None
+            if settings.redis_url:
+                redis = await stack.enter_async_context(shared_redis(settings.redis_url))
+                shared = RedisLimiter(redis, prefix=settings.ratelimit_prefix)
+            app.state.limiter = EdgeLimiter(
+                shared,
+                LimiterMetrics(app.state.metrics_registry),
+                failure_mode=settings.ratelimit_failure_mode,
+                replicas=settings.replicas,
+            )
             yield
             clients.clear()
 
@@ -81,9 +106,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 table=RouteTable(),
                 clients=clients,
                 identity=app_identity,
+                limits=app_limits,
                 max_body_bytes=settings.max_body_bytes,
             )
         ],
     )
     app.state.clients = clients
+    app.include_router(router)
     return app

@@ -22,6 +22,14 @@ from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
+from narthex.gateway.plans import PlanBook
+from narthex.gateway.ratelimit import (
+    EdgeLimiter,
+    TooManyItems,
+    rate_limit_headers,
+    refusal,
+    request_cost,
+)
 from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(
@@ -175,12 +183,14 @@ class ProxyMiddleware:
         table: RouteTable,
         clients: Mapping[str, ServiceClient],
         identity: Callable[[Scope], Identity],
+        limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
     ) -> None:
         self.app = app
         self.table = table
         self.clients = clients
         self.identity = identity
+        self.limits = limits
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -194,6 +204,23 @@ class ProxyMiddleware:
         except Problem as problem:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
 
+    async def _admit(
+        self, scope: Scope, route: Route, principal: Principal, body: bytes
+    ) -> list[tuple[bytes, bytes]]:
+        """Charge the request to its tenant, or refuse it; the headers say where it stands."""
+        plans, limiter = self.limits(scope)
+        plan = await plans.plan_of(principal)
+        cost = request_cost(body, route.cost_field)
+        if cost > plan.max_items_per_request:
+            raise TooManyItems(
+                f"the request carries {cost} items; the {plan.plan} plan allows"
+                f" {plan.max_items_per_request} per request"
+            )
+        decision = await limiter.acquire(plan, cost)
+        if not decision.allowed:
+            raise refusal(decision, cost)
+        return rate_limit_headers(decision)
+
     async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         if route.methods is not None and method not in route.methods:
@@ -204,6 +231,7 @@ class ProxyMiddleware:
                 (name, value) for name, value in scope["headers"] if name in CREDENTIAL_HEADERS
             )
         query: bytes = scope["query_string"]
+        principal = None
         if route.public:
             # Identity refuses keys in the query of the other routes; here (the token
             # endpoint above all) the URL, key included, would go on to the upstream
@@ -216,6 +244,9 @@ class ProxyMiddleware:
             scope.setdefault("state", {})["tenant"] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
+        limit_headers: list[tuple[bytes, bytes]] = []
+        if route.limited and principal is not None:
+            limit_headers = await self._admit(scope, route, principal, body)
         target = route.rewrite or upstream_path(scope)
         if query:
             target += "?" + query.decode("latin-1")
@@ -223,6 +254,7 @@ class ProxyMiddleware:
         check_upstream_status(response)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(response.content)))
+        headers.extend(limit_headers)
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
         await send({"type": "http.response.body", "body": response.content})

@@ -24,6 +24,10 @@ class Route:
     role: str | None = None
     # Pass the caller's own credentials through (only the token exchange needs them).
     forward_credentials: bool = False
+    # Counted against the tenant's rate limit and daily quota; the cost of a request is
+    # the length of the list at `cost_field` in its JSON body (1 without one).
+    limited: bool = False
+    cost_field: str | None = None
 
     def matches(self, path: str) -> bool:
         return path == self.prefix or (
@@ -43,21 +47,21 @@ ROUTES: tuple[Route, ...] = (
         forward_credentials=True,
     ),
     Route("/.well-known/jwks.json", "auth", methods=GET, public=True),
-    Route("/v1/keys", "auth", scope=scopes.KEYS),
+    Route("/v1/keys", "auth", scope=scopes.KEYS, limited=True),
     Route("/v1/admin/tenants", "auth", role=scopes.ADMIN),
     Route("/v1/admin/plans", "auth", role=scopes.ADMIN),
     Route("/v1/admin/keys", "auth", role=scopes.ADMIN),
     Route("/v1/admin/signing-keys", "auth", role=scopes.ADMIN),
     Route("/v1/admin/audit", "auth", role=scopes.ADMIN),
     # inference: predictions, embeddings, the Open Inference Protocol, model admin
-    Route("/v1/models", "inference", scope=scopes.INFERENCE),
-    Route("/v1/embeddings", "inference", scope=scopes.INFERENCE),
-    Route("/v2", "inference", scope=scopes.INFERENCE),
+    Route("/v1/models", "inference", scope=scopes.INFERENCE, limited=True, cost_field="instances"),
+    Route("/v1/embeddings", "inference", scope=scopes.INFERENCE, limited=True, cost_field="input"),
+    Route("/v2", "inference", scope=scopes.INFERENCE, limited=True, cost_field="inputs"),
     Route("/v1/admin/models", "inference", role=scopes.ADMIN),
     # features: event ingestion
-    Route("/v1/events", "features", scope=scopes.EVENTS),
+    Route("/v1/events", "features", scope=scopes.EVENTS, limited=True, cost_field="events"),
     # analytics: usage and drift
-    Route("/v1/usage", "analytics", scope=scopes.USAGE),
+    Route("/v1/usage", "analytics", scope=scopes.USAGE, limited=True),
     Route("/v1/admin/usage", "analytics", role=scopes.ADMIN),
     Route("/v1/admin/drift", "analytics", role=scopes.ADMIN),
     # each upstream's readiness, as the gateway sees it (what a status page shows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import AnyHttpUrl, Field
 from pydantic_settings import SettingsConfigDict
@@ -35,6 +35,17 @@ class GatewaySettings(AuthClientSettings):
     breaker_fail_max: int = Field(5, ge=1, description="consecutive failures that open")
     api_key_revalidate_seconds: float = Field(
         30.0, gt=0, description="an API key's exchange is redone this often (revocation delay)"
+    )
+    redis_url: str | None = Field(
+        None, description="shared rate limits across replicas (unset: in-process limits)"
+    )
+    ratelimit_prefix: str = Field("narthex:gw:rl", description="Redis key prefix of the limits")
+    ratelimit_failure_mode: Literal["open", "closed"] = Field(
+        "open", description="Redis down: open = per-replica limits, closed = 503"
+    )
+    replicas: int = Field(1, ge=1, description="gateway replicas (divides the fallback limits)")
+    plan_cache_seconds: float = Field(
+        30.0, gt=0, description="a plan change reaches the limiter within this time"
     )
     breaker_reset_timeout: float = Field(10.0, gt=0, description="seconds open before a trial")
 

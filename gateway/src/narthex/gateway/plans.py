@@ -1,0 +1,109 @@
+"""What each tenant may do: its plan's limits, read from the auth service and cached briefly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from narthex.common.errors import NotFound, ServiceUnavailable
+from narthex.common.http import ServiceClient
+from narthex.common.security import Principal
+
+log = structlog.get_logger("narthex.gateway.plans")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPlan:
+    tenant: str
+    plan: str
+    rate_per_second: float
+    burst: int
+    daily_quota: int
+    max_items_per_request: int
+    allowed_models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    plan: TenantPlan
+    fresh_until: float  # monotonic
+
+
+class PlanBook:
+    """Tenant -> current plan, refreshed at most every `ttl` seconds per tenant.
+
+    The token's `plan` claim is what the tenant had when the token was issued (up to 15
+    minutes ago); enforcement uses the plan as it is now, so a plan change takes effect
+    within `ttl`. When the auth service cannot answer, the last known plan is kept.
+    """
+
+    def __init__(self, auth: ServiceClient, *, ttl: float = 30.0) -> None:
+        self.auth = auth
+        self.ttl = ttl
+        self._entries: dict[str, _Entry] = {}
+        self._pending: dict[str, asyncio.Future[TenantPlan]] = {}
+        self.fetches = 0
+
+    async def plan_of(self, principal: Principal) -> TenantPlan:
+        entry = self._entries.get(principal.tenant)
+        if entry is not None and entry.fresh_until > time.monotonic():
+            return entry.plan
+        pending = self._pending.get(principal.tenant)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(principal, entry))
+            self._pending[principal.tenant] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(principal.tenant, None))
+        return await asyncio.shield(pending)
+
+    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
+        """Another tenant's plan, read with an admin's token (for the admin quota view)."""
+        if tenant_id == admin.tenant:
+            return await self.plan_of(admin)
+        auth = {"authorization": f"Bearer {admin.token}"}
+        tenant = await self.auth.get(f"/v1/admin/tenants/{tenant_id}", headers=auth, deadline=2.0)
+        if tenant.status_code == 404:
+            raise NotFound("no such tenant")
+        plans = await self.auth.get("/v1/admin/plans", headers=auth, deadline=2.0)
+        if tenant.status_code != 200 or plans.status_code != 200:
+            raise ServiceUnavailable("tenant limits are unavailable", headers={"Retry-After": "1"})
+        name = tenant.json()["plan"]
+        body = next(p for p in plans.json() if p["name"] == name)
+        return _plan(tenant_id, body)
+
+    async def _fetch(self, principal: Principal, stale: _Entry | None) -> TenantPlan:
+        self.fetches += 1
+        try:
+            response = await self.auth.get(
+                "/v1/auth/limits",
+                headers={"authorization": f"Bearer {principal.token}"},
+                deadline=2.0,
+            )
+            response.raise_for_status()
+            body = response.json()
+            plan = _plan(body["tenant"], {**body, "name": body["plan"]})
+        except Exception as exc:  # unreachable, failing or malformed: all the same here
+            if stale is not None:
+                log.warning("plan refresh failed; using the last known plan", error=repr(exc))
+                self._entries[principal.tenant] = _Entry(stale.plan, time.monotonic() + 5.0)
+                return stale.plan
+            raise ServiceUnavailable(
+                "tenant limits are unavailable", headers={"Retry-After": "1"}
+            ) from exc
+        self._entries[principal.tenant] = _Entry(plan, time.monotonic() + self.ttl)
+        return plan
+
+
+def _plan(tenant: str, body: dict[str, Any]) -> TenantPlan:
+    return TenantPlan(
+        tenant=tenant,
+        plan=str(body["name"]),
+        rate_per_second=float(body["rate_per_second"]),
+        burst=int(body["burst"]),
+        daily_quota=int(body["daily_quota"]),
+        max_items_per_request=int(body["max_items_per_request"]),
+        allowed_models=tuple(body["allowed_models"]),
+    )

@@ -1,0 +1,192 @@
+"""Rate limits at the edge: what a request costs, the decision, RateLimit headers, 429s."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import orjson
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
+
+from narthex.common.errors import Problem, ServiceUnavailable, ValidationFailed
+from narthex.gateway.limits import Decision, Limiter, Limits, MemoryLimiter
+from narthex.gateway.plans import TenantPlan
+
+log = structlog.get_logger("narthex.gateway.ratelimit")
+
+FailureMode = Literal["open", "closed"]
+DAY = 86_400
+
+
+class RateLimited(Problem):
+    status, type_slug, title = 429, "rate-limited", "Rate limit exceeded"
+
+
+class QuotaExceeded(Problem):
+    status, type_slug, title = 429, "quota-exceeded", "Daily quota exceeded"
+
+
+class TooManyItems(ValidationFailed):
+    type_slug, title = "too-many-items", "Too many items in one request"
+
+
+def request_cost(body: bytes, field: str | None) -> int:
+    """Items a request carries: the length of the list at `field` of its JSON body.
+
+    A single value counts as one item, and so does a body that is not the JSON the
+    route expects: the upstream refuses those itself, and one item is what they cost.
+    """
+    if field is None or not body:
+        return 1
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 1
+    value = document.get(field) if isinstance(document, dict) else None
+    if field == "inputs" and isinstance(value, list) and value:
+        # Open Inference Protocol: the batch is the first dimension of the first input.
+        shape = value[0].get("shape") if isinstance(value[0], dict) else None
+        first = shape[0] if isinstance(shape, list) and shape else None
+        return first if isinstance(first, int) and first > 0 else 1
+    return len(value) if isinstance(value, list) and value else 1
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """`RateLimit-Policy` and `RateLimit` (IETF httpapi draft structured fields): one
+    item for the bucket and one for the day, delta seconds, never an epoch."""
+    window = math.ceil(decision.capacity / decision.refill_rate)
+    policy = b'"burst";q=%d;w=%d, "daily";q=%d;w=%d' % (
+        decision.capacity,
+        max(1, window),
+        decision.quota_limit,
+        DAY,
+    )
+    state = b'"burst";r=%d;t=%d, "daily";r=%d;t=%d' % (
+        max(0, math.floor(decision.remaining)),
+        math.ceil(decision.seconds_until_full),
+        max(0, decision.quota_remaining),
+        math.ceil(decision.quota_reset_seconds),
+    )
+    return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
+
+
+def refusal(decision: Decision, cost: int) -> Problem:
+    headers = {k.decode(): v.decode() for k, v in rate_limit_headers(decision)}
+    if decision.reason == "too_large":
+        return TooManyItems(
+            f"the request carries {cost} items; the plan's burst is {decision.capacity},"
+            " so it can never be admitted: send fewer items per request",
+            headers=headers,
+        )
+    headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after)))
+    if decision.reason == "quota":
+        return QuotaExceeded(
+            f"the daily quota of {decision.quota_limit} items is used up until UTC midnight",
+            headers=headers,
+        )
+    return RateLimited(f"wait {headers['Retry-After']} s before retrying", headers=headers)
+
+
+class LimiterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "ratelimit_decisions",
+            "Rate-limit decisions, by result and backend.",
+            ["result", "backend"],
+            registry=registry,
+        )
+        self.backend_errors = Counter(
+            "ratelimit_backend_errors", "Failed calls to the shared limiter.", registry=registry
+        )
+        self.fallback = Gauge(
+            "ratelimit_fallback_active",
+            "1 while the per-replica memory limiter stands in for the shared one.",
+            registry=registry,
+        )
+
+
+class EdgeLimiter:
+    """The shared limiter when it answers; the failure policy when it does not.
+
+    `open`: a per-replica memory bucket at the plan's rate and daily quota divided by
+    the replica count (conservative: together the replicas admit no more than the plan).
+    `closed`: 503 with Retry-After. Either way the shared limiter is tried again every
+    `retry_seconds`, so it resumes by itself when Redis is back.
+    """
+
+    def __init__(
+        self,
+        shared: Limiter | None,
+        metrics: LimiterMetrics,
+        *,
+        failure_mode: FailureMode = "open",
+        replicas: int = 1,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self.shared = shared
+        self.metrics = metrics
+        self.failure_mode = failure_mode
+        self.replicas = max(1, replicas)
+        self.retry_seconds = retry_seconds
+        self.local = MemoryLimiter()
+        self._down_until = 0.0
+
+    @property
+    def using_fallback(self) -> bool:
+        return self.shared is not None and time.monotonic() < self._down_until
+
+    def _local_limits(self, plan: TenantPlan) -> Limits:
+        if self.shared is None:  # a single-process stack: memory is the real limiter
+            return Limits(plan.rate_per_second, plan.burst, plan.daily_quota)
+        return Limits(
+            plan.rate_per_second / self.replicas,
+            plan.burst,
+            max(1, plan.daily_quota // self.replicas),
+        )
+
+    async def acquire(self, plan: TenantPlan, cost: int) -> Decision:
+        return await self._decide(plan, cost)
+
+    async def peek(self, plan: TenantPlan) -> Decision:
+        return await self._decide(plan, None)
+
+    async def _decide(self, plan: TenantPlan, cost: int | None) -> Decision:
+        limits = Limits(plan.rate_per_second, plan.burst, plan.daily_quota)
+        if self.shared is not None and time.monotonic() >= self._down_until:
+            try:
+                decision = await (
+                    self.shared.peek(plan.tenant, limits)
+                    if cost is None
+                    else self.shared.acquire(plan.tenant, limits, cost)
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._down_until = time.monotonic() + self.retry_seconds
+                self.metrics.backend_errors.inc()
+                self.metrics.fallback.set(1)
+                log.warning(
+                    "shared rate limiter unavailable", error=repr(exc), mode=self.failure_mode
+                )
+            else:
+                self.metrics.fallback.set(0)
+                self._count(decision, cost, "shared")
+                return decision
+        if self.shared is not None and self.failure_mode == "closed":
+            raise ServiceUnavailable(
+                "rate limiting is unavailable",
+                headers={"Retry-After": str(math.ceil(self.retry_seconds))},
+            )
+        local = self._local_limits(plan)
+        decision = await (
+            self.local.peek(plan.tenant, local)
+            if cost is None
+            else self.local.acquire(plan.tenant, local, cost)
+        )
+        self._count(decision, cost, "memory")
+        return decision
+
+    def _count(self, decision: Decision, cost: int | None, backend: str) -> None:
+        if cost is not None:
+            self.metrics.decisions.labels(decision.reason, backend).inc()

@@ -1,0 +1,47 @@
+"""The gateway's own routes (everything else is forwarded by the route table)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from narthex.common.errors import Forbidden
+from narthex.common.scopes import ADMIN
+from narthex.gateway.ratelimit import rate_limit_headers
+from narthex.gateway.schemas import Bucket, Daily, Quota
+from narthex.gateway.state import app_identity, app_limits
+
+router = APIRouter()
+
+
+@router.get("/v1/quota", response_model=Quota, tags=["quota"])
+async def quota(request: Request, response: Response, tenant: str | None = None) -> Quota:
+    """The caller's plan, token bucket and daily quota as they stand; an admin may name
+    any tenant. Reading it consumes nothing."""
+    principal = await app_identity(request.scope).authenticate(request.scope)
+    plans, limiter = app_limits(request.scope)
+    if tenant is None or tenant == principal.tenant:
+        plan = await plans.plan_of(principal)
+    elif principal.has_role(ADMIN):
+        plan = await plans.plan_for(tenant, principal)
+    else:
+        raise Forbidden("only an admin may read another tenant's quota")
+    decision = await limiter.peek(plan)
+    for name, value in rate_limit_headers(decision):
+        response.headers[name.decode()] = value.decode()
+    return Quota(
+        tenant=plan.tenant,
+        plan=plan.plan,
+        max_items_per_request=plan.max_items_per_request,
+        bucket=Bucket(
+            capacity=decision.capacity,
+            remaining=decision.remaining,
+            refill_per_second=decision.refill_rate,
+            seconds_until_full=decision.seconds_until_full,
+        ),
+        daily=Daily(
+            limit=decision.quota_limit,
+            used=decision.quota_used,
+            remaining=decision.quota_remaining,
+            seconds_until_reset=decision.quota_reset_seconds,
+        ),
+    )

@@ -1,0 +1,21 @@
+"""What the gateway's lifespan puts on `app.state`, typed for the code that reads it."""
+
+from __future__ import annotations
+
+from starlette.types import Scope
+
+from narthex.gateway.identity import Identity
+from narthex.gateway.plans import PlanBook
+from narthex.gateway.ratelimit import EdgeLimiter
+
+
+def app_identity(scope: Scope) -> Identity:
+    identity: Identity = scope["app"].state.identity
+    return identity
+
+
+def app_limits(scope: Scope) -> tuple[PlanBook, EdgeLimiter]:
+    state = scope["app"].state
+    plans: PlanBook = state.plans
+    limiter: EdgeLimiter = state.limiter
+    return plans, limiter

@@ -1,0 +1,304 @@
+"""Rate limits through the real gateway app: cost, 429s, headers, /v1/quota, Redis failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from http_sfv.list import List as SfList
+from pydantic import AnyHttpUrl
+
+from narthex.common import scopes
+from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
+from narthex.gateway.identity import Identity
+from narthex.gateway.main import create_app
+from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit import request_cost
+from narthex.gateway.settings import GatewaySettings
+from tests.support.plans import FixedPlans
+from tests.support.redis import redis_scratch
+from tests.support.upstream import UpstreamServer, refusing_port
+
+KEY = SigningKey.generate()
+
+
+def token(tenant: str, roles: tuple[str, ...] = (scopes.TENANT,)) -> str:
+    return issue_token(
+        KEY,
+        issuer="narthex-auth",
+        audience="narthex",
+        subject=tenant,
+        plan="test",
+        roles=roles,
+        scopes=scopes.scopes_for(set(roles)),
+        ttl=600,
+    )
+
+
+def plan(**overrides: Any) -> TenantPlan:
+    fields: dict[str, Any] = {
+        "tenant": "",
+        "plan": "tiny",
+        "rate_per_second": 0.01,
+        "burst": 3,
+        "daily_quota": 1000,
+        "max_items_per_request": 10,
+        "allowed_models": (),
+    }
+    return TenantPlan(**{**fields, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    upstream: UpstreamServer, tenant_plan: TenantPlan, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    url = AnyHttpUrl(upstream.url)
+    app = create_app(
+        GatewaySettings(
+            tracing=False,
+            auth_url=url,
+            features_url=url,
+            inference_url=url,
+            analytics_url=url,
+            **settings,
+        )
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
+    ):
+        verifier = TokenVerifier(
+            JwksCache.static({"keys": [KEY.public_jwk()]}),
+            issuer="narthex-auth",
+            audience="narthex",
+        )
+        app.state.identity = Identity(verifier, app.state.clients["auth"])
+        app.state.plans = FixedPlans(tenant_plan)
+        client.headers["Authorization"] = f"Bearer {token('t_acme')}"
+        yield client
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamServer]:
+    async with UpstreamServer() as server:
+        yield server
+
+
+async def statuses_of(gw: httpx.AsyncClient, n: int) -> list[int]:
+    return [(await gw.post("/v1/models/m/predict", json=predict(1))).status_code for _ in range(n)]
+
+
+def predict(n: int) -> dict[str, Any]:
+    return {"instances": [{"amount": 1.0}] * n}
+
+
+def parsed(response: httpx.Response, field: str) -> dict[str, dict[str, Any]]:
+    items = SfList()
+    items.parse(response.headers[field].encode())
+    return {item.value: dict(item.params) for item in items}
+
+
+# -- cost -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "field", "cost"),
+    [
+        (predict(4), "instances", 4),
+        ({"input": ["a", "b", "c"]}, "input", 3),
+        ({"input": "one text"}, "input", 1),
+        ({"events": [{}] * 7}, "events", 7),
+        (
+            {"inputs": [{"name": "x", "shape": [5, 16], "datatype": "FP32", "data": []}]},
+            "inputs",
+            5,
+        ),
+        ({"inputs": []}, "inputs", 1),
+        ({"other": [1, 2]}, "instances", 1),
+        ([1, 2, 3], "instances", 1),
+        ({"instances": []}, "instances", 1),
+    ],
+)
+def test_a_requests_cost_is_the_items_it_carries(body: Any, field: str, cost: int) -> None:
+    assert request_cost(orjson.dumps(body), field) == cost
+
+
+def test_a_body_that_is_not_json_costs_one() -> None:
+    assert request_cost(b"\x00binary", "inputs") == 1
+    assert request_cost(b"", "instances") == 1
+
+
+# -- decisions through the gateway ------------------------------------------------------------
+async def test_the_bucket_admits_its_burst_then_429_with_headers(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(burst=3)) as gw:
+        admitted = [await gw.post("/v1/models/fraud/predict", json=predict(1)) for _ in range(3)]
+        refused = await gw.post("/v1/models/fraud/predict", json=predict(1))
+    assert [r.status_code for r in admitted] == [200, 200, 200]
+    assert [parsed(r, "ratelimit")["burst"]["r"] for r in admitted] == [2, 1, 0]
+    assert parsed(admitted[0], "ratelimit-policy")["burst"] == {"q": 3, "w": 300}
+    assert parsed(admitted[0], "ratelimit-policy")["daily"] == {"q": 1000, "w": 86400}
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"].endswith("/rate-limited")
+    assert int(refused.headers["retry-after"]) == 100  # one token at 0.01/s
+    assert parsed(refused, "ratelimit")["burst"]["r"] == 0
+    assert upstream.calls() == 3  # the refused request never reached the upstream
+
+
+async def test_refill_admits_exactly_what_the_rate_allows(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(rate_per_second=10.0, burst=2)) as gw:
+        for _ in range(2):
+            assert (await gw.post("/v1/models/m/predict", json=predict(1))).status_code == 200
+        assert (await gw.post("/v1/models/m/predict", json=predict(1))).status_code == 429
+        await asyncio.sleep(0.25)  # 2.5 tokens' worth, capped at the burst of 2
+        statuses = await statuses_of(gw, 3)
+    assert statuses == [200, 200, 429]
+
+
+async def test_cost_is_charged_per_item(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(burst=10)) as gw:
+        first = await gw.post("/v1/models/m/predict", json=predict(4))
+        second = await gw.post("/v1/embeddings", json={"input": ["a", "b", "c"], "model": "minilm"})
+    assert parsed(first, "ratelimit")["burst"]["r"] == 6
+    assert parsed(second, "ratelimit")["burst"]["r"] == 3
+    assert parsed(second, "ratelimit")["daily"]["r"] == 1000 - 7
+
+
+async def test_more_items_than_the_plan_allows_is_a_clear_4xx(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(burst=50, max_items_per_request=5)) as gw:
+        response = await gw.post("/v1/models/m/predict", json=predict(6))
+        after = await gw.get("/v1/quota")
+    assert response.status_code == 422
+    assert response.json()["type"].endswith("/too-many-items")
+    assert "6 items" in response.json()["detail"]
+    assert upstream.calls() == 0
+    assert after.json()["bucket"]["remaining"] == 50  # nothing consumed
+
+
+async def test_a_request_costing_more_than_the_burst_is_never_an_endless_429(
+    upstream: UpstreamServer,
+) -> None:
+    async with gateway(upstream, plan(burst=3, max_items_per_request=10)) as gw:
+        response = await gw.post("/v1/models/m/predict", json=predict(4))
+        statuses = await statuses_of(gw, 3)
+    assert response.status_code == 422
+    assert "never be admitted" in response.json()["detail"]
+    assert "retry-after" not in response.headers
+    assert statuses == [200, 200, 200]  # the refusal consumed nothing
+
+
+async def test_the_daily_quota_stops_at_exactly_its_limit(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(burst=100, rate_per_second=100.0, daily_quota=5)) as gw:
+        admitted = await gw.post("/v1/models/m/predict", json=predict(3))
+        also = await gw.post("/v1/models/m/predict", json=predict(2))
+        refused = await gw.post("/v1/models/m/predict", json=predict(1))
+        view = (await gw.get("/v1/quota")).json()
+    assert (admitted.status_code, also.status_code, refused.status_code) == (200, 200, 429)
+    assert refused.json()["type"].endswith("/quota-exceeded")
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert abs(int(refused.headers["retry-after"]) - (midnight - now).total_seconds()) <= 2
+    assert view["daily"] == {
+        "limit": 5,
+        "used": 5,
+        "remaining": 0,
+        "seconds_until_reset": pytest.approx((midnight - now).total_seconds(), abs=2),
+    }
+    assert view["bucket"]["remaining"] == pytest.approx(95, abs=1)  # the refusal took no tokens
+
+
+async def test_tenants_do_not_share_limits(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan(burst=1)) as gw:
+        a = await gw.post("/v1/models/m/predict", json=predict(1))
+        other = {"Authorization": f"Bearer {token('t_other')}"}
+        b = await gw.post("/v1/models/m/predict", json=predict(1), headers=other)
+        a_again = await gw.post("/v1/models/m/predict", json=predict(1))
+    assert (a.status_code, b.status_code, a_again.status_code) == (200, 200, 429)
+
+
+async def test_quota_view_agrees_with_the_headers_and_consumes_nothing(
+    upstream: UpstreamServer,
+) -> None:
+    async with gateway(upstream, plan(burst=5)) as gw:
+        charged = await gw.post("/v1/models/m/predict", json=predict(2))
+        views = [await gw.get("/v1/quota") for _ in range(3)]
+    body = views[-1].json()
+    assert body["tenant"] == "t_acme"
+    assert body["plan"] == "tiny"
+    assert body["bucket"]["capacity"] == 5
+    assert body["bucket"]["remaining"] == pytest.approx(3, abs=0.01)
+    assert body["bucket"]["refill_per_second"] == 0.01
+    assert (
+        parsed(views[-1], "ratelimit")["burst"]["r"] == parsed(charged, "ratelimit")["burst"]["r"]
+    )
+    assert body["daily"]["used"] == 2
+    # Reading three times took nothing (only the slow refill moves it).
+    assert [v.json()["bucket"]["remaining"] for v in views] == pytest.approx([3, 3, 3], abs=0.01)
+
+
+async def test_quota_of_another_tenant_is_for_admins_only(upstream: UpstreamServer) -> None:
+    async with gateway(upstream, plan()) as gw:
+        as_tenant = await gw.get("/v1/quota", params={"tenant": "t_other"})
+        admin = {"Authorization": f"Bearer {token('t_ops', (scopes.ADMIN,))}"}
+        as_admin = await gw.get("/v1/quota", params={"tenant": "t_other"}, headers=admin)
+        anonymous = await gw.get("/v1/quota", headers={"Authorization": ""})
+    assert as_tenant.status_code == 403
+    assert as_admin.status_code == 200
+    assert as_admin.json()["tenant"] == "t_other"
+    assert anonymous.status_code == 401
+
+
+async def test_admin_routes_are_not_rate_limited(upstream: UpstreamServer) -> None:
+    admin = {"Authorization": f"Bearer {token('t_ops', (scopes.ADMIN,))}"}
+    async with gateway(upstream, plan(burst=1)) as gw:
+        statuses = [
+            (await gw.get("/v1/admin/tenants", headers=admin)).status_code for _ in range(3)
+        ]
+    assert statuses == [200, 200, 200]
+
+
+# -- the shared limiter and its failure policy ------------------------------------------------
+async def test_replicas_share_one_bucket_in_redis(upstream: UpstreamServer) -> None:
+    async with redis_scratch() as scratch:
+        shared = {"redis_url": "redis://127.0.0.1:6379/0", "ratelimit_prefix": scratch.prefix}
+        async with (
+            gateway(upstream, plan(burst=3), **shared) as one,
+            gateway(upstream, plan(burst=3), **shared) as two,
+        ):
+            statuses = [
+                (await replica.post("/v1/models/m/predict", json=predict(1))).status_code
+                for replica in (one, two, one, two)
+            ]
+            metrics = (await one.get("/metrics")).text
+    assert statuses == [200, 200, 200, 429]
+    assert 'ratelimit_decisions_total{backend="shared",result="ok"} 2.0' in metrics
+
+
+async def test_redis_down_fails_open_to_per_replica_limits_without_5xx(
+    upstream: UpstreamServer,
+) -> None:
+    with refusing_port() as port:
+        settings = {"redis_url": f"redis://127.0.0.1:{port}/0", "replicas": 2}
+        async with gateway(upstream, plan(burst=2, rate_per_second=0.01), **settings) as gw:
+            statuses = [
+                (await gw.post("/v1/models/m/predict", json=predict(1))).status_code
+                for _ in range(3)
+            ]
+            metrics = (await gw.get("/metrics")).text
+    assert statuses == [200, 200, 429]  # limited by the fallback, never a 5xx or a 401
+    assert "ratelimit_fallback_active 1.0" in metrics
+    assert "ratelimit_backend_errors_total 1.0" in metrics  # retried later, not per request
+
+
+async def test_redis_down_fails_closed_with_503_and_retry_after(upstream: UpstreamServer) -> None:
+    with refusing_port() as port:
+        settings = {"redis_url": f"redis://127.0.0.1:{port}/0", "ratelimit_failure_mode": "closed"}
+        async with gateway(upstream, plan(), **settings) as gw:
+            response = await gw.post("/v1/models/m/predict", json=predict(1))
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    assert upstream.calls() == 0
