@@ -287,3 +287,18 @@ def test_provision_keeps_an_operator_bootstrapped_by_hand(narthex: CliRunnerCall
     provisioned = asyncio.run(provision_once(narthex.state))
     assert provisioned.operator_key is None
     assert provisioned.operator == "ops"
+
+
+def test_up_gives_the_gateway_redis_only_when_the_operator_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("NARTHEX_GATEWAY_REDIS_URL", raising=False)
+    without = service_env("gateway", "127.0.0.1", plan_ports(18000), Path("state"))
+    assert "NARTHEX_GATEWAY_REDIS_URL" not in without  # in-process limits
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
+    shared = service_env("gateway", "127.0.0.1", plan_ports(18000), Path("state"))
+    assert shared["NARTHEX_GATEWAY_REDIS_URL"] == "redis://127.0.0.1:6379/3"
+    monkeypatch.setenv("NARTHEX_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/5")
+    explicit = service_env("gateway", "127.0.0.1", plan_ports(18000), Path("state"))
+    assert explicit["NARTHEX_GATEWAY_REDIS_URL"] == "redis://127.0.0.1:6379/5"

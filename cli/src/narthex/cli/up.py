@@ -225,6 +225,10 @@ def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path)
     if service == "gateway":
         for upstream in UPSTREAMS:
             env[f"{prefix}{upstream.upper()}_URL"] = service_url(host, ports[upstream])
+        # Shared limits when the operator names a Redis; in-process limits otherwise,
+        # which are exact for this single-gateway stack.
+        if os.environ.get("REDIS_URL") and f"{prefix}REDIS_URL" not in os.environ:
+            env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
     if service == "auth":
         # In the state directory, not the caller's env or working directory: each
         # --state-dir is a platform of its own, tenants and keys included.
