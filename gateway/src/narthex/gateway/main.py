@@ -14,6 +14,7 @@ from narthex.common.app import service_app
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.common.security import JwksCache, TokenVerifier
+from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.limits import RedisLimiter
 from narthex.gateway.plans import PlanBook
@@ -56,6 +57,12 @@ async def shared_redis(url: str) -> AsyncIterator[Redis]:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     clients: dict[str, ServiceClient] = {}
+    guard = ClientGuard(
+        settings.token_exchange_limit,
+        trusted=settings.trusted_proxies,
+        storage_uri=settings.redis_url,
+        prefix=f"{settings.ratelimit_prefix}:guard",
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,9 +115,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 identity=app_identity,
                 limits=app_limits,
                 max_body_bytes=settings.max_body_bytes,
+                guard=guard,
             )
         ],
     )
     app.state.clients = clients
+    app.state.guard = guard
     app.include_router(router)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,6 +21,8 @@ from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
+from narthex.gateway.clientip import Network, forwarded_chain
+from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.ratelimit import (
@@ -87,16 +89,18 @@ class MethodNotAllowed(Problem):
     status, type_slug, title = 405, "method-not-allowed", "Method not allowed"
 
 
-def upstream_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+def upstream_headers(scope: Scope, trusted: Sequence[Network] = ()) -> list[tuple[bytes, bytes]]:
     raw: list[tuple[bytes, bytes]] = scope["headers"]
     drop = REQUEST_DROP
     for name, value in raw:
         if name == b"connection":  # the client may name more hop-by-hop headers
             drop = drop | {token.strip().lower() for token in value.split(b",")}
     headers = [(name, value) for name, value in raw if name not in drop]
-    client = scope.get("client")
-    if client:
-        headers.append((b"x-forwarded-for", client[0].encode()))
+    # The chain as far as it can be believed, the resolved client first: a trusted
+    # proxy's chain with the peer appended, otherwise just the peer.
+    if scope.get("client"):
+        chain = forwarded_chain(scope, trusted)
+        headers.append((b"x-forwarded-for", ", ".join(chain).encode()))
     headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     return headers
 
@@ -185,6 +189,7 @@ class ProxyMiddleware:
         identity: Callable[[Scope], Identity],
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
+        guard: ClientGuard,
     ) -> None:
         self.app = app
         self.table = table
@@ -192,6 +197,7 @@ class ProxyMiddleware:
         self.identity = identity
         self.limits = limits
         self.max_body_bytes = max_body_bytes
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
@@ -225,7 +231,9 @@ class ProxyMiddleware:
         method: str = scope["method"]
         if route.methods is not None and method not in route.methods:
             raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(route.methods))})
-        headers = upstream_headers(scope)
+        if route.guarded:
+            await self.guard.check(scope, route.prefix)
+        headers = upstream_headers(scope, self.guard.trusted)
         if route.forward_credentials:
             headers.extend(
                 (name, value) for name, value in scope["headers"] if name in CREDENTIAL_HEADERS

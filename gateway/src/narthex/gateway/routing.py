@@ -28,6 +28,8 @@ class Route:
     # the length of the list at `cost_field` in its JSON body (1 without one).
     limited: bool = False
     cost_field: str | None = None
+    # Unauthenticated yet worth abusing (guessing keys): counted per client IP instead.
+    guarded: bool = False
 
     def matches(self, path: str) -> bool:
         return path == self.prefix or (
@@ -45,6 +47,7 @@ ROUTES: tuple[Route, ...] = (
         methods=frozenset({"POST"}),
         public=True,
         forward_credentials=True,
+        guarded=True,
     ),
     Route("/.well-known/jwks.json", "auth", methods=GET, public=True),
     Route("/v1/keys", "auth", scope=scopes.KEYS, limited=True),

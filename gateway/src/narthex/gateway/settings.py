@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AnyHttpUrl, Field
-from pydantic_settings import SettingsConfigDict
+import orjson
+from limits import parse_many
+from pydantic import AnyHttpUrl, Field, IPvAnyNetwork, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from narthex.common.http import ClientPolicy
 from narthex.common.settings import AuthClientSettings
@@ -48,6 +50,31 @@ class GatewaySettings(AuthClientSettings):
         30.0, gt=0, description="a plan change reaches the limiter within this time"
     )
     breaker_reset_timeout: float = Field(10.0, gt=0, description="seconds open before a trial")
+    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        [], description="CIDRs (comma-separated) whose X-Forwarded-For is believed"
+    )
+    token_exchange_limit: str = Field(
+        "30/minute", description="token exchanges per client IP (slowapi notation)"
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        # An environment variable is "10.0.0.0/8, 192.168.0.0/16" (or a JSON list).
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return orjson.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("token_exchange_limit")
+    @classmethod
+    def _parse_limit(cls, value: str) -> str:
+        # Refused at startup rather than on the first token exchange.
+        if len(parse_many(value)) != 1:
+            raise ValueError("expected exactly one limit, such as 30/minute")
+        return value
 
     def upstream_urls(self) -> dict[str, str]:
         return {
