@@ -35,6 +35,7 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(UV) run python -m bench.proxy
 	$(UV) run python -m bench.identity
+	$(UV) run python -m bench.limits
 
 install: .venv/.installed ## Create .venv from uv.lock (done by run/test/bench)
 

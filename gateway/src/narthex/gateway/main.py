@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.maint_notifications import MaintNotificationsConfig
 from starlette.middleware import Middleware
 
 from narthex.common.app import service_app
@@ -44,8 +45,17 @@ async def shared_redis(url: str) -> AsyncIterator[Redis]:
     # Blocking pool: under load a request waits briefly for a connection rather than
     # failing (redis-py's default pool raises once all are busy, which would look like
     # an outage). Short timeouts: a Redis that does not answer is treated as down fast.
+    # Maintenance notifications off: with redis-py's default ("auto") the pool skips its
+    # check for connections the server closed, so after a Redis restart each idle pooled
+    # connection failed once more, and every such failure meant another retry period of
+    # fallback (or of 503s in `closed` mode) with Redis up again.
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=0.5, socket_timeout=0.5, socket_connect_timeout=0.5
+        url,
+        max_connections=64,
+        timeout=0.5,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     client = Redis.from_pool(pool)
     try:

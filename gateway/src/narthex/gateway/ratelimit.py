@@ -166,8 +166,11 @@ class EdgeLimiter:
                 self._down_until = time.monotonic() + self.retry_seconds
                 self.metrics.backend_errors.inc()
                 self.metrics.fallback.set(1)
+                # Not repr(): redis-py's exceptions leave their message out of it.
                 log.warning(
-                    "shared rate limiter unavailable", error=repr(exc), mode=self.failure_mode
+                    "shared rate limiter unavailable",
+                    error=f"{type(exc).__name__}: {exc}",
+                    mode=self.failure_mode,
                 )
             else:
                 self.metrics.fallback.set(0)

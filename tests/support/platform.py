@@ -1,0 +1,513 @@
+"""The edge as real processes (auth, a trivial upstream, N gateways) and the load that measures
+its rate limits. Shared by `tests/e2e/test_limits.py` and `bench/limits.py`, so the benchmark's
+accuracy figure comes from exactly the scenario the test checks.
+
+Everything listens on 127.0.0.1 and every process started here is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx
+import orjson
+from pydantic import SecretStr
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from narthex.auth.service import AuthService
+from narthex.auth.settings import AuthSettings
+from narthex.auth.signing import SigningKeyRing
+from narthex.auth.store import AuthStore, migrate
+from tests.support.services import Service, free_port
+
+__all__ = [
+    "KEY_PEPPER",
+    "ONE_ITEM",
+    "PREDICT",
+    "Admin",
+    "Edge",
+    "PlanNumbers",
+    "PrivateRedis",
+    "Spec",
+    "Tenant",
+    "TenantRun",
+    "accuracy_run",
+    "edge",
+    "format_run",
+    "gateway_spec",
+    "module_argv",
+    "private_redis",
+    "running",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+KEY_PEPPER = "e2e-limits-pepper-0123456789"
+# A limited route whose cost is the number of `instances`; the trivial upstream answers 200.
+PREDICT = "/v1/models/x/predict"
+ONE_ITEM = b'{"instances":[{}]}'
+STOP_TIMEOUT_S = 10.0
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One process to start: `{port}` in argv or env is replaced by a free port."""
+
+    label: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready_path: str = "/readyz"
+
+
+def module_argv(module: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", module, *args)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def running(
+    specs: Sequence[Spec], directory: Path, timeout: float = 60.0
+) -> Iterator[list[Service]]:
+    """Start every spec at once (they boot in parallel), wait until each answers 200 on its
+    ready path, stop them all on exit. Logs go to `<directory>/<label>.log`."""
+    started: list[tuple[Service, str]] = []
+    try:
+        for spec in specs:
+            port = str(free_port())
+            argv = [a.replace("{port}", port) for a in spec.argv]
+            env = {**os.environ, **{k: v.replace("{port}", port) for k, v in spec.env.items()}}
+            log_path = directory / f"{spec.label}.log"
+            with log_path.open("wb") as log:
+                process = subprocess.Popen(
+                    argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+            service = Service(spec.label, f"http://{HOST}:{port}", process, log_path)
+            started.append((service, spec.ready_path))
+        deadline = time.monotonic() + timeout
+        for service, path in started:
+            _wait(service, path, deadline)
+        yield [service for service, _ in started]
+    finally:
+        for service, _ in started:
+            if service.process.poll() is None:
+                service.process.terminate()
+        for service, _ in started:
+            _stop(service.process)
+
+
+def _wait(service: Service, path: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(
+                f"{service.name} exited with {service.process.returncode}:\n"
+                + service.log_path.read_text()[-2000:]
+            )
+        try:
+            if httpx.get(service.url + path, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"{service.name} not ready on {path}:\n{service.log_path.read_text()[-2000:]}"
+    )
+
+
+def gateway_spec(label: str, auth_url: str, upstream_url: str, **env: str) -> Spec:
+    """A gateway whose every internal upstream but auth is the trivial upstream."""
+    return Spec(
+        label,
+        module_argv("narthex.gateway"),
+        {
+            "NARTHEX_GATEWAY_HOST": HOST,
+            "NARTHEX_GATEWAY_PORT": "{port}",
+            "NARTHEX_GATEWAY_ENV": "dev",
+            "NARTHEX_GATEWAY_AUTH_URL": auth_url,
+            "NARTHEX_GATEWAY_INFERENCE_URL": upstream_url,
+            "NARTHEX_GATEWAY_FEATURES_URL": upstream_url,
+            "NARTHEX_GATEWAY_ANALYTICS_URL": upstream_url,
+            **{f"NARTHEX_GATEWAY_{name.upper()}": value for name, value in env.items()},
+        },
+    )
+
+
+# -- the platform: auth + trivial upstream, an operator with an admin key ----------------------
+
+
+@dataclass(frozen=True)
+class Edge:
+    auth: Service
+    upstream: Service
+    admin_tenant_id: str
+    admin_key: str
+    directory: Path
+
+    def gateway(self, label: str, **env: str) -> Spec:
+        return gateway_spec(label, self.auth.url, self.upstream.url, **env)
+
+
+async def bootstrap(database_url: str, keys_dir: Path) -> tuple[str, str]:
+    """The operator tenant and its admin key, written straight into the auth database."""
+    await migrate(database_url)
+    settings = AuthSettings(
+        database_url=database_url, signing_keys_dir=keys_dir, key_pepper=SecretStr(KEY_PEPPER)
+    )
+    store = await AuthStore.open(database_url)
+    try:
+        service = AuthService(store, SigningKeyRing(keys_dir, generate=True), settings)
+        tenant, key = await service.bootstrap()
+    finally:
+        await store.close()
+    return tenant.id, str(key)
+
+
+@contextmanager
+def edge(directory: Path) -> Iterator[Edge]:
+    """auth (SQLite in `directory`) and the trivial upstream (`bench.upstream`), running."""
+    database_url = f"sqlite+aiosqlite:///{directory / 'auth.db'}"
+    keys_dir = directory / "keys"
+    tenant_id, admin_key = asyncio.run(bootstrap(database_url, keys_dir))
+    auth = Spec(
+        "auth",
+        module_argv("narthex.auth"),
+        {
+            "NARTHEX_AUTH_HOST": HOST,
+            "NARTHEX_AUTH_PORT": "{port}",
+            "NARTHEX_AUTH_ENV": "dev",
+            "NARTHEX_AUTH_DATABASE_URL": database_url,
+            "NARTHEX_AUTH_SIGNING_KEYS_DIR": str(keys_dir),
+            "NARTHEX_AUTH_KEY_PEPPER": KEY_PEPPER,
+        },
+    )
+    upstream = Spec(
+        "upstream", module_argv("bench.upstream", "--host", HOST, "--port", "{port}"), {}
+    )
+    with running([auth, upstream], directory) as (auth_service, upstream_service):
+        yield Edge(auth_service, upstream_service, tenant_id, admin_key, directory)
+
+
+# -- administration through a gateway ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanNumbers:
+    rate: float
+    burst: int
+    daily_quota: int = 10_000_000
+    max_items: int = 100
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+
+class Admin:
+    """The operator's admin API calls, through a gateway, with the admin key."""
+
+    def __init__(self, gateway_url: str, admin_key: str) -> None:
+        self.client = httpx.Client(
+            base_url=gateway_url, headers={"X-API-Key": admin_key}, timeout=10.0
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def create_plan(self, prefix: str, numbers: PlanNumbers) -> str:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        response = self.client.post(
+            "/v1/admin/plans",
+            json={
+                "name": name,
+                "rate_per_second": numbers.rate,
+                "burst": numbers.burst,
+                "daily_quota": numbers.daily_quota,
+                "max_items_per_request": numbers.max_items,
+                "allowed_models": [],
+            },
+        )
+        assert response.status_code == 201, response.text
+        return name
+
+    def create_tenant(self, prefix: str, plan: str) -> Tenant:
+        response = self.client.post(
+            "/v1/admin/tenants",
+            json={"name": f"{prefix}-{secrets.token_hex(4)}", "plan": plan, "roles": ["tenant"]},
+        )
+        assert response.status_code == 201, response.text
+        tenant_id = response.json()["id"]
+        response = self.client.post(f"/v1/admin/tenants/{tenant_id}/keys", json={"name": "k"})
+        assert response.status_code == 201, response.text
+        return Tenant(tenant_id, response.json()["key"])
+
+    def set_plan(self, tenant_id: str, plan: str) -> None:
+        response = self.client.patch(f"/v1/admin/tenants/{tenant_id}", json={"plan": plan})
+        assert response.status_code == 200, response.text
+
+
+# -- a private redis-server that a test may kill and restart ----------------------------------
+
+
+class PrivateRedis:
+    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.process is None or self.process.poll() is not None
+        self.starts += 1
+        log = self.directory / f"redis-{self.port}-{self.starts}.log"
+        argv = ["redis-server", "--port", str(self.port), "--bind", HOST]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited:\n{log.read_text()[-2000:]}")
+                if self.ping():
+                    return
+                time.sleep(0.05)
+            raise TimeoutError(f"redis-server on {self.port} not ready")
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
+
+    def ping(self) -> bool:
+        client = SyncRedis(
+            host=HOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
+        try:
+            return bool(client.ping())
+        except (RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+
+@contextmanager
+def private_redis(directory: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+# -- load: many clients of one tenant, spread over gateways ------------------------------------
+
+
+@dataclass
+class TenantRun:
+    """What one tenant's clients saw, and the limiter's window for it (Redis server time)."""
+
+    clients: int
+    statuses: Counter[int] = field(default_factory=Counter)
+    admitted_by_gateway: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    refusal_types: Counter[str] = field(default_factory=Counter)
+    first_send: float = float("inf")  # time.monotonic()
+    last_recv: float = 0.0
+    # Set after the run: Redis TIME read before the first request was sent, and the
+    # bucket's `ts`, the Redis time of the last admitted decision.
+    window_start: float = 0.0
+    window_end: float = 0.0
+
+    @property
+    def admitted(self) -> int:  # every request costs one item
+        return self.statuses[200]
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
+
+    @property
+    def elapsed(self) -> float:
+        """The limiter's window: from before the first request to its last admission."""
+        return self.window_end - self.window_start
+
+    @property
+    def client_elapsed(self) -> float:
+        """The clients' window: first request sent to last response received."""
+        return self.last_recv - self.first_send
+
+    def allowed(self, plan: PlanNumbers, elapsed: float | None = None) -> float:
+        return plan.burst + plan.rate * (self.elapsed if elapsed is None else elapsed)
+
+    def ratio(self, plan: PlanNumbers, elapsed: float | None = None) -> float:
+        return self.admitted / self.allowed(plan, elapsed)
+
+
+class _Start:
+    """A starting line: clients arrive when warm; the run starts once all have arrived."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.all_here = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.all_here.set()
+        await self.go.wait()
+
+    async def everyone_ready(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+        waiter = asyncio.ensure_future(self.all_here.wait())
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        for task in tasks:  # a client that failed before the start: raise its error now
+            if task.done():
+                task.result()
+
+
+async def _client_loop(
+    client: aiohttp.ClientSession,
+    label: str,
+    headers: Mapping[str, str],
+    run: TenantRun,
+    start: _Start,
+    stop_at: list[float],
+) -> None:
+    # One request first, off the clock: opens this client's connection and warms the
+    # gateway's key and plan caches. /v1/quota consumes nothing.
+    async with client.get("/v1/quota", headers=headers) as warm:
+        if warm.status != 200:
+            run.errors.append(f"warm-up {label}: {warm.status} {(await warm.text())[:200]}")
+        await warm.read()
+    await start.arrive()
+    while time.monotonic() < stop_at[0]:
+        sent = time.monotonic()
+        try:
+            async with client.post(PREDICT, headers=headers, data=ONE_ITEM) as response:
+                body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            run.errors.append(f"{label}: {exc!r}")
+            await asyncio.sleep(0.01)
+            continue
+        received = time.monotonic()
+        run.first_send = min(run.first_send, sent)
+        run.last_recv = max(run.last_recv, received)
+        run.statuses[response.status] += 1
+        if response.status == 200:
+            run.admitted_by_gateway[label] += 1
+        elif response.status == 429:
+            run.refusal_types[str(orjson.loads(body).get("type", "")).rsplit("/", 1)[-1]] += 1
+
+
+async def accuracy_run(
+    gateway_urls: Sequence[str],
+    redis: Redis,
+    prefix: str,
+    plan: PlanNumbers,
+    tenants: Sequence[tuple[Tenant, int]],
+    duration: float,
+) -> list[TenantRun]:
+    """`clients` concurrent clients per tenant, round-robin over the gateways, each sending
+    cost-1 requests back to back for `duration` seconds; one `TenantRun` per tenant.
+
+    The clients are aiohttp sessions of one connection each, in this one process. httpx
+    was tried first: at ~1.6 ms of CPU a request it made this process the bottleneck
+    (~600 requests/s in all), so that the 200 clients' first requests reached the
+    gateways over ~0.15 s, refill the bucket (still full then) could not hold. The
+    limiter's window is taken in Redis server time: `TIME` just before the start, and
+    the bucket's own timestamp of its last admission after the end.
+    """
+    runs = [TenantRun(clients) for _, clients in tenants]
+    stop_at = [float("inf")]
+    start = _Start(sum(clients for _, clients in tenants))
+    tasks: list[asyncio.Task[None]] = []
+    async with AsyncExitStack() as stack:
+        for (tenant, clients), run in zip(tenants, runs, strict=True):
+            for i in range(clients):
+                gateway = i % len(gateway_urls)
+                session = await stack.enter_async_context(
+                    aiohttp.ClientSession(
+                        base_url=gateway_urls[gateway],
+                        timeout=aiohttp.ClientTimeout(total=30.0),
+                        connector=aiohttp.TCPConnector(limit=1),
+                    )
+                )
+                tasks.append(
+                    asyncio.create_task(
+                        _client_loop(session, f"gw{gateway}", tenant.headers, run, start, stop_at)
+                    )
+                )
+        try:
+            # Wait until every client has its connection and the caches are warm.
+            await start.everyone_ready(tasks)
+            seconds, micros = await redis.time()
+            for run in runs:
+                run.window_start = seconds + micros / 1e6
+            stop_at[0] = time.monotonic() + duration
+            start.go.set()
+            await asyncio.gather(*tasks)
+        finally:  # on failure, no client outlives its session
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for (tenant, _), run in zip(tenants, runs, strict=True):
+            state = await redis.hmget(f"{prefix}:{{{tenant.id}}}:bucket", ["tokens", "ts"])
+            if state[1] is not None:
+                run.window_end = float(state[1])
+    return runs
+
+
+def format_run(name: str, run: TenantRun, plan: PlanNumbers) -> str:
+    return (
+        f"tenant {name}: {run.clients} clients, admitted {run.admitted} items in"
+        f" {run.elapsed:.3f} s (limiter window; clients' window {run.client_elapsed:.3f} s);"
+        f" allowed burst + rate x elapsed = {run.allowed(plan):.1f};"
+        f" ratio {run.ratio(plan):.4f}"
+        f" (clients' window: {run.ratio(plan, run.client_elapsed):.4f});"
+        f" statuses {dict(sorted(run.statuses.items()))}"
+    )
