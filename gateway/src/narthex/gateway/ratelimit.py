@@ -112,9 +112,11 @@ class EdgeLimiter:
     """The shared limiter when it answers; the failure policy when it does not.
 
     `open`: a per-replica memory bucket at the plan's rate and daily quota divided by
-    the replica count (conservative: together the replicas admit no more than the plan).
-    `closed`: 503 with Retry-After. Either way the shared limiter is tried again every
-    `retry_seconds`, so it resumes by itself when Redis is back.
+    the replica count, so that over time the replicas together admit no more than the
+    plan. Each keeps the full burst (dividing it would refuse mid-sized requests as
+    "can never pass" during an outage), so right after a failure up to replicas x burst
+    can pass at once. `closed`: 503 with Retry-After. Either way the shared limiter is
+    tried again every `retry_seconds`, so it resumes by itself when Redis is back.
     """
 
     def __init__(
