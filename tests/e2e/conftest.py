@@ -9,18 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
-from narthex.auth.service import AuthService
-from narthex.auth.settings import AuthSettings
-from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
 from tests.support.databases import BACKENDS, Backend, throwaway_database
+from tests.support.platform import KEY_PEPPER, bootstrap
 from tests.support.services import Service, run_service
 
-# The same pepper for the in-process bootstrap and the auth process: the admin key
-# hashed by one must verify in the other.
-KEY_PEPPER = "e2e-identity-pepper-0123456789"
 TOKEN_TTL_SECONDS = 900
 
 
@@ -33,23 +26,6 @@ class Platform:
     signing_keys_dir: Path
     admin_tenant_id: str
     admin_key: str
-
-
-async def _bootstrap(database_url: str, keys_dir: Path) -> tuple[str, str]:
-    """The operator tenant and its admin key, written straight into the auth database."""
-    await migrate(database_url)
-    settings = AuthSettings(
-        database_url=database_url,
-        signing_keys_dir=keys_dir,
-        key_pepper=SecretStr(KEY_PEPPER),
-    )
-    store = await AuthStore.open(database_url)
-    try:
-        service = AuthService(store, SigningKeyRing(keys_dir, generate=True), settings)
-        tenant, key = await service.bootstrap()
-    finally:
-        await store.close()
-    return tenant.id, str(key)
 
 
 @pytest.fixture(scope="module", params=BACKENDS, ids=BACKENDS)
@@ -66,7 +42,7 @@ def platform(
         database = throwaway_database(backend, directory)
         database_url = runner.run(database.__aenter__())
         stack.callback(lambda: runner.run(database.__aexit__(None, None, None)))
-        tenant_id, admin_key = runner.run(_bootstrap(database_url, keys_dir))
+        tenant_id, admin_key = runner.run(bootstrap(database_url, keys_dir))
 
         auth = stack.enter_context(
             run_service(
