@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -12,9 +11,9 @@ from redis.maint_notifications import MaintNotificationsConfig
 from starlette.middleware import Middleware
 
 from narthex.common.app import service_app
+from narthex.common.authn import verifier_for
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
-from narthex.common.security import JwksCache, TokenVerifier
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.limits import RedisLimiter
@@ -84,19 +83,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 app.state.readiness.add(name, upstream_check(client))
             auth = clients["auth"]
 
-            async def fetch_jwks() -> Mapping[str, Any]:
-                response = await auth.get("/.well-known/jwks.json", deadline=3.0)
-                response.raise_for_status()
-                document: Mapping[str, Any] = response.json()
-                return document
-
-            verifier = TokenVerifier(
-                JwksCache(fetch_jwks, unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown),
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-            )
             app.state.identity = Identity(
-                verifier, auth, revalidate_seconds=settings.api_key_revalidate_seconds
+                verifier_for(auth, settings),
+                auth,
+                revalidate_seconds=settings.api_key_revalidate_seconds,
             )
             app.state.plans = PlanBook(auth, ttl=settings.plan_cache_seconds)
             shared = None

@@ -7,10 +7,10 @@ from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from narthex.common.authn import check_access
 from narthex.common.errors import (
     BadGateway,
     BadRequest,
-    Forbidden,
     GatewayTimeout,
     PayloadTooLarge,
     Problem,
@@ -165,13 +165,6 @@ def check_upstream_status(response: Exchange) -> None:
     raise BadGateway()
 
 
-def authorize(route: Route, principal: Principal) -> None:
-    if route.role is not None and not principal.has_role(route.role):
-        raise Forbidden(f"requires the {route.role} role")
-    if route.scope is not None and not principal.has_scope(route.scope):
-        raise Forbidden(f"requires the {route.scope} scope")
-
-
 class ProxyMiddleware:
     """Forwards what the route table names; everything else goes on to the gateway's app.
 
@@ -248,7 +241,7 @@ class ProxyMiddleware:
                 raise KeyInQuery()
         else:
             principal = await self.identity(scope).authenticate(scope)
-            authorize(route, principal)
+            check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)

@@ -84,20 +84,25 @@ def app_verifier(scope: Scope) -> TokenVerifier:
     return verifier
 
 
+def verifier_for(auth: ServiceClient, settings: AuthClientSettings) -> TokenVerifier:
+    """A TokenVerifier whose keys come from the auth service's JWKS (through `auth`), cached."""
+
+    async def fetch() -> Mapping[str, Any]:
+        response = await auth.get("/.well-known/jwks.json", deadline=3.0)
+        response.raise_for_status()
+        document: Mapping[str, Any] = response.json()
+        return document
+
+    jwks = JwksCache(fetch, unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown)
+    return TokenVerifier(jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+
+
 @asynccontextmanager
 async def remote_verifier(settings: AuthClientSettings) -> AsyncIterator[TokenVerifier]:
-    """A TokenVerifier whose keys come from the auth service's JWKS, cached."""
+    """`verifier_for` over a client of its own, for services that have no other use for one."""
     policy = ClientPolicy(try_timeout=2.0, deadline=3.0)
     async with ServiceClient("auth", str(settings.auth_url), policy) as client:
-
-        async def fetch() -> Mapping[str, Any]:
-            response = await client.get("/.well-known/jwks.json")
-            response.raise_for_status()
-            document: Mapping[str, Any] = response.json()
-            return document
-
-        jwks = JwksCache(fetch, unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown)
-        yield TokenVerifier(jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        yield verifier_for(client, settings)
 
 
 def _principal(request: Request) -> Principal:
@@ -110,12 +115,19 @@ def _principal(request: Request) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
+def check_access(principal: Principal, *, role: str | None, scope: str | None) -> None:
+    """403 unless the caller holds `role` and its token carries `scope` (None: no demand)."""
+    if role is not None and not principal.has_role(role):
+        raise Forbidden(f"requires the {role} role")
+    if scope is not None and not principal.has_scope(scope):
+        raise Forbidden(f"requires the {scope} scope")
+
+
 def require_role(role: str) -> Any:
     """A dependency: the caller's Principal, which must hold `role` (403 otherwise)."""
 
     def check(principal: CurrentPrincipal) -> Principal:
-        if not principal.has_role(role):
-            raise Forbidden(f"requires the {role} role")
+        check_access(principal, role=role, scope=None)
         return principal
 
     return Depends(check)
@@ -125,8 +137,7 @@ def require_scope(scope: str) -> Any:
     """A dependency: the caller's Principal, whose token must carry `scope` (403 otherwise)."""
 
     def check(principal: CurrentPrincipal) -> Principal:
-        if not principal.has_scope(scope):
-            raise Forbidden(f"requires the {scope} scope")
+        check_access(principal, role=None, scope=scope)
         return principal
 
     return Depends(check)

@@ -198,9 +198,6 @@ class ServiceClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
-        return self._client.build_request(method, url, **kwargs)
-
     async def request(
         self,
         method: str,
