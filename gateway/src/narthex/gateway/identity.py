@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from narthex.common.security import (
     cache_key,
     looks_like_api_key,
 )
+from narthex.gateway.singleflight import SingleFlight
 
 # Query parameters that carry credentials in other APIs; refused here whatever their value.
 _CREDENTIAL_PARAMS = (b"api_key=", b"apikey=", b"api-key=", b"access_token=", b"key=nx_")
@@ -76,7 +76,7 @@ class Identity:
         self.refused_seconds = refused_seconds
         self.max_keys = max_keys
         self._keys: OrderedDict[str, _Entry] = OrderedDict()
-        self._exchanges: dict[str, asyncio.Future[_Entry]] = {}
+        self._exchanges: SingleFlight[_Entry] = SingleFlight()
         self.exchanges = 0  # calls made to the auth service, for metrics and tests
 
     async def authenticate(self, scope: Scope) -> Principal:
@@ -110,12 +110,7 @@ class Identity:
         entry = self._keys.get(digest)
         if entry is None or entry.fresh_until <= time.monotonic():
             # One exchange per key at a time: concurrent requests wait for it.
-            pending = self._exchanges.get(digest)
-            if pending is None:
-                pending = asyncio.ensure_future(self._exchange(key))
-                self._exchanges[digest] = pending
-                pending.add_done_callback(lambda _: self._exchanges.pop(digest, None))
-            entry = await asyncio.shield(pending)
+            entry = await self._exchanges.run(digest, lambda: self._exchange(key))
             self._remember(digest, entry)
         if entry.principal is None:
             raise InvalidApiKey()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ import structlog
 from narthex.common.errors import NotFound, ServiceUnavailable
 from narthex.common.http import ServiceClient
 from narthex.common.security import Principal
+from narthex.gateway.singleflight import SingleFlight
 
 log = structlog.get_logger("narthex.gateway.plans")
 
@@ -45,19 +45,14 @@ class PlanBook:
         self.auth = auth
         self.ttl = ttl
         self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, asyncio.Future[TenantPlan]] = {}
+        self._pending: SingleFlight[TenantPlan] = SingleFlight()
         self.fetches = 0
 
     async def plan_of(self, principal: Principal) -> TenantPlan:
         entry = self._entries.get(principal.tenant)
         if entry is not None and entry.fresh_until > time.monotonic():
             return entry.plan
-        pending = self._pending.get(principal.tenant)
-        if pending is None:
-            pending = asyncio.ensure_future(self._fetch(principal, entry))
-            self._pending[principal.tenant] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(principal.tenant, None))
-        return await asyncio.shield(pending)
+        return await self._pending.run(principal.tenant, lambda: self._fetch(principal, entry))
 
     async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
         """Another tenant's plan, read with an admin's token (for the admin quota view)."""
