@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from narthex.gateway.limits import Decision, Limiter, Limits, MemoryLimiter, RedisLimiter
+from narthex.gateway.limits import (
+    Commands,
+    Decision,
+    Limiter,
+    Limits,
+    MemoryLimiter,
+    RedisLimiter,
+)
+from narthex.gateway.resp import PipelinedRedis
 from tests.support.redis import REDIS_URL, RedisScratch, redis_scratch
 
 # So slow that no token comes back during a test: the bucket only drains.
@@ -50,20 +59,41 @@ class Backend:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis-py", "pipelined"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "memory":
         clock = ManualClock(NOON)
         yield Backend(MemoryLimiter(clock=clock), clock=clock)
         return
-    async with redis_scratch() as scratch:
-        yield Backend(RedisLimiter(scratch.client, prefix=scratch.prefix))
+    async with redis_scratch() as scratch, commands_for(request.param, scratch) as commands:
+        yield Backend(RedisLimiter(commands, prefix=scratch.prefix))
+
+
+@asynccontextmanager
+async def commands_for(client: str, scratch: RedisScratch) -> AsyncIterator[Commands]:
+    """The scratch's redis-py client, or the gateway's pipelined client to the same server."""
+    if client == "redis-py":
+        yield scratch.client
+        return
+    pipelined = PipelinedRedis.from_url(REDIS_URL, timeout=3.0, connect_timeout=3.0)
+    try:
+        yield pipelined
+    finally:
+        await pipelined.aclose()
 
 
 @pytest.fixture
 async def scratch() -> AsyncIterator[RedisScratch]:
     async with redis_scratch() as scratch:
         yield scratch
+
+
+@pytest.fixture(params=["redis-py", "pipelined"])
+async def commands(
+    request: pytest.FixtureRequest, scratch: RedisScratch
+) -> AsyncIterator[Commands]:
+    async with commands_for(request.param, scratch) as commands:
+        yield commands
 
 
 async def drain(limiter: Limiter, tenant: str, limits: Limits) -> tuple[int, Decision]:
@@ -305,22 +335,20 @@ async def test_memory_a_clock_stepped_back_does_not_drain_the_bucket() -> None:
 # Redis backend only.
 
 
-class CountingRedis(Redis):
-    """The same server and pool as `pool_of`, recording every command the limiter sends."""
+class CountingRedis:
+    """Passes every command to `inner`, recording its name."""
 
-    def __init__(self, pool_of: Redis) -> None:
-        super().__init__(connection_pool=pool_of.connection_pool)
+    def __init__(self, inner: Commands) -> None:
+        self.inner = inner
         self.commands: list[str] = []
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
+    async def execute_command(self, *args: Any) -> Any:
         self.commands.append(str(args[0]).upper())
-        # redis-py leaves this method unannotated; give it a type rather than silence mypy.
-        send: Callable[..., Awaitable[Any]] = super().execute_command
-        return await send(*args, **options)
+        return await self.inner.execute_command(*args)
 
 
-async def test_redis_a_decision_is_one_evalsha(scratch: RedisScratch) -> None:
-    client = CountingRedis(scratch.client)
+async def test_redis_a_decision_is_one_evalsha(scratch: RedisScratch, commands: Commands) -> None:
+    client = CountingRedis(commands)
     limiter = RedisLimiter(client, prefix=scratch.prefix)
     limits = Limits(rate=20, burst=5, daily_quota=100)
     await limiter.peek("t_trip", limits)  # the script may not be loaded yet
@@ -332,8 +360,8 @@ async def test_redis_a_decision_is_one_evalsha(scratch: RedisScratch) -> None:
     assert client.commands == ["EVALSHA"] * 5
 
 
-async def test_redis_survives_a_script_flush(scratch: RedisScratch) -> None:
-    client = CountingRedis(scratch.client)
+async def test_redis_survives_a_script_flush(scratch: RedisScratch, commands: Commands) -> None:
+    client = CountingRedis(commands)
     limiter = RedisLimiter(client, prefix=scratch.prefix)
     limits = Limits(rate=NO_REFILL, burst=5, daily_quota=100)
     assert (await limiter.acquire("t_flush", limits, 1)).allowed
@@ -343,7 +371,7 @@ async def test_redis_survives_a_script_flush(scratch: RedisScratch) -> None:
     after = await limiter.acquire("t_flush", limits, 1)
     assert after.allowed
     assert after.quota_used == 2
-    assert client.commands == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
+    assert client.commands == ["EVALSHA", "SCRIPT", "EVALSHA"]
 
 
 async def test_redis_keys_expire_and_a_peek_writes_nothing(scratch: RedisScratch) -> None:

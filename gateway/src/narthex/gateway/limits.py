@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 __all__ = [
+    "Commands",
     "Decision",
     "Limiter",
     "Limits",
@@ -88,6 +88,12 @@ _SCRIPT = files("narthex.gateway").joinpath("limits.lua").read_text(encoding="ut
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
+class Commands(Protocol):
+    """What the limiter needs of a Redis client: redis-py's, or the gateway's pipelined one."""
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+
 class RedisLimiter:
     """Limits shared by every replica: one Lua script, Redis server time, one round trip.
 
@@ -96,7 +102,7 @@ class RedisLimiter:
     Redis errors propagate; falling back is the caller's policy.
     """
 
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Commands, *, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
 
@@ -120,12 +126,12 @@ class RedisLimiter:
             "1" if consume else "0",
         )
         try:
-            reply = await self._redis.evalsha(_SCRIPT_SHA, 2, *args)
+            reply = await self._redis.execute_command("EVALSHA", _SCRIPT_SHA, 2, *args)
         except NoScriptError:
             # A restarted or flushed server forgot the script; loading it is idempotent,
             # so replicas racing here all end up with the same sha.
-            await self._redis.script_load(_SCRIPT)
-            reply = await self._redis.evalsha(_SCRIPT_SHA, 2, *args)
+            await self._redis.execute_command("SCRIPT", "LOAD", _SCRIPT)
+            reply = await self._redis.execute_command("EVALSHA", _SCRIPT_SHA, 2, *args)
         return _parse(reply)
 
 

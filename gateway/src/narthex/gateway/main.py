@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.maint_notifications import MaintNotificationsConfig
 from starlette.middleware import Middleware
 
 from narthex.common.app import service_app
@@ -20,6 +18,7 @@ from narthex.gateway.limits import RedisLimiter
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
 from narthex.gateway.ratelimit import EdgeLimiter, LimiterMetrics
+from narthex.gateway.resp import PipelinedRedis
 from narthex.gateway.routes import router
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
@@ -40,23 +39,11 @@ def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
 
 
 @asynccontextmanager
-async def shared_redis(url: str) -> AsyncIterator[Redis]:
-    # Blocking pool: under load a request waits briefly for a connection rather than
-    # failing (redis-py's default pool raises once all are busy, which would look like
-    # an outage). Short timeouts: a Redis that does not answer is treated as down fast.
-    # Maintenance notifications off: with redis-py's default ("auto") the pool skips its
-    # check for connections the server closed, so after a Redis restart each idle pooled
-    # connection failed once more, and every such failure meant another retry period of
-    # fallback (or of 503s in `closed` mode) with Redis up again.
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=64,
-        timeout=0.5,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
-    )
-    client = Redis.from_pool(pool)
+async def shared_redis(url: str) -> AsyncIterator[PipelinedRedis]:
+    # Short timeouts: a Redis that does not answer is treated as down fast, and the
+    # limiter's failure policy takes over. The connection is made on first use, and again
+    # after a failure, so a gateway starts and recovers without Redis being there.
+    client = PipelinedRedis.from_url(url, timeout=0.5, connect_timeout=0.5)
     try:
         yield client
     finally:

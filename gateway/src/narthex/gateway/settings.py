@@ -11,6 +11,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from narthex.common.http import ClientPolicy
 from narthex.common.settings import AuthClientSettings
+from narthex.gateway.resp import Endpoint
 
 
 class GatewaySettings(AuthClientSettings):
@@ -66,6 +67,13 @@ class GatewaySettings(AuthClientSettings):
             if text.startswith("["):
                 return orjson.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _parse_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            Endpoint.from_url(value)  # refused at startup, naming what is wrong
         return value
 
     @field_validator("token_exchange_limit")
