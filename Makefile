@@ -8,7 +8,8 @@ UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/auth/pyproject.toml services/features/pyproject.toml \
-	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml
+	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
+	libs/transactions/pyproject.toml
 
 .PHONY: help run test lint format bench install clean
 

@@ -1,0 +1,1 @@
+"""narthex.transactions: the transaction simulator and per-account aggregates (offline and online)."""
