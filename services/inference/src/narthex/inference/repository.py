@@ -13,8 +13,8 @@ import hashlib
 import os
 import re
 import tempfile
-from io import StringIO
 from collections.abc import Mapping
+from io import StringIO
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -137,9 +137,8 @@ class ModelConfig(_Strict):
         names = [t.name for t in (*self.inputs, *self.outputs)]
         if len(set(names)) != len(names):
             raise ValueError("input and output names must be unique")
-        if self.preprocessing.kind == "text":
-            if [t.datatype for t in self.inputs] != ["BYTES"]:
-                raise ValueError("a text model has exactly one BYTES input")
+        if self.preprocessing.kind == "text" and [t.datatype for t in self.inputs] != ["BYTES"]:
+            raise ValueError("a text model has exactly one BYTES input")
         for sample in self.warmup:
             unknown = set(sample.inputs) - {t.name for t in self.inputs}
             if unknown:
