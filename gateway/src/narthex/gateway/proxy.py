@@ -8,11 +8,10 @@ from urllib.parse import quote, quote_from_bytes
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from narthex.common.authn import check_access
+from narthex.common.body import read_body
 from narthex.common.errors import (
     BadGateway,
-    BadRequest,
     GatewayTimeout,
-    PayloadTooLarge,
     Problem,
     ServiceUnavailable,
     render_problem,
@@ -103,28 +102,6 @@ def upstream_headers(scope: Scope, trusted: Sequence[Network] = ()) -> list[tupl
         headers.append((b"x-forwarded-for", ", ".join(chain).encode()))
     headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     return headers
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if not value.isdigit():
-                raise BadRequest("Content-Length is not a number")
-            if int(value) > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def upstream_path(scope: Scope) -> str:

@@ -1,20 +1,72 @@
-"""App factory of the inference service."""
+"""App factory of the inference service: the model registry in the lifespan, the routes."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from narthex.common.app import service_app
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+
+from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
+from narthex.common.body import BodyLimitMiddleware
+from narthex.common.readiness import CheckResult
+from narthex.inference.errors import install_error_handlers
+from narthex.inference.metrics import InferenceMetrics
+from narthex.inference.models import ModelRegistry
+from narthex.inference.repository import Repository
+from narthex.inference.routes import PUBLIC_PATHS, router
+from narthex.inference.service import InferenceService
 from narthex.inference.settings import InferenceSettings
 
 
-def create_app(settings: InferenceSettings | None = None) -> FastAPI:
+def create_app(
+    settings: InferenceSettings | None = None, *, verifier: VerifierFactory = remote_verifier
+) -> FastAPI:
+    """`verifier` checks callers' JWTs: the auth service's JWKS unless a test gives another."""
     settings = settings or InferenceSettings()
-    return service_app(
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = ModelRegistry(
+            Repository(settings.model_repository),
+            InferenceMetrics(app.state.metrics_registry),
+            provider=settings.provider,
+            intra_op_threads=settings.intra_op_threads,
+            drain_timeout=settings.drain_timeout,
+        )
+        app.state.registry = registry
+        app.state.service = InferenceService(
+            registry,
+            request_timeout=settings.request_timeout,
+            max_text_bytes=settings.max_text_bytes,
+        )
+
+        async def models_warm() -> CheckResult:
+            return CheckResult(
+                registry.ready(),
+                {name: registry.default_version(name) for name in registry.names()},
+            )
+
+        app.state.readiness.add("models", models_warm)
+        try:
+            await registry.load_all(settings.models)
+            yield
+        finally:
+            await registry.close()
+
+    app = service_app(
         settings,
         title="narthex inference",
+        description="Model repository, dynamic batching and ONNX Runtime serving: the Open"
+        " Inference Protocol v2, v1 predictions and OpenAI-compatible embeddings.",
+        lifespan=lifespan,
         authenticate=True,
-        verifier=remote_verifier,
-        description="Model repository, dynamic batching and ONNX Runtime serving.",
+        verifier=verifier,
+        public_paths=PUBLIC_PATHS,
+        middleware=[Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)],
     )
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

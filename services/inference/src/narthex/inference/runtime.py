@@ -1,0 +1,86 @@
+"""ONNX Runtime sessions: the execution provider in use, the graph's tensors, one `run()`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["PREFERENCE", "GraphTensor", "Session", "choose_providers", "onnx_datatype"]
+
+# Fastest first; whichever the installed onnxruntime offers is used.
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_BY_CHOICE = {
+    "tensorrt": PREFERENCE,
+    "cuda": PREFERENCE[1:],
+    "cpu": PREFERENCE[2:],
+    "auto": PREFERENCE,
+}
+_ONNX_TO_OIP = {
+    "tensor(bool)": "BOOL",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def onnx_datatype(onnx_type: str) -> str:
+    """The Open Inference Protocol datatype of an ONNX Runtime type string."""
+    return _ONNX_TO_OIP.get(onnx_type, onnx_type)
+
+
+def choose_providers(choice: str, available: Sequence[str] | None = None) -> list[str]:
+    """The providers to ask for, in order. Asking is not getting: onnxruntime-gpu lists
+    CUDA and TensorRT even without a GPU and falls back silently, so what a session really
+    uses is read back from it (`Session.provider`)."""
+    offered = set(ort.get_available_providers() if available is None else available)
+    wanted = [p for p in _BY_CHOICE[choice] if p in offered]
+    if not wanted:
+        raise RuntimeError(f"no execution provider for {choice!r} among {sorted(offered)}")
+    return wanted
+
+
+@dataclass(frozen=True, slots=True)
+class GraphTensor:
+    name: str
+    datatype: str  # OIP datatype
+    shape: tuple[int | str | None, ...]  # symbolic or None where the graph leaves it open
+
+
+class Session:
+    """One model file in ONNX Runtime. `run` blocks: callers run it off the event loop."""
+
+    def __init__(self, path: Path, *, provider: str = "auto", intra_op_threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        # Batches are serialized per version; inter-op parallelism only adds threads.
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options, providers=choose_providers(provider)
+        )
+        self.providers: list[str] = list(self._session.get_providers())
+        self.provider = self.providers[0]
+        self.inputs = {
+            i.name: GraphTensor(i.name, onnx_datatype(i.type), tuple(i.shape))
+            for i in self._session.get_inputs()
+        }
+        self.outputs = {
+            o.name: GraphTensor(o.name, onnx_datatype(o.type), tuple(o.shape))
+            for o in self._session.get_outputs()
+        }
+        self._output_names = list(self.outputs)
+
+    def run(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        values = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values, strict=True))

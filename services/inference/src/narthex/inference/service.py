@@ -1,0 +1,272 @@
+"""What every inference protocol asks of a model: checked inputs in, outputs and the version out.
+
+Protocol-neutral: the OIP, v1 and OpenAI routes decode their own wire formats, call these,
+and encode the answer. Every check that can refuse a request runs before it is queued.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from narthex.common.deadline import deadline_at
+from narthex.inference.batcher import BatcherClosed, ComputeFailed, DeadlineExpired, QueueFull
+from narthex.inference.errors import (
+    ComputeError,
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+)
+from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs, numpy_dtype
+from narthex.inference.repository import TensorSpec
+from narthex.inference.text import TextTooLong
+
+__all__ = ["Embeddings", "InferenceService", "Tensor"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A decoded request tensor: OIP datatype, shape, values (object array for BYTES)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: Array
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    model: LoadedVersion
+    vectors: Array  # [n, dim] float32, L2-normalised by the graph
+    tokens: list[int]  # per text, after truncation
+
+
+class InferenceService:
+    def __init__(
+        self, registry: ModelRegistry, *, request_timeout: float, max_text_bytes: int
+    ) -> None:
+        self.registry = registry
+        self.request_timeout = request_timeout
+        self.max_text_bytes = max_text_bytes
+
+    def _deadline(self) -> float:
+        return min(deadline_at(), time.monotonic() + self.request_timeout)
+
+    async def infer(
+        self, name: str, version: int | None, tensors: Sequence[Tensor]
+    ) -> tuple[LoadedVersion, Outputs]:
+        """Run named input tensors through a model (text models take one BYTES tensor)."""
+
+        async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
+            if loaded.encoder is not None:
+                texts = _texts_from_tensor(loaded, tensors)
+                embedded = await self._embed(loaded, texts)
+                return loaded, {loaded.outputs[0].name: embedded.vectors}
+            arrays = _check_tensors(loaded, tensors)
+            return loaded, await loaded.infer(arrays, deadline=self._deadline())
+
+        return await self._with_model(name, version, attempt)
+
+    async def embed(self, name: str, version: int | None, texts: Sequence[Any]) -> Embeddings:
+        async def attempt(loaded: LoadedVersion) -> Embeddings:
+            if loaded.encoder is None:
+                raise InvalidInput(f"{name} is not a text model", extra={"param": "model"})
+            return await self._embed(loaded, texts)
+
+        return await self._with_model(name, version, attempt)
+
+    async def predict_rows(
+        self, name: str, version: int | None, instances: Sequence[Any]
+    ) -> tuple[LoadedVersion, Outputs]:
+        """v1 instances: one row of feature values (a list, or an object by feature name)
+        per instance for a tensor model with one input; strings for a text model."""
+
+        async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
+            if loaded.encoder is not None:
+                embedded = await self._embed(loaded, instances)
+                return loaded, {loaded.outputs[0].name: embedded.vectors}
+            spec = _single_input(loaded)
+            rows = _rows_from_instances(loaded, spec, instances)
+            arrays = _check_tensors(
+                loaded, [Tensor(spec.name, spec.datatype, tuple(rows.shape), rows)]
+            )
+            return loaded, await loaded.infer(arrays, deadline=self._deadline())
+
+        return await self._with_model(name, version, attempt)
+
+    async def _with_model(
+        self, name: str, version: int | None, attempt: Callable[[LoadedVersion], Awaitable[T]]
+    ) -> T:
+        # A version being unloaded refuses new work; the request then goes to whatever
+        # now serves it (the new default), once: that is the zero-downtime swap.
+        for retry in (False, True):
+            loaded = self.registry.resolve(name, version)
+            try:
+                return await attempt(loaded)
+            except BatcherClosed:
+                if retry:
+                    raise Unavailable(f"{name} v{loaded.version} is unloading") from None
+            except QueueFull:
+                loaded.metrics.rejected.inc()
+                raise Overloaded(
+                    f"{name} v{loaded.version} has {loaded.batcher.depth} items waiting;"
+                    " retry shortly"
+                ) from None
+            except DeadlineExpired:
+                raise DeadlineExceeded(
+                    "the request's deadline passed before the model could run it"
+                ) from None
+            except ComputeFailed as exc:
+                raise ComputeError(str(exc)) from None
+        raise AssertionError("unreachable")
+
+    async def _embed(self, loaded: LoadedVersion, texts: Sequence[Any]) -> Embeddings:
+        assert loaded.encoder is not None
+        _check_count(loaded, len(texts), "input")
+        limit = self.max_text_bytes
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidInput(
+                    f"input[{index}] is {type(text).__name__}; texts must be strings",
+                    extra={"param": "input"},
+                )
+            if not text.strip():
+                raise InvalidInput(f"input[{index}] is empty", extra={"param": "input"})
+            if len(text) > limit or len(text.encode()) > limit:
+                raise InvalidInput(
+                    f"input[{index}] is over {limit} bytes; send shorter texts",
+                    extra={"param": "input"},
+                )
+        try:
+            ids = loaded.encoder.encode(texts)
+        except TextTooLong as exc:
+            raise InvalidInput(str(exc), extra={"param": "input"}) from None
+        outputs = await loaded.embed(ids, deadline=self._deadline())
+        return Embeddings(loaded, outputs[loaded.outputs[0].name], [len(one) for one in ids])
+
+
+def _check_count(loaded: LoadedVersion, count: int, what: str) -> None:
+    if count < 1:
+        raise InvalidInput(f"no {what} items: send at least one", extra={"param": what})
+    limit = loaded.config.max_items_per_request
+    if count > limit:
+        raise InvalidInput(
+            f"{count} items in one request; {loaded.name} accepts at most {limit}",
+            extra={"param": what},
+        )
+
+
+def _single_input(loaded: LoadedVersion) -> TensorSpec:
+    if len(loaded.config.inputs) != 1:
+        raise InvalidInput(
+            f"{loaded.name} has {len(loaded.config.inputs)} inputs; use the Open Inference"
+            " Protocol (/v2/models/.../infer) to send each one"
+        )
+    return loaded.config.inputs[0]
+
+
+def _rows_from_instances(
+    loaded: LoadedVersion, spec: TensorSpec, instances: Sequence[Any]
+) -> Array:
+    _check_count(loaded, len(instances), "instances")
+    names = [f["name"] for f in loaded.metadata.feature_schema if "name" in f]
+    width = spec.dims[0] if len(spec.dims) == 1 else None
+    rows: list[list[Any]] = []
+    for index, instance in enumerate(instances):
+        if isinstance(instance, Mapping):
+            if not names:
+                raise InvalidInput(f"{loaded.name} takes instances as lists of values")
+            missing = [n for n in names if n not in instance]
+            unknown = sorted(set(instance) - set(names))
+            if missing or unknown:
+                raise InvalidInput(
+                    f"instances[{index}]: "
+                    + "; ".join(
+                        part
+                        for part in (
+                            f"missing features {missing[:5]}" if missing else "",
+                            f"unknown features {unknown[:5]}" if unknown else "",
+                        )
+                        if part
+                    )
+                )
+            row = [instance[n] for n in names]
+        elif isinstance(instance, list):
+            row = instance
+        else:
+            raise InvalidInput(f"instances[{index}] must be a list of values or an object")
+        if width is not None and width != -1 and len(row) != width:
+            raise InvalidInput(
+                f"instances[{index}] has {len(row)} values; {loaded.name} takes {width}"
+            )
+        for position, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"instances[{index}][{position}] is not a number")
+        rows.append(row)
+    try:
+        return np.asarray(rows, dtype=numpy_dtype(spec.datatype))
+    except (ValueError, OverflowError):
+        raise InvalidInput("instances must all have the same number of values") from None
+
+
+def _check_tensors(loaded: LoadedVersion, tensors: Sequence[Tensor]) -> dict[str, Array]:
+    specs = {spec.name: spec for spec in loaded.config.inputs}
+    given = {t.name: t for t in tensors}
+    if len(given) != len(tensors):
+        raise InvalidInput("an input is named twice")
+    unknown = sorted(set(given) - set(specs))
+    if unknown:
+        raise InvalidInput(f"{loaded.name} has no input {unknown[0]!r}; inputs: {sorted(specs)}")
+    missing = sorted(set(specs) - set(given))
+    if missing:
+        raise InvalidInput(f"missing input {missing[0]!r}")
+    arrays: dict[str, Array] = {}
+    rows: int | None = None
+    for name, spec in specs.items():
+        tensor = given[name]
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input {name!r} must be {spec.datatype}, not {tensor.datatype}")
+        shape = tensor.shape
+        if len(shape) != len(spec.dims) + 1 or any(
+            d != -1 and d != s for d, s in zip(spec.dims, shape[1:], strict=False)
+        ):
+            expected = ", ".join(["n", *("*" if d == -1 else str(d) for d in spec.dims)])
+            raise InvalidInput(f"input {name!r} has shape {list(shape)}; expected [{expected}]")
+        if rows is None:
+            rows = shape[0]
+            _check_count(loaded, rows, "inputs")
+        elif shape[0] != rows:
+            raise InvalidInput("inputs disagree on the batch size (their first dimension)")
+        data = tensor.data
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad = np.argwhere(~np.isfinite(data))[0].tolist()
+            raise InvalidInput(f"input {name!r} holds NaN or infinity (first at {bad})")
+        arrays[name] = np.ascontiguousarray(data.reshape(shape))
+    return arrays
+
+
+def _texts_from_tensor(loaded: LoadedVersion, tensors: Sequence[Tensor]) -> list[str]:
+    spec = loaded.config.inputs[0]
+    if len(tensors) != 1 or tensors[0].name != spec.name:
+        raise InvalidInput(f"{loaded.name} takes exactly one input, {spec.name!r}")
+    tensor = tensors[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {spec.name!r} must be BYTES, not {tensor.datatype}")
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise InvalidInput(f"input {spec.name!r} has shape {list(shape)}; expected [n] or [n, 1]")
+    texts: list[str] = []
+    for index, value in enumerate(tensor.data.reshape(-1)):
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        try:
+            texts.append(raw.decode())
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {spec.name!r}[{index}] is not UTF-8 text") from None
+    return texts

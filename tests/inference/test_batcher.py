@@ -1,0 +1,216 @@
+"""The dynamic batcher: batching, bounds, deadlines, cancellation, isolation, token budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from narthex.inference.batcher import (
+    Batcher,
+    BatcherClosed,
+    BatchHooks,
+    ComputeFailed,
+    DeadlineExpired,
+    QueueFull,
+)
+
+
+class Recorder:
+    """A compute function that records each batch, optionally slow or failing."""
+
+    def __init__(self, *, delay: float = 0.0, fail_on: object = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: list[Any]) -> list[Any]:
+        self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append(list(payloads))
+        if self.fail_on is not None and self.fail_on in payloads:
+            raise RuntimeError("node Gemm_3: bad input")
+        return [("done", p) for p in payloads]
+
+    @property
+    def computed(self) -> list[Any]:
+        return [p for batch in self.batches for p in batch]
+
+
+@asynccontextmanager
+async def running(
+    compute: Callable[[list[Any]], list[Any]], **options: Any
+) -> AsyncIterator[Batcher[Any, Any]]:
+    settings: dict[str, Any] = {
+        "name": "test",
+        "max_batch_size": 8,
+        "max_delay_s": 0.005,
+        "max_queue_size": 1000,
+    }
+    batcher: Batcher[Any, Any] = Batcher(compute, **(settings | options))
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.close()
+
+
+async def queue_empty(batcher: Batcher[Any, Any]) -> None:
+    """Until what was submitted has left the queue (for compute, blocked at its gate)."""
+    await asyncio.sleep(0)  # the submitting tasks run first
+    for _ in range(10_000):  # the batcher offers no event for this; poll, bounded
+        if not batcher.depth:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the queue never emptied")
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
+    compute = Recorder(delay=0.01)
+    async with running(compute) as batcher:
+        results = await asyncio.gather(*(batcher.submit([(i, 1, 0)]) for i in range(40)))
+    assert results == [[("done", i)] for i in range(40)]
+    assert sorted(compute.computed) == list(range(40))
+    assert max(len(b) for b in compute.batches) == 8  # full batches formed...
+    assert len(compute.batches) < 40  # ...so fewer runs than requests
+
+
+async def test_a_batch_never_exceeds_max_batch_size_in_rows() -> None:
+    compute = Recorder(delay=0.01)
+    async with running(compute, max_batch_size=10) as batcher:
+        requests = [[(f"{r}.{c}", 3, 0) for c in range(2)] for r in range(12)]  # 6 rows each
+        results = await asyncio.gather(*(batcher.submit(chunks) for chunks in requests))
+    for chunks, result in zip(requests, results, strict=True):
+        assert result == [("done", payload) for payload, _, _ in chunks]
+    # Rows per batch: chunks of 3, at most 10 rows, so at most 3 chunks.
+    assert all(len(batch) <= 3 for batch in compute.batches)
+
+
+async def test_a_lone_request_is_sent_after_the_delay_without_waiting_for_company() -> None:
+    compute = Recorder()
+    async with running(compute, max_delay_s=0.02) as batcher:
+        assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
+    assert compute.batches == [["alone"]]
+
+
+async def test_a_preferred_size_sends_early() -> None:
+    compute = Recorder()
+    # A delay far beyond the test's timeout: only the preferred size can send the batch.
+    async with running(compute, max_delay_s=3600, preferred_batch_sizes=[4]) as batcher:
+        results = await asyncio.gather(*(batcher.submit([(i, 1, 0)]) for i in range(4)))
+    assert results == [[("done", i)] for i in range(4)]
+
+
+async def test_a_full_queue_refuses_and_recovers() -> None:
+    compute = Recorder()
+    compute.gate.clear()  # the first batch blocks in compute; the rest queue up
+    async with running(compute, max_batch_size=2, max_queue_size=4) as batcher:
+        first = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(2)]
+        await queue_empty(batcher)
+        queued = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(2, 6)]
+        await asyncio.sleep(0)
+        assert batcher.depth == 4
+        with pytest.raises(QueueFull):
+            await batcher.submit([("one too many", 1, 0)])
+        compute.gate.set()
+        await asyncio.gather(*first, *queued)
+        assert await batcher.submit([("later", 1, 0)]) == [("done", "later")]
+    assert "one too many" not in compute.computed
+
+
+async def test_an_expired_request_is_dropped_before_compute_and_counted() -> None:
+    compute = Recorder()
+    compute.gate.clear()
+    expired: list[int] = []
+    hooks = BatchHooks(expired=expired.append)
+    async with running(compute, max_batch_size=1, hooks=hooks) as batcher:
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 0)]))
+        await queue_empty(batcher)
+        late = asyncio.ensure_future(
+            batcher.submit([("late", 1, 0)], deadline=time.monotonic() + 0.01)
+        )
+        await asyncio.sleep(0.05)  # its deadline passes while the blocker computes
+        compute.gate.set()
+        await blocker
+        with pytest.raises(DeadlineExpired):
+            await late
+    assert "late" not in compute.computed
+    assert expired == [1]
+
+
+async def test_cancelled_callers_do_not_break_the_others() -> None:
+    compute = Recorder(delay=0.002)
+    async with running(compute, max_batch_size=4) as batcher:
+        calls = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(100)]
+        await asyncio.sleep(0.003)
+        for call in calls[::2]:
+            call.cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        # The batcher is still healthy afterwards.
+        assert await batcher.submit([("after", 1, 0)]) == [("done", "after")]
+    for i, result in enumerate(results):
+        if i % 2:
+            assert result == [("done", i)]
+        else:
+            assert isinstance(result, asyncio.CancelledError)
+    # Cancelled requests that were still queued were never computed.
+    assert len([p for p in compute.computed if isinstance(p, int) and p % 2 == 0]) < 50
+
+
+async def test_one_bad_input_fails_only_its_own_request() -> None:
+    compute = Recorder(fail_on="poison")
+    async with running(compute, max_delay_s=0.05) as batcher:
+        results = await asyncio.gather(
+            batcher.submit([("a", 1, 0)]),
+            batcher.submit([("poison", 1, 0)]),
+            batcher.submit([("b", 1, 0), ("c", 1, 0)]),
+            return_exceptions=True,
+        )
+    assert results[0] == [("done", "a")]
+    assert isinstance(results[1], ComputeFailed)
+    assert "Gemm" not in str(results[1])  # graph internals stay in the log
+    assert results[2] == [("done", "b"), ("done", "c")]
+    assert len(compute.batches[0]) == 4  # they were batched together first
+
+
+async def test_text_batches_keep_to_the_token_budget_and_group_similar_lengths() -> None:
+    compute = Recorder()
+    compute.gate.clear()
+    lengths = [4, 60, 5, 58, 6, 61, 4, 57, 5, 59, 6, 60] * 3
+    async with running(compute, max_batch_size=8, max_batch_tokens=200) as batcher:
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 1)]))
+        await queue_empty(batcher)
+        calls = [
+            asyncio.ensure_future(batcher.submit([((i, n), 1, n)])) for i, n in enumerate(lengths)
+        ]
+        await asyncio.sleep(0.01)
+        compute.gate.set()
+        await blocker
+        results = await asyncio.gather(*calls)
+    assert [r[0][1] for r in results] == [(i, n) for i, n in enumerate(lengths)]
+    for batch in compute.batches[1:]:
+        sizes = [n for _, n in batch]
+        assert len(batch) <= 8
+        assert len(batch) * max(sizes) <= 200
+        # Short and long texts are not padded to each other.
+        assert max(sizes) < 10 or min(sizes) > 50, batch
+    assert max(len(b) for b in compute.batches[1:]) == 8  # short texts fill whole batches
+
+
+async def test_drain_waits_for_what_was_accepted_then_refuses_new_work() -> None:
+    compute = Recorder(delay=0.02)
+    async with running(compute) as batcher:
+        pending = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(5)]
+        await asyncio.sleep(0)
+        assert await batcher.drain(5.0)
+        assert all(p.done() and not p.exception() for p in pending)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit([("late", 1, 0)])
