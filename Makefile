@@ -11,7 +11,7 @@ MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
 	libs/transactions/pyproject.toml
 
-.PHONY: help run test lint format bench install clean
+.PHONY: help run test lint format bench models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.proxy
 	$(UV) run python -m bench.identity
 	$(UV) run python -m bench.limits
+	$(UV) run python -m bench.inference
+
+models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
+	$(UV) run narthex models build
 
 install: .venv/.installed ## Create .venv from uv.lock (done by run/test/bench)
 

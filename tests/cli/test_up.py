@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from narthex.cli.up import live_run
 from narthex.common.security import parse_api_key
+from tests.support.models import builtin_repository
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +73,8 @@ def pid_running(pid: int) -> bool:
 def narthex_env(**extra: str) -> dict[str, str]:
     # The developer's own NARTHEX_* settings must not leak into what is under test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("NARTHEX_")}
+    # The built-in models, built once for the whole test run, not once per state dir.
+    env["NARTHEX_INFERENCE_MODEL_REPOSITORY"] = str(builtin_repository())
     env.update(extra)
     return env
 
@@ -300,6 +304,21 @@ def test_first_run_prints_the_operator_key_once(stack: Stack) -> None:
     assert match is not None, stack.up.output
     assert parse_api_key(match.group(1)) is not None
     assert stack.up.output.count(match.group(1)) == 1
+
+
+def test_the_printed_embeddings_curl_line_answers_with_a_vector(stack: Stack) -> None:
+    line = next(
+        (ln for ln in stack.up.output.splitlines() if ln.strip().startswith("embed ")), None
+    )
+    assert line is not None, stack.up.output
+    argv = shlex.split(line.strip().removeprefix("embed").strip())
+    assert argv[0] == "curl"
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert "data" in body, done.stdout
+    assert len(body["data"][0]["embedding"]) == 384, done.stdout
+    assert body["model"] == "minilm:1"
 
 
 def test_demo_key_curl_line_works_until_the_key_is_revoked(

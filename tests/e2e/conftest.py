@@ -59,7 +59,15 @@ def platform(
             )
         )
         inference = stack.enter_context(
-            run_service("inference", directory, {"NARTHEX_INFERENCE_AUTH_URL": auth.url})
+            run_service(
+                "inference",
+                directory,
+                {
+                    "NARTHEX_INFERENCE_AUTH_URL": auth.url,
+                    # No models: only its token checks are under test here.
+                    "NARTHEX_INFERENCE_MODEL_REPOSITORY": str(directory / "models"),
+                },
+            )
         )
         gateway = stack.enter_context(
             run_service(

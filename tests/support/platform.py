@@ -157,6 +157,30 @@ def gateway_spec(label: str, auth_url: str, upstream_url: str, **env: str) -> Sp
     )
 
 
+def inference_spec(label: str, auth_url: str, repository: Path, **env: str) -> Spec:
+    """An inference service serving `repository`, checking tokens against `auth_url`."""
+    return Spec(
+        label,
+        module_argv("narthex.inference"),
+        {
+            "NARTHEX_INFERENCE_HOST": HOST,
+            "NARTHEX_INFERENCE_PORT": "{port}",
+            "NARTHEX_INFERENCE_ENV": "dev",
+            "NARTHEX_INFERENCE_AUTH_URL": auth_url,
+            "NARTHEX_INFERENCE_MODEL_REPOSITORY": str(repository),
+            **{f"NARTHEX_INFERENCE_{name.upper()}": value for name, value in env.items()},
+        },
+    )
+
+
+def exchange(url: str, api_key: str) -> str:
+    """A JWT for `api_key` from the token endpoint at `url` (auth itself, or a gateway)."""
+    response = httpx.post(url + "/v1/auth/token", headers={"X-API-Key": api_key}, timeout=10)
+    response.raise_for_status()
+    token: str = response.json()["access_token"]
+    return token
+
+
 # -- the platform: auth + trivial upstream, an operator with an admin key ----------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -55,6 +56,31 @@ def up(
 def status(state_dir: StateDir = Path(".state")) -> None:
     """Show whether each service of a running `narthex up` is ready (exit 1 if any is not)."""
     raise typer.Exit(run_status(state_dir))
+
+
+models_app = typer.Typer(help="The built-in models (fraud, minilm).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("build")
+def models_build(
+    repository: Annotated[
+        Path,
+        typer.Option("--repository", help="Model repository to write into.", file_okay=False),
+    ] = Path(".state/models"),
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Build just this model (repeatable): fraud, minilm."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even what is already there.")] = False,
+) -> None:
+    """Build the built-in models (deterministic, offline); only the missing ones by default."""
+    from narthex.cli.models import BUILTIN, build_models
+
+    unknown = sorted(set(only or ()) - set(BUILTIN))
+    if unknown:
+        raise typer.BadParameter(f"no built-in model {unknown[0]!r}; choose from {sorted(BUILTIN)}")
+    build_models(repository, only or [], force=force, out=sys.stdout)
 
 
 # -- administration: straight on the auth database, where the auth service runs --------------

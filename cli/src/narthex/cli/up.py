@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
+from narthex.cli.models import build_models, models_dir
 from narthex.cli.paths import auth_database_url, signing_keys_dir
 
 if TYPE_CHECKING:
@@ -229,6 +230,11 @@ def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path)
         # which are exact for this single-gateway stack.
         if os.environ.get("REDIS_URL") and f"{prefix}REDIS_URL" not in os.environ:
             env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
+    if service not in ("gateway", "auth"):
+        # Internal services verify callers' tokens against this auth's JWKS themselves.
+        env[f"{prefix}AUTH_URL"] = service_url(host, ports["auth"])
+    if service == "inference":
+        env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
     if service == "auth":
         # In the state directory, not the caller's env or working directory: each
         # --state-dir is a platform of its own, tenants and keys included.
@@ -378,6 +384,12 @@ class Supervisor:
         return code
 
     def _start_and_watch(self) -> int:
+        try:
+            # Before the clock starts: a first build takes minutes (minilm's export).
+            build_models(models_dir(self.options.state_dir), [], force=False, out=self.out)
+        except Exception as exc:  # a build that fails says why; nothing was started yet
+            self.warn(f"narthex: could not build the built-in models: {exc}")
+            return 1
         deadline = time.monotonic() + self.options.timeout
         try:
             with httpx.Client(timeout=PROBE_TIMEOUT, trust_env=False) as client:
@@ -525,6 +537,11 @@ class Supervisor:
         self.say(
             f'  try        curl -s -H "Authorization: Bearer {provisioned.demo_key}"'
             f" {gateway}/v1/keys"
+        )
+        self.say(
+            f'  embed      curl -s -H "Authorization: Bearer {provisioned.demo_key}"'
+            f" -H 'Content-Type: application/json'"
+            f""" -d '{{"model": "minilm", "input": "hello narthex"}}' {gateway}/v1/embeddings"""
         )
         self.say("\nCtrl-C to stop.")
 
