@@ -105,7 +105,9 @@ async def remote_verifier(settings: AuthClientSettings) -> AsyncIterator[TokenVe
         yield verifier_for(client, settings)
 
 
-def _principal(request: Request) -> Principal:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in a worker thread, a thread hop per request for a dictionary lookup.
+async def _principal(request: Request) -> Principal:
     principal: Principal | None = getattr(request.state, "principal", None)
     if principal is None:  # a route outside RequireTokenMiddleware's reach
         raise MissingToken()
@@ -126,7 +128,7 @@ def check_access(principal: Principal, *, role: str | None, scope: str | None) -
 def require_role(role: str) -> Any:
     """A dependency: the caller's Principal, which must hold `role` (403 otherwise)."""
 
-    def check(principal: CurrentPrincipal) -> Principal:
+    async def check(principal: CurrentPrincipal) -> Principal:
         check_access(principal, role=role, scope=None)
         return principal
 
@@ -136,7 +138,7 @@ def require_role(role: str) -> Any:
 def require_scope(scope: str) -> Any:
     """A dependency: the caller's Principal, whose token must carry `scope` (403 otherwise)."""
 
-    def check(principal: CurrentPrincipal) -> Principal:
+    async def check(principal: CurrentPrincipal) -> Principal:
         check_access(principal, role=None, scope=scope)
         return principal
 

@@ -19,7 +19,7 @@ from narthex.common.security import Principal
 router = APIRouter()
 
 
-def _service(request: Request) -> AuthService:
+async def _service(request: Request) -> AuthService:
     service: AuthService = request.app.state.auth
     return service
 

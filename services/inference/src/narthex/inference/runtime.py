@@ -66,6 +66,9 @@ class Session:
         # Batches are serialized per version; inter-op parallelism only adds threads.
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        # ONNX Runtime's pool threads spin between runs by default, holding cores that the
+        # event loop (and the next request) needs; a serving process wants them asleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(path), sess_options=options, providers=choose_providers(provider)
         )
