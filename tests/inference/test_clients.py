@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -175,3 +178,83 @@ def test_openai_client_through_the_gateway_with_an_api_key(served: Served) -> No
         with pytest.raises(BadRequestError) as refused:
             client.embeddings.create(model="minilm", input=[""])
     assert "empty" in str(refused.value)
+
+
+async def test_swapping_frauds_default_under_32_clients_fails_nothing(
+    served: Served, training: fraud.Training
+) -> None:
+    rows = training.holdout.inputs[:32].astype(np.float32)
+    expected = {v: training.fraud_probability(v, training.holdout.inputs[:32]) for v in (1, 2)}
+    answered: list[tuple[float, str]] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def caller(http: httpx.AsyncClient, i: int) -> None:
+        payload = {"instances": [rows[i].tolist()]}
+        while not stop.is_set():
+            response = await http.post("/v1/models/fraud/predict", json=payload)
+            if response.status_code != 200:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+                continue
+            body = response.json()
+            version = int(body["version"])
+            # The answer is the named version's own.
+            probability = body["predictions"][0]["probabilities"][1]
+            assert abs(probability - expected[version][i]) < 1e-5
+            answered.append((time.monotonic(), body["version"]))
+
+    async with httpx.AsyncClient(
+        base_url=served.inference.url, headers=served.headers, timeout=10
+    ) as http:
+        callers = [asyncio.create_task(caller(http, i)) for i in range(32)]
+        try:
+            await asyncio.sleep(1.0)
+            swapped_at = time.monotonic()
+            swap = await http.put("/v1/admin/models/fraud/default", json={"version": 1})
+            assert swap.status_code == 200, swap.text
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+            restore = await http.put("/v1/admin/models/fraud/default", json={"version": 2})
+            assert restore.status_code == 200
+    assert failures == []
+    before = {v for t, v in answered if t < swapped_at}
+    after = {v for t, v in answered if t > swapped_at + 0.5}
+    assert before == {"2"}
+    assert after == {"1"}
+
+
+async def test_clients_that_hang_up_mid_request_do_not_break_the_others(served: Served) -> None:
+    texts = [f"text number {i} about fraud and embeddings" for i in range(64)]
+
+    async def embed(http: httpx.AsyncClient, text: str) -> httpx.Response:
+        return await http.post("/v1/embeddings", json={"model": "minilm", "input": text})
+
+    # One connection per client, so that a cancelled request closes its own socket.
+    clients = [
+        httpx.AsyncClient(base_url=served.inference.url, headers=served.headers, timeout=30)
+        for _ in texts
+    ]
+    try:
+        calls = [
+            asyncio.create_task(embed(http, text))
+            for http, text in zip(clients, texts, strict=True)
+        ]
+        await asyncio.sleep(0.05)  # sent, queued or computing
+        for call in calls[::2]:
+            call.cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        for http in clients:
+            await http.aclose()
+    kept = [r for r in results[1::2] if isinstance(r, httpx.Response)]
+    assert len(kept) == 32, results[1::2]
+    assert all(r.status_code == 200 for r in kept), [r.text[:200] for r in kept]
+    assert all(len(r.json()["data"][0]["embedding"]) == 384 for r in kept)
+    # And the service is healthy for whoever comes next.
+    async with httpx.AsyncClient(
+        base_url=served.inference.url, headers=served.headers, timeout=30
+    ) as http:
+        after = await embed(http, "after the hang-ups")
+        assert after.status_code == 200
