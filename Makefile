@@ -19,7 +19,7 @@ help: ## List the targets
 run: install ## Start the whole platform locally; prints URLs and a curl line that works
 	$(UV) run narthex up
 
-test: install lint ## Install everything, then lint, type-check and run every test
+test: install lint models ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
 lint: install ## ruff (lint + format check) and mypy --strict on the whole tree

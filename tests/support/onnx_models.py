@@ -20,7 +20,15 @@ from narthex.inference.repository import (
     write_version,
 )
 
-__all__ = ["WORDS", "affine_model", "text_model", "tiny_repository", "word_tokenizer"]
+__all__ = [
+    "WORDS",
+    "affine_model",
+    "scorer_repository",
+    "sum_model",
+    "text_model",
+    "tiny_repository",
+    "word_tokenizer",
+]
 
 # The text model's vocabulary: a word's id is its position.
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *(f"w{i}" for i in range(1, 200))]
@@ -142,4 +150,44 @@ def tiny_repository(
         ),
     )
     write_version(root, "words", 1, text_model(), files={"tokenizer.json": word_tokenizer()})
+    return root
+
+
+def sum_model(width: int) -> bytes:
+    """`score = sum(features, axis=1)` over features: FP32 [n, width]."""
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", width])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n"])
+    nodes = [helper.make_node("ReduceSum", ["features", "axes"], ["score"], keepdims=0)]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "sum", [x], [score], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def scorer_repository(root: Path, *, max_queue_delay_ms: float = 20.0) -> Path:
+    """`scorer`: a transaction model (aggregates looked up by account) that sums its row."""
+    from narthex.transactions import MODEL_FEATURES
+
+    width = len(MODEL_FEATURES)
+    write_config(
+        root,
+        ModelConfig(
+            name="scorer",
+            max_batch_size=64,
+            inputs=[TensorSpec(name="features", datatype="FP32", dims=[width])],
+            outputs=[TensorSpec(name="score", datatype="FP32", dims=[])],
+            dynamic_batching=DynamicBatching(max_queue_delay_ms=max_queue_delay_ms),
+            preprocessing=Preprocessing(kind="transaction"),
+        ),
+    )
+    write_version(
+        root,
+        "scorer",
+        1,
+        sum_model(width),
+        feature_schema=[{"name": f.name, "description": f.description} for f in MODEL_FEATURES],
+    )
     return root

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from redis.connection import parse_url
 
 from narthex.common.settings import AuthClientSettings
+from narthex.transactions import RETENTION_SECONDS
 
 
 class FeaturesSettings(AuthClientSettings):
@@ -16,3 +18,50 @@ class FeaturesSettings(AuthClientSettings):
     service_name: ClassVar[str] = "features"
 
     port: int = Field(8002, ge=1, le=65535, description="TCP port to bind")
+    redis_url: str | None = Field(
+        None,
+        description="online store shared by every replica (unset: in-process store, one replica)",
+    )
+    redis_prefix: str = Field(
+        "narthex:features", min_length=1, description="Redis key prefix of the online store"
+    )
+    redis_max_connections: int = Field(
+        32, ge=1, description="Redis connections per replica (callers wait for a free one)"
+    )
+    redis_timeout: float = Field(
+        1.0, gt=0, description="seconds to connect to Redis, or to wait for one of its answers"
+    )
+    max_batch_events: int = Field(1000, ge=1, description="transaction events per ingest request")
+    max_future_seconds: float = Field(
+        300.0, ge=0, description="events timestamped further ahead of server time are refused"
+    )
+    max_entities: int = Field(1000, ge=1, description="entities per batchGet request")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
+    retention_margin_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        description="an account's state expires this long after it would read as the defaults",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _parse_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_url(value)  # a bad scheme or port stops start-up, naming the setting
+        return value
+
+    @model_validator(mode="after")
+    def _margin_covers_future_events(self) -> FeaturesSettings:
+        # A state's newest event may be up to max_future_seconds ahead of the write that
+        # stored it; the expiry must still leave it RETENTION_SECONDS after that event.
+        if self.retention_margin_seconds < self.max_future_seconds:
+            raise ValueError(
+                "retention_margin_seconds must be at least max_future_seconds"
+                f" ({self.retention_margin_seconds} < {self.max_future_seconds})"
+            )
+        return self
+
+    @property
+    def state_ttl_seconds(self) -> int:
+        """How long an account's state outlives its last write (Redis EX, whole seconds)."""
+        return int(RETENTION_SECONDS + self.retention_margin_seconds + 0.999)

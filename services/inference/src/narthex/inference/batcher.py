@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -102,8 +102,11 @@ class Batcher(Generic[P, R]):
         preferred_batch_sizes: Sequence[int] = (),
         max_batch_tokens: int | None = None,
         hooks: BatchHooks | None = None,
+        prepare: Callable[[list[P]], Awaitable[None]] | None = None,
     ) -> None:
         self._compute = compute
+        # Async work on a formed batch before compute (one feature lookup for all of it).
+        self._prepare = prepare
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -299,6 +302,8 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
+            if self._prepare is not None:
+                await self._prepare([c.payload for c in batch])
             results = await loop.run_in_executor(
                 self._executor, self._compute, [c.payload for c in batch]
             )

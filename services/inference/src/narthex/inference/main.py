@@ -11,8 +11,10 @@ from starlette.middleware import Middleware
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.body import BodyLimitMiddleware
+from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.inference.errors import install_error_handlers
+from narthex.inference.features import FeatureClient, FeatureMetrics
 from narthex.inference.metrics import InferenceMetrics
 from narthex.inference.models import ModelRegistry
 from narthex.inference.repository import Repository
@@ -29,12 +31,22 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        features_client = ServiceClient(
+            "features", str(settings.features_url).rstrip("/"), settings.features_policy()
+        )
+        features = FeatureClient(
+            features_client,
+            budget=settings.features_timeout,
+            metrics=FeatureMetrics(app.state.metrics_registry),
+        )
+        app.state.features = features
         registry = ModelRegistry(
             Repository(settings.model_repository),
             InferenceMetrics(app.state.metrics_registry),
             provider=settings.provider,
             intra_op_threads=settings.intra_op_threads,
             drain_timeout=settings.drain_timeout,
+            features=features,
         )
         app.state.registry = registry
         app.state.service = InferenceService(
@@ -55,6 +67,7 @@ def create_app(
             yield
         finally:
             await registry.close()
+            await features_client.aclose()
 
     app = service_app(
         settings,

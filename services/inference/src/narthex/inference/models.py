@@ -20,6 +20,7 @@ import structlog
 
 from narthex.inference.batcher import Batcher
 from narthex.inference.errors import Conflict, ModelNotFound, Unavailable
+from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
 from narthex.inference.repository import (
     MODEL_FILE,
@@ -31,12 +32,15 @@ from narthex.inference.repository import (
 )
 from narthex.inference.runtime import Session
 from narthex.inference.text import TextEncoder
+from narthex.transactions import DEFAULTS, Transaction, model_input
 
-__all__ = ["LoadedVersion", "ModelRegistry", "numpy_dtype"]
+__all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring", "numpy_dtype"]
 
 log = structlog.get_logger("narthex.inference.models")
 
 Array = np.ndarray[Any, Any]
+# The extra output of a scored transaction: its aggregates were the defaults.
+DEGRADED = "degraded"
 Outputs = dict[str, Array]
 
 _DTYPES: dict[str, Any] = {
@@ -57,6 +61,17 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
     return dtype
 
 
+@dataclass(eq=False, slots=True)
+class Scoring:
+    """A chunk of transactions to score: their rows are made once the batch is formed,
+    from aggregates looked up for the whole batch (`LoadedVersion._look_up`)."""
+
+    transactions: list[Transaction]
+    token: str | None
+    rows: Array | None = None
+    degraded: bool = False
+
+
 class LoadedVersion:
     """One version in memory: its session, its batcher, its metrics."""
 
@@ -67,6 +82,7 @@ class LoadedVersion:
         session: Session,
         encoder: TextEncoder | None,
         metrics: VersionMetrics,
+        features: FeatureClient | None = None,
     ) -> None:
         self.config = config
         self.metadata = metadata
@@ -77,11 +93,20 @@ class LoadedVersion:
         self.metrics = metrics
         self.outputs: list[TensorSpec] = list(config.outputs)
         self._output_names = [o.name for o in self.outputs]
+        self.features = features
+        self.looks_up = config.preprocessing.kind == "transaction"
         self.loaded_at = time.time()
         self.ready = False
         batching = config.dynamic_batching
+        compute: Any = (
+            self._compute_text
+            if encoder is not None
+            else self._compute_scoring
+            if self.looks_up
+            else self._compute_tensors
+        )
         self.batcher: Batcher[Any, Outputs] = Batcher(
-            self._compute_text if encoder is not None else self._compute_tensors,
+            compute,
             name=f"{self.name}-v{self.version}",
             max_batch_size=config.max_batch_size,
             max_delay_s=batching.max_queue_delay_ms / 1000.0,
@@ -89,6 +114,7 @@ class LoadedVersion:
             preferred_batch_sizes=batching.preferred_batch_sizes,
             max_batch_tokens=batching.max_batch_tokens if encoder is not None else None,
             hooks=metrics.hooks(),
+            prepare=self._look_up if self.looks_up else None,
         )
 
     @property
@@ -108,6 +134,37 @@ class LoadedVersion:
         offsets = np.cumsum([len(next(iter(p.values()))) for p in payloads])[:-1]
         split = {name: np.split(outputs[name], offsets) for name in self._output_names}
         return [{name: split[name][i] for name in self._output_names} for i in range(len(payloads))]
+
+    def _compute_scoring(self, payloads: list[Scoring | Mapping[str, Array]]) -> list[Outputs]:
+        """Rows given inline and rows made from looked-up aggregates, in one run."""
+        name = self.config.inputs[0].name
+        rows = [p.rows if isinstance(p, Scoring) else p[name] for p in payloads]
+        assert all(r is not None for r in rows)
+        results = self._compute_tensors([{name: r} for r in rows if r is not None])
+        for payload, result in zip(payloads, results, strict=True):
+            if isinstance(payload, Scoring):
+                count = len(payload.transactions)
+                result[DEGRADED] = np.full(count, payload.degraded, dtype=np.bool_)
+        return results
+
+    async def _look_up(self, payloads: list[Any]) -> None:
+        """One feature lookup for every account in the batch, then each chunk's rows."""
+        scoring = [p for p in payloads if isinstance(p, Scoring)]
+        if not scoring:
+            return
+        entities = [tx.account_id for p in scoring for tx in p.transactions]
+        token = next((p.token for p in scoring if p.token), None)
+        if self.features is None:
+            lookup = Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason="none")
+        else:
+            lookup = await self.features.lookup(entities, at=time.time(), token=token)
+        values = iter(lookup.values)
+        for payload in scoring:
+            payload.rows = np.asarray(
+                [model_input(tx, next(values)) for tx in payload.transactions],
+                dtype=np.float32,
+            )
+            payload.degraded = lookup.degraded
 
     def _compute_text(self, payloads: list[list[int]]) -> list[Outputs]:
         assert self.encoder is not None
@@ -130,6 +187,20 @@ class LoadedVersion:
         ]
         parts = await self._submit(chunks, rows, deadline)
         return _join(parts, self._output_names)
+
+    async def score(
+        self, transactions: Sequence[Transaction], *, token: str | None, deadline: float
+    ) -> Outputs:
+        """Transactions whose accounts' aggregates are looked up when their batch forms;
+        outputs row-aligned, plus `degraded` per row."""
+        step = self.config.max_batch_size
+        chunks = [
+            (Scoring(list(transactions[start : start + step]), token), n, 0)
+            for start in range(0, len(transactions), step)
+            if (n := min(step, len(transactions) - start))
+        ]
+        parts = await self._submit(chunks, len(transactions), deadline)
+        return _join(parts, [*self._output_names, DEGRADED])
 
     async def embed(self, ids: Sequence[list[int]], *, deadline: float) -> Outputs:
         """Token ids (one list per text) through the batcher; one output row per text."""
@@ -191,8 +262,10 @@ class ModelRegistry:
         provider: str = "auto",
         intra_op_threads: int = 0,
         drain_timeout: float = 30.0,
+        features: FeatureClient | None = None,
     ) -> None:
         self.repository = repository
+        self.features = features
         self.metrics = metrics
         self.provider = provider
         self.intra_op_threads = intra_op_threads
@@ -305,7 +378,12 @@ class ModelRegistry:
         except Exception as exc:
             raise RepositoryError(f"{name} v{version}: cannot load: {exc}") from exc
         loaded = LoadedVersion(
-            config, metadata, session, encoder, self.metrics.version(name, version)
+            config,
+            metadata,
+            session,
+            encoder,
+            self.metrics.version(name, version),
+            features=self.features,
         )
         loaded.batcher.start()
         try:

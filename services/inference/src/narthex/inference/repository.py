@@ -96,9 +96,13 @@ class VersionPolicy(_Strict):
 
 class Preprocessing(_Strict):
     """How a request becomes the graph's inputs. `text`: strings through the tokenizer
-    file of the version directory into `input_ids`/`attention_mask`(/`token_type_ids`)."""
+    file of the version directory into `input_ids`/`attention_mask`(/`token_type_ids`).
+    `transaction`: v1 instances may name an `account_id` and carry only the transaction's
+    own fields; the account's aggregates come from the features service, for a whole
+    batch in one call, and `narthex.transactions.model_input` makes the row (instances
+    with the row itself, and OIP tensors, are taken as they are)."""
 
-    kind: Literal["none", "text"] = "none"
+    kind: Literal["none", "text", "transaction"] = "none"
     tokenizer: str = "tokenizer.json"
     max_tokens: Annotated[int, Field(ge=2, le=8192)] = 256
     # Over `max_tokens`: cut the text (true) or refuse the request (false).

@@ -10,10 +10,10 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import require_role, require_scope
+from narthex.common.authn import bearer_token, require_role, require_scope
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
-from narthex.inference.models import LoadedVersion, ModelRegistry
+from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
 from narthex.inference.repository import RepositoryError, TensorSpec
 from narthex.inference.schemas import (
     DefaultRequest,
@@ -200,6 +200,8 @@ async def infer_version(
 
 def _predictions(loaded: LoadedVersion, outputs: dict[str, Any]) -> list[dict[str, Any]]:
     names = [o.name for o in loaded.outputs]
+    if DEGRADED in outputs:  # scored on looked-up aggregates: were they the defaults?
+        names.append(DEGRADED)
     columns = [outputs[n].tolist() for n in names]
     return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
@@ -214,9 +216,15 @@ def _json(content: Any) -> Response:
 
 
 async def _predict(
-    service: InferenceService, name: str, version: str | None, body: PredictRequest
+    service: InferenceService,
+    name: str,
+    version: str | None,
+    body: PredictRequest,
+    request: Request,
 ) -> Response:
-    loaded, outputs = await service.predict_rows(name, _version(version), body.instances)
+    loaded, outputs = await service.predict_rows(
+        name, _version(version), body.instances, token=bearer_token(request.scope)
+    )
     return _json(
         {
             "model": name,
@@ -232,9 +240,9 @@ async def _predict(
     dependencies=inference,
     response_model=PredictResponse,
 )
-async def predict(name: str, body: PredictRequest, service: Service) -> Response:
+async def predict(name: str, body: PredictRequest, service: Service, request: Request) -> Response:
     """Predictions for JSON instances from the default version."""
-    return await _predict(service, name, None, body)
+    return await _predict(service, name, None, body, request)
 
 
 @router.post(
@@ -244,10 +252,10 @@ async def predict(name: str, body: PredictRequest, service: Service) -> Response
     response_model=PredictResponse,
 )
 async def predict_version(
-    name: str, version: str, body: PredictRequest, service: Service
+    name: str, version: str, body: PredictRequest, service: Service, request: Request
 ) -> Response:
     """Predictions from a pinned version."""
-    return await _predict(service, name, version, body)
+    return await _predict(service, name, version, body, request)
 
 
 def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:

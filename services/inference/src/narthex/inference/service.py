@@ -25,6 +25,7 @@ from narthex.inference.errors import (
 from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs, numpy_dtype
 from narthex.inference.repository import TensorSpec
 from narthex.inference.text import TextTooLong
+from narthex.transactions import InvalidTransaction, Transaction
 
 __all__ = ["Embeddings", "InferenceService", "Tensor"]
 
@@ -83,15 +84,26 @@ class InferenceService:
         return await self._with_model(name, version, attempt)
 
     async def predict_rows(
-        self, name: str, version: int | None, instances: Sequence[Any]
+        self,
+        name: str,
+        version: int | None,
+        instances: Sequence[Any],
+        *,
+        token: str | None = None,
     ) -> tuple[LoadedVersion, Outputs]:
         """v1 instances: one row of feature values (a list, or an object by feature name)
-        per instance for a tensor model with one input; strings for a text model."""
+        per instance for a tensor model with one input; strings for a text model; for a
+        transaction model also transactions naming an `account_id`, whose aggregates are
+        looked up (with the caller's `token`)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
                 embedded = await self._embed(loaded, instances)
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
+            if loaded.looks_up and _names_accounts(instances):
+                transactions = _transactions(loaded, instances)
+                outputs = await loaded.score(transactions, token=token, deadline=self._deadline())
+                return loaded, outputs
             spec = _single_input(loaded)
             rows = _rows_from_instances(loaded, spec, instances)
             arrays = _check_tensors(
@@ -150,6 +162,29 @@ class InferenceService:
             raise InvalidInput(str(exc), extra={"param": "input"}) from None
         outputs = await loaded.embed(ids, deadline=self._deadline())
         return Embeddings(loaded, outputs[loaded.outputs[0].name], [len(one) for one in ids])
+
+
+def _names_accounts(instances: Sequence[Any]) -> bool:
+    return bool(instances) and all(isinstance(i, Mapping) and "account_id" in i for i in instances)
+
+
+def _transactions(loaded: LoadedVersion, instances: Sequence[Any]) -> list[Transaction]:
+    """Instances as transactions to score; the event id and time may be left out (the
+    transaction is being scored now, not recorded)."""
+    _check_count(loaded, len(instances), "instances")
+    now = time.time()
+    transactions: list[Transaction] = []
+    for index, instance in enumerate(instances):
+        try:
+            transactions.append(
+                Transaction.from_dict({"event_id": "scoring", "timestamp": now, **instance})
+            )
+        except InvalidTransaction as exc:
+            problems = "; ".join(
+                f"instances[{index}].{field}: {message}" for field, message in exc.errors.items()
+            )
+            raise InvalidInput(problems) from None
+    return transactions
 
 
 def _check_count(loaded: LoadedVersion, count: int, what: str) -> None:

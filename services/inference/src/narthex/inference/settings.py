@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from narthex.common.http import ClientPolicy
 from narthex.common.settings import AuthClientSettings
 
 Provider = Literal["auto", "tensorrt", "cuda", "cpu"]
@@ -40,9 +41,35 @@ class InferenceSettings(AuthClientSettings):
     request_timeout: float = Field(
         30.0, gt=0, description="a request without a deadline header waits at most this long"
     )
+    features_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8002"),
+        description="features service (account aggregates for transaction models)",
+    )
+    features_timeout: float = Field(
+        0.05, gt=0, description="budget of one batch's feature lookup, seconds (then defaults)"
+    )
+    features_breaker_fail_max: int = Field(
+        5, ge=1, description="consecutive failed lookups that open the breaker to features"
+    )
+    features_breaker_reset_timeout: float = Field(
+        10.0, gt=0, description="seconds the breaker to features stays open before a trial"
+    )
     drain_timeout: float = Field(
         30.0, gt=0, description="an unloaded version finishes its requests within this time"
     )
+
+    def features_policy(self) -> ClientPolicy:
+        # The whole lookup lives within the budget: one quick retry at most, and a breaker
+        # so that a dead features service costs nothing but the defaults.
+        return ClientPolicy(
+            connect_timeout=self.features_timeout,
+            try_timeout=self.features_timeout,
+            deadline=self.features_timeout,
+            max_attempts=2,
+            backoff_base=0.005,
+            breaker_fail_max=self.features_breaker_fail_max,
+            breaker_reset_timeout=self.features_breaker_reset_timeout,
+        )
 
     @field_validator("models", mode="before")
     @classmethod

@@ -37,6 +37,7 @@ from narthex.inference.repository import (
     DynamicBatching,
     Metadata,
     ModelConfig,
+    Preprocessing,
     TensorSpec,
     VersionPolicy,
     WarmupSample,
@@ -264,6 +265,8 @@ def config() -> ModelConfig:
             max_queue_delay_ms=2.0, preferred_batch_sizes=[64, 128], max_queue_size=2048
         ),
         version_policy=VersionPolicy(latest=2),
+        # v1 instances may name an account instead: its aggregates are looked up.
+        preprocessing=Preprocessing(kind="transaction"),
         warmup=[WarmupSample(name="unknown-account", inputs={INPUT: [_warmup_row()]})],
     )
 
