@@ -235,6 +235,7 @@ def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path)
         env[f"{prefix}AUTH_URL"] = service_url(host, ports["auth"])
     if service == "inference":
         env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
+        env[f"{prefix}FEATURES_URL"] = service_url(host, ports["features"])
     if service == "auth":
         # In the state directory, not the caller's env or working directory: each
         # --state-dir is a platform of its own, tenants and keys included.
