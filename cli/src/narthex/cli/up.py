@@ -209,6 +209,11 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _shared_redis(env: dict[str, str], prefix: str) -> None:
+    if os.environ.get("REDIS_URL") and f"{prefix}REDIS_URL" not in os.environ:
+        env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
+
+
 def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path) -> dict[str, str]:
     """The child's environment: the caller's, with everything `up` decides set explicitly."""
     prefix = f"NARTHEX_{service.upper()}_"
@@ -228,11 +233,13 @@ def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path)
             env[f"{prefix}{upstream.upper()}_URL"] = service_url(host, ports[upstream])
         # Shared limits when the operator names a Redis; in-process limits otherwise,
         # which are exact for this single-gateway stack.
-        if os.environ.get("REDIS_URL") and f"{prefix}REDIS_URL" not in os.environ:
-            env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
+        _shared_redis(env, prefix)
     if service not in ("gateway", "auth"):
         # Internal services verify callers' tokens against this auth's JWKS themselves.
         env[f"{prefix}AUTH_URL"] = service_url(host, ports["auth"])
+    if service == "features":
+        # The online store in Redis when the operator names one; in process otherwise.
+        _shared_redis(env, prefix)
     if service == "inference":
         env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
         env[f"{prefix}FEATURES_URL"] = service_url(host, ports["features"])

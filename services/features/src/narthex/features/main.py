@@ -1,20 +1,84 @@
-"""App factory of the features service."""
+"""App factory of the features service: the online store in the lifespan, the routes."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
-from narthex.common.app import service_app
+from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
+from narthex.common.body import BodyLimitMiddleware
+from narthex.common.readiness import CheckResult
+from narthex.features.metrics import FeatureMetrics
+from narthex.features.routes import router
+from narthex.features.service import FeaturesService
 from narthex.features.settings import FeaturesSettings
+from narthex.features.store import (
+    FeatureStore,
+    MemoryFeatureStore,
+    RedisFeatureStore,
+    redis_client,
+)
 
 
-def create_app(settings: FeaturesSettings | None = None) -> FastAPI:
+def create_app(
+    settings: FeaturesSettings | None = None, *, verifier: VerifierFactory = remote_verifier
+) -> FastAPI:
+    """`verifier` checks callers' JWTs: the auth service's JWKS unless a test gives another."""
     settings = settings or FeaturesSettings()
-    return service_app(
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            metrics = FeatureMetrics(app.state.metrics_registry)
+            store: FeatureStore
+            if settings.redis_url:
+                # The pool connects on first use: the service starts without Redis, and
+                # readiness says so until it answers.
+                client = await stack.enter_async_context(
+                    redis_client(
+                        settings.redis_url,
+                        max_connections=settings.redis_max_connections,
+                        wait_seconds=settings.redis_timeout,
+                    )
+                )
+                redis_store = RedisFeatureStore(
+                    client,
+                    prefix=settings.redis_prefix,
+                    ttl_seconds=settings.state_ttl_seconds,
+                    on_conflict=metrics.store_conflicts.inc,
+                )
+
+                async def redis_up() -> CheckResult:
+                    await redis_store.ping()
+                    return CheckResult(True)
+
+                app.state.readiness.add("redis", redis_up)
+                store = redis_store
+            else:
+                store = MemoryFeatureStore(ttl_seconds=settings.state_ttl_seconds)
+            app.state.store = store
+            app.state.service = FeaturesService(
+                store,
+                metrics,
+                max_batch_events=settings.max_batch_events,
+                max_future_seconds=settings.max_future_seconds,
+                max_entities=settings.max_entities,
+            )
+            yield
+
+    app = service_app(
         settings,
         title="narthex features",
+        description="Online feature store: transaction events in, per-account rolling"
+        " aggregates out, computed by the same code that builds the training set.",
+        lifespan=lifespan,
         authenticate=True,
-        verifier=remote_verifier,
-        description="Online feature store and transaction event ingestion.",
+        verifier=verifier,
+        middleware=[Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)],
     )
+    app.include_router(router)
+    return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
@@ -47,7 +48,8 @@ class FeaturesSettings(AuthClientSettings):
     @classmethod
     def _parse_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_url(value)  # a bad scheme or port stops start-up, naming the setting
+            # redis-py's own parser: a bad scheme or port stops start-up, naming the setting.
+            parse_url(value)  # type: ignore[no-untyped-call]
         return value
 
     @model_validator(mode="after")
@@ -55,13 +57,15 @@ class FeaturesSettings(AuthClientSettings):
         # A state's newest event may be up to max_future_seconds ahead of the write that
         # stored it; the expiry must still leave it RETENTION_SECONDS after that event.
         if self.retention_margin_seconds < self.max_future_seconds:
+            prefix = str(self.model_config.get("env_prefix", "")).upper()
             raise ValueError(
-                "retention_margin_seconds must be at least max_future_seconds"
-                f" ({self.retention_margin_seconds} < {self.max_future_seconds})"
+                f"{prefix}RETENTION_MARGIN_SECONDS must be at least"
+                f" {prefix}MAX_FUTURE_SECONDS ({self.retention_margin_seconds:g} <"
+                f" {self.max_future_seconds:g})"
             )
         return self
 
     @property
     def state_ttl_seconds(self) -> int:
         """How long an account's state outlives its last write (Redis EX, whole seconds)."""
-        return int(RETENTION_SECONDS + self.retention_margin_seconds + 0.999)
+        return math.ceil(RETENTION_SECONDS + self.retention_margin_seconds)
