@@ -1,0 +1,396 @@
+"""The fraud path with real processes and the real Redis: transactions in, scores out, and
+inference surviving a features service that dies or slows down.
+
+- Through the gateway: a tenant posts an account's transactions, then scores one; the
+  score reflects them.
+- features SIGKILLed under 32 clients: no 5xx from inference, predictions degraded, the
+  breaker opens (the features port then sees no call until the reset timeout), and after a
+  restart one trial call closes it and predictions are whole again.
+- features slowed by a proxy: inference's p99 stays within the lookup budget plus its own
+  compute, measured against the same clients with features fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from narthex.inference.builtin import fraud
+from narthex.transactions import AccountState, Transaction, model_input
+from tests.support.delay import DelayProxy
+from tests.support.models import builtin_repository
+from tests.support.platform import (
+    HOST,
+    ROOT,
+    Edge,
+    edge,
+    exchange,
+    gateway_spec,
+    inference_spec,
+    running,
+)
+from tests.support.redis import REDIS_URL, redis_scratch
+from tests.support.services import Service, free_port
+
+pytestmark = pytest.mark.slow
+
+BREAKER_RESET_S = 2.0
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class FeaturesProcess:
+    """The features service on a fixed port, so that it can be killed and come back there."""
+
+    def __init__(self, directory: Path, auth_url: str, prefix: str) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.directory = directory
+        self.env = {
+            **os.environ,
+            "NARTHEX_FEATURES_HOST": HOST,
+            "NARTHEX_FEATURES_PORT": str(self.port),
+            "NARTHEX_FEATURES_ENV": "dev",
+            "NARTHEX_FEATURES_AUTH_URL": auth_url,
+            "NARTHEX_FEATURES_REDIS_URL": REDIS_URL,
+            "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.starts += 1
+        log = self.directory / f"features-{self.starts}.log"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "narthex.features"],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"features not ready:\n{log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class CountingProxy(DelayProxy):
+    """The delay proxy, counting the connections inference opens to features."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await super().handle(reader, writer)
+        except OSError:
+            return  # features is down: the connection just closes, as a dead port's would
+
+
+@contextmanager
+def proxy_thread(target_port: int) -> Iterator[CountingProxy]:
+    """The proxy on an event loop of its own, so the test's loop and blocking calls in the
+    test (process start-up) never stall it."""
+    loop = asyncio.new_event_loop()
+    proxy = CountingProxy(target_port)
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(proxy.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(10)
+    try:
+        yield proxy
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@dataclass
+class Stack:
+    platform: Edge
+    features: FeaturesProcess
+    proxy: CountingProxy
+    inference: Service
+    gateway: Service
+    jwt: str
+    prefix: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.jwt}"}
+
+
+@pytest.fixture(scope="module")
+def auth_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """auth and its operator (started outside the tests' event loops: it bootstraps with
+    asyncio.run)."""
+    with edge(tmp_path_factory.mktemp("fraud-path")) as platform:
+        yield platform
+
+
+@asynccontextmanager
+async def fraud_stack(
+    platform: Edge, directory: Path, **inference_env: str
+) -> AsyncIterator[Stack]:
+    """features (real Redis, a private prefix) behind the counting proxy, inference (fraud)
+    looking aggregates up through it, and a gateway in front of both."""
+    repository = builtin_repository(["fraud"])
+    async with redis_scratch() as scratch:
+        features = FeaturesProcess(directory, platform.auth.url, scratch.prefix)
+        features.start()
+        try:
+            with proxy_thread(features.port) as proxy:
+                spec = inference_spec(
+                    "inference",
+                    platform.auth.url,
+                    repository,
+                    models="fraud",
+                    features_url=f"http://{HOST}:{proxy.port}",
+                    features_breaker_reset_timeout=str(BREAKER_RESET_S),
+                    **inference_env,
+                )
+                gateway = partial(gateway_spec, "gateway", platform.auth.url)
+                with (
+                    running([spec], directory) as (inference,),
+                    running([gateway(inference.url, features_url=features.url)], directory) as (
+                        gw,
+                    ),
+                ):
+                    yield Stack(
+                        platform,
+                        features,
+                        proxy,
+                        inference,
+                        gw,
+                        exchange(platform.auth.url, platform.admin_key),
+                        scratch.prefix,
+                    )
+        finally:
+            features.stop()
+
+
+# -- traffic -----------------------------------------------------------------------------------
+
+
+def instance(account: str, amount: float = 25.0) -> dict[str, Any]:
+    return {"account_id": account, "merchant_id": "m_1", "amount": amount, "currency": "USD"}
+
+
+@dataclass
+class Scores:
+    """What the clients got, with when they sent and got it (monotonic)."""
+
+    records: list[tuple[float, float, int, bool | None]] = field(default_factory=list)
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, int, bool | None]]:
+        return [r for r in self.records if start <= r[0] and r[1] <= end]
+
+
+async def clients(
+    url: str, headers: dict[str, str], count: int, stop: asyncio.Event, scores: Scores
+) -> None:
+    async def one(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = await http.post(
+                    "/v1/models/fraud/predict", json={"instances": [instance(f"acct_{i % 8}")]}
+                )
+                degraded = None
+                if response.status_code == 200:
+                    degraded = response.json()["predictions"][0]["degraded"]
+                scores.records.append((sent, time.monotonic(), response.status_code, degraded))
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def fallbacks(http: httpx.AsyncClient, reason: str) -> float:
+    text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(f'inference_feature_fallbacks_total{{reason="{reason}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def wait_for(check: Any, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+async def test_posted_transactions_change_the_score_through_the_gateway(
+    auth_edge: Edge, tmp_path: Path
+) -> None:
+    async with fraud_stack(auth_edge, tmp_path, features_timeout="0.5") as stack:
+        now = time.time()
+        events = [
+            Transaction(f"e{i}", "acct_busy", f"m{i}", 900.0 + i, "USD", now - 60 * (10 - i))
+            for i in range(10)
+        ]
+        key = {"X-API-Key": stack.platform.admin_key}
+        async with httpx.AsyncClient(base_url=stack.gateway.url, headers=key, timeout=10) as gw:
+            unknown = await gw.post(
+                "/v1/models/fraud/predict", json={"instances": [instance("acct_busy", 950)]}
+            )
+            assert unknown.status_code == 200, unknown.text
+            posted = await gw.post(
+                "/v1/events/transactions", json={"events": [e.to_dict() for e in events]}
+            )
+            assert posted.status_code == 200, posted.text
+            assert posted.json()["accepted"] == 10
+            scored = await gw.post(
+                "/v1/models/fraud/predict", json={"instances": [instance("acct_busy", 950)]}
+            )
+            assert scored.status_code == 200, scored.text
+        before = unknown.json()["predictions"][0]
+        after = scored.json()["predictions"][0]
+        assert before["degraded"] is False
+        assert after["degraded"] is False
+        assert after["probabilities"][1] != pytest.approx(before["probabilities"][1], abs=1e-4)
+
+        # The score is the model's on the aggregates of exactly those events.
+        state = AccountState()
+        for event in events:
+            state.apply(event)
+        tx = Transaction("scoring", "acct_busy", "m_1", 950, "USD", time.time())
+        row = np.asarray([model_input(tx, state.features(time.time()))], dtype=np.float32)
+        expected = fraud.train().fraud_probability(2, row)[0]
+        assert after["probabilities"][1] == pytest.approx(expected, abs=0.02)
+
+
+async def test_features_killed_under_32_clients_degrades_then_recovers(
+    auth_edge: Edge, tmp_path: Path
+) -> None:
+    async with fraud_stack(
+        auth_edge, tmp_path, features_timeout="0.25", features_breaker_fail_max="3"
+    ) as stack:
+        scores, stop = Scores(), asyncio.Event()
+        async with httpx.AsyncClient(base_url=stack.inference.url, timeout=10) as http:
+            load = asyncio.create_task(
+                clients(stack.inference.url, stack.headers, 32, stop, scores)
+            )
+            try:
+                await asyncio.sleep(1.5)
+                killed_at = time.monotonic()
+                stack.features.kill()
+
+                # The breaker opens after the configured failures...
+                async def breaker_open() -> bool:
+                    return await fallbacks(http, "breaker_open") > 0
+
+                await wait_for(breaker_open, 5, "the breaker to open")
+                # ...and then features' port sees no call until the reset timeout.
+                calls = stack.proxy.connections
+                await asyncio.sleep(BREAKER_RESET_S * 0.6)
+                assert stack.proxy.connections == calls
+
+                await asyncio.to_thread(stack.features.start)
+                restarted_at = time.monotonic()
+
+                async def whole_again() -> bool:
+                    recent = [r for r in scores.records if r[0] > time.monotonic() - 0.3]
+                    return bool(recent) and all(r[3] is False for r in recent)
+
+                await wait_for(whole_again, BREAKER_RESET_S + 5, "undegraded predictions")
+                recovered_at = time.monotonic()
+                await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await load
+        statuses = {status for _, _, status, _ in scores.records}
+        assert statuses == {200}, statuses
+        assert all(r[3] is False for r in scores.between(0, killed_at))
+        outage = scores.between(killed_at + 0.3, restarted_at)
+        assert outage, "no requests during the outage"
+        assert all(r[3] is True for r in outage)
+        assert all(r[3] is False for r in scores.between(recovered_at, float("inf")))
+        print(
+            f"\n{len(scores.records)} predictions, {len(outage)} during the outage (all"
+            f" degraded), recovered {recovered_at - restarted_at:.2f} s after the restart"
+        )
+
+
+async def test_slow_features_cost_no_more_than_the_lookup_budget(
+    auth_edge: Edge, tmp_path: Path
+) -> None:
+    budget = 0.05
+    async with fraud_stack(auth_edge, tmp_path, features_timeout=str(budget)) as stack:
+
+        async def p99(delay: float) -> tuple[float, int]:
+            stack.proxy.delay = delay
+            scores, stop = Scores(), asyncio.Event()
+            load = asyncio.create_task(clients(stack.inference.url, stack.headers, 8, stop, scores))
+            await asyncio.sleep(3.0)
+            stop.set()
+            await load
+            latencies = [
+                end - sent for sent, end, _, _ in scores.records[len(scores.records) // 5 :]
+            ]
+            assert {s for _, _, s, _ in scores.records} == {200}
+            degraded = sum(1 for r in scores.records if r[3])
+            return float(np.percentile(latencies, 99)), degraded
+
+        fast, fast_degraded = await p99(0.0)
+        slow, slow_degraded = await p99(0.5)
+    print(
+        f"\ninference p99 with features fast: {fast * 1000:.1f} ms ({fast_degraded} degraded);"
+        f" with features 500 ms slow: {slow * 1000:.1f} ms ({slow_degraded} degraded);"
+        f" budget {budget * 1000:.0f} ms"
+    )
+    assert slow_degraded > 0
+    # Within the budget plus inference's own compute (the fast run's p99), with a margin
+    # for a loaded 2-core machine: far below the 500 ms the features service takes.
+    assert slow <= fast + budget + 0.1
