@@ -10,41 +10,22 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
 from narthex.features.main import create_app
 from narthex.features.settings import FeaturesSettings
 from narthex.features.store import FeatureStore
+from tests.support import tokens
 from tests.support.redis import REDIS_URL, RedisScratch, redis_scratch
+from tests.support.tokens import static_verifier
 
-KEY = SigningKey.generate()
 BACKENDS = ("memory", "redis")
 
 
-def token(scopes: list[str], roles: tuple[str, ...] = ("tenant",)) -> str:
-    return issue_token(
-        KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject="t_acme",
-        plan="standard",
-        roles=list(roles),
-        scopes=scopes,
-    )
-
-
 def bearer(*scopes: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(list(scopes))}"}
+    return tokens.bearer(["tenant"], scopes)
 
 
 PRODUCER = bearer("events")
 INFERENCE = bearer("inference")
-
-
-@asynccontextmanager
-async def static_verifier(_: Any) -> AsyncIterator[TokenVerifier]:
-    yield TokenVerifier(
-        JwksCache.static({"keys": [KEY.public_jwk()]}), issuer="narthex-auth", audience="narthex"
-    )
 
 
 @dataclass

@@ -17,35 +17,13 @@ import pytest
 import tritonclient.http as triton
 from fastapi import FastAPI
 
-from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
 from narthex.inference.main import create_app
 from narthex.inference.settings import InferenceSettings
 from tests.support.onnx_models import tiny_repository
+from tests.support.tokens import bearer, static_verifier, token
 
-KEY = SigningKey.generate()
-
-
-def token(roles: list[str], scopes: list[str]) -> str:
-    return issue_token(
-        KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject="t_acme",
-        plan="standard",
-        roles=roles,
-        scopes=scopes,
-    )
-
-
-CALLER = {"Authorization": f"Bearer {token(['tenant'], ['inference'])}"}
-ADMIN = {"Authorization": f"Bearer {token(['admin'], ['admin', 'inference'])}"}
-
-
-@asynccontextmanager
-async def static_verifier(_: Any) -> AsyncIterator[TokenVerifier]:
-    yield TokenVerifier(
-        JwksCache.static({"keys": [KEY.public_jwk()]}), issuer="narthex-auth", audience="narthex"
-    )
+CALLER = bearer(["tenant"], ["inference"])
+ADMIN = bearer(["admin"], ["admin", "inference"])
 
 
 @asynccontextmanager
