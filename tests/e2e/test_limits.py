@@ -176,16 +176,14 @@ async def test_four_replicas_share_one_exact_bucket_and_tenants_are_isolated(
         # spans the clients' run: admissions went on to the end, nothing was cut short.
         assert run.elapsed > run.client_elapsed - 0.5, report
         assert run.elapsed <= run.client_elapsed + 0.5, report
-        # Never more than the plan allows over that window (+1 request of slack), and,
-        # with the clients asking far more than that, at least 98% of it.
-        allowed = run.allowed(ACCURACY_PLAN)
-        assert run.admitted <= allowed + 1, report
-        assert run.admitted >= 0.98 * allowed, report
-        # The same over the clients' own window (first request sent -> last answer read),
-        # which is a little wider: the bound holds, and so does the 98%.
-        allowed = run.allowed(ACCURACY_PLAN, run.client_elapsed)
-        assert run.admitted <= allowed + 1, report
-        assert run.admitted >= 0.98 * allowed, report
+        # Never more than the plan allows over that window (+1 request of slack); the
+        # same over the clients' own window (first request sent -> last answer read).
+        assert run.admitted <= run.allowed(ACCURACY_PLAN) + 1, report
+        assert run.admitted <= run.allowed(ACCURACY_PLAN, run.client_elapsed) + 1, report
+        # With the clients asking far more, at least 98% of what the plan allows from the
+        # first admission on (before it, a full bucket cannot bank its refill).
+        assert run.first_admission >= run.window_start, report
+        assert run.admitted >= 0.98 * run.allowed(ACCURACY_PLAN, run.admitting), report
         # Every replica admitted its part: one bucket shared, not one per replica.
         assert len(run.admitted_by_gateway) == REPLICAS, report
     # Tenant A hammered with 25x the clients; B still got its own full share.

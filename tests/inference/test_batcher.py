@@ -73,6 +73,16 @@ async def queue_empty(batcher: Batcher[Any, Any]) -> None:
     raise AssertionError("the queue never emptied")
 
 
+async def queue_empty_of_first_batch(batcher: Batcher[Any, Any], left: int) -> None:
+    """Until the first batch has left the queue for compute, `left` items still waiting."""
+    await asyncio.sleep(0)
+    for _ in range(10_000):
+        if batcher.depth == left:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"the queue holds {batcher.depth} items, not {left}")
+
+
 async def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     compute = Recorder(delay=0.01)
     async with running(compute) as batcher:
@@ -147,12 +157,14 @@ async def test_an_expired_request_is_dropped_before_compute_and_counted() -> Non
 
 
 async def test_cancelled_callers_do_not_break_the_others() -> None:
-    compute = Recorder(delay=0.002)
+    compute = Recorder()
+    compute.gate.clear()  # nothing completes before the cancellations
     async with running(compute, max_batch_size=4) as batcher:
         calls = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(100)]
-        await asyncio.sleep(0.003)
+        await queue_empty_of_first_batch(batcher, 96)  # one batch in compute, the rest queued
         for call in calls[::2]:
             call.cancel()
+        compute.gate.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
         # The batcher is still healthy afterwards.
         assert await batcher.submit([("after", 1, 0)]) == [("done", "after")]
@@ -161,8 +173,9 @@ async def test_cancelled_callers_do_not_break_the_others() -> None:
             assert result == [("done", i)]
         else:
             assert isinstance(result, asyncio.CancelledError)
-    # Cancelled requests that were still queued were never computed.
-    assert len([p for p in compute.computed if isinstance(p, int) and p % 2 == 0]) < 50
+    # Cancelled requests that were still queued were never computed: of the even ones,
+    # only those in the first batch, already in compute when cancelled.
+    assert [p for p in compute.computed if isinstance(p, int) and p % 2 == 0] == [0, 2]
 
 
 async def test_one_bad_input_fails_only_its_own_request() -> None:

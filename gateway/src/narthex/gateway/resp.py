@@ -122,11 +122,23 @@ class _Connection(asyncio.Protocol):
         if not self._waiting:
             return
         if self._answered == answered:
-            self._fail(TimeoutError(f"Redis did not answer within {self._timeout} s"))
-            if self._transport is not None:
-                self._transport.abort()
+            # Not yet: a loop running late fires its timers before it reads the sockets,
+            # so a reply may be sitting unread. Two hops of call_soon land after the next
+            # I/O poll on both loops (uvloop runs them before its poll, asyncio after).
+            self._loop.call_soon(self._loop.call_soon, self._verdict, answered)
             return
         self._arm(self._answered)
+
+    def _verdict(self, answered: int) -> None:
+        if self.closed or not self._waiting:
+            return
+        if self._answered != answered:
+            if self._watchdog is None:
+                self._arm(self._answered)
+            return
+        self._fail(TimeoutError(f"Redis did not answer within {self._timeout} s"))
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
