@@ -22,6 +22,7 @@ from narthex.inference.batcher import Batcher
 from narthex.inference.errors import Conflict, ModelNotFound, Unavailable
 from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
+from narthex.inference.oip import DATATYPES
 from narthex.inference.repository import (
     MODEL_FILE,
     Metadata,
@@ -34,7 +35,7 @@ from narthex.inference.runtime import Session
 from narthex.inference.text import TextEncoder
 from narthex.transactions import DEFAULTS, Transaction, model_input
 
-__all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring", "numpy_dtype"]
+__all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring"]
 
 log = structlog.get_logger("narthex.inference.models")
 
@@ -42,23 +43,6 @@ Array = np.ndarray[Any, Any]
 # The extra output of a scored transaction: its aggregates were the defaults.
 DEGRADED = "degraded"
 Outputs = dict[str, Array]
-
-_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
-
-
-def numpy_dtype(datatype: str) -> np.dtype[Any]:
-    dtype: np.dtype[Any] = np.dtype(_DTYPES[datatype])
-    return dtype
 
 
 @dataclass(eq=False, slots=True)
@@ -138,9 +122,12 @@ class LoadedVersion:
     def _compute_scoring(self, payloads: list[Scoring | Mapping[str, Array]]) -> list[Outputs]:
         """Rows given inline and rows made from looked-up aggregates, in one run."""
         name = self.config.inputs[0].name
-        rows = [p.rows if isinstance(p, Scoring) else p[name] for p in payloads]
-        assert all(r is not None for r in rows)
-        results = self._compute_tensors([{name: r} for r in rows if r is not None])
+        feeds: list[Mapping[str, Array]] = []
+        for payload in payloads:
+            rows = payload.rows if isinstance(payload, Scoring) else payload[name]
+            assert rows is not None  # made by `_look_up` before compute
+            feeds.append({name: rows})
+        results = self._compute_tensors(feeds)
         for payload, result in zip(payloads, results, strict=True):
             if isinstance(payload, Scoring):
                 count = len(payload.transactions)
@@ -179,11 +166,9 @@ class LoadedVersion:
     async def infer(self, inputs: Mapping[str, Array], *, deadline: float) -> Outputs:
         """Rows of already validated tensors through the batcher; outputs row-aligned."""
         rows = len(next(iter(inputs.values())))
-        step = self.config.max_batch_size
         chunks = [
-            ({name: array[start : start + step] for name, array in inputs.items()}, n, 0)
-            for start in range(0, rows, step)
-            if (n := min(step, rows - start))
+            ({name: array[span] for name, array in inputs.items()}, span.stop - span.start, 0)
+            for span in _spans(rows, self.config.max_batch_size)
         ]
         parts = await self._submit(chunks, rows, deadline)
         return _join(parts, self._output_names)
@@ -193,11 +178,9 @@ class LoadedVersion:
     ) -> Outputs:
         """Transactions whose accounts' aggregates are looked up when their batch forms;
         outputs row-aligned, plus `degraded` per row."""
-        step = self.config.max_batch_size
         chunks = [
-            (Scoring(list(transactions[start : start + step]), token), n, 0)
-            for start in range(0, len(transactions), step)
-            if (n := min(step, len(transactions) - start))
+            (Scoring(list(transactions[span]), token), span.stop - span.start, 0)
+            for span in _spans(len(transactions), self.config.max_batch_size)
         ]
         parts = await self._submit(chunks, len(transactions), deadline)
         return _join(parts, [*self._output_names, DEGRADED])
@@ -236,6 +219,11 @@ class LoadedVersion:
             "training_metrics": self.metadata.training_metrics,
             "created_at": self.metadata.created_at.isoformat(),
         }
+
+
+def _spans(count: int, step: int) -> list[slice]:
+    """Consecutive slices of at most `step` items that cover `count`: a chunk each."""
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def _join(parts: list[Outputs], names: list[str]) -> Outputs:
@@ -416,7 +404,7 @@ class ModelRegistry:
                 else:
                     arrays = {
                         spec.name: np.asarray(
-                            sample.inputs[spec.name], dtype=numpy_dtype(spec.datatype)
+                            sample.inputs[spec.name], dtype=DATATYPES[spec.datatype]
                         )
                         for spec in loaded.config.inputs
                     }

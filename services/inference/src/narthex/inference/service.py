@@ -22,7 +22,8 @@ from narthex.inference.errors import (
     Overloaded,
     Unavailable,
 )
-from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs, numpy_dtype
+from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs
+from narthex.inference.oip import DATATYPES
 from narthex.inference.repository import TensorSpec
 from narthex.inference.text import TextTooLong
 from narthex.transactions import InvalidTransaction, Transaction
@@ -246,7 +247,7 @@ def _rows_from_instances(
                 raise InvalidInput(f"instances[{index}][{position}] is not a number")
         rows.append(row)
     try:
-        return np.asarray(rows, dtype=numpy_dtype(spec.datatype))
+        return np.asarray(rows, dtype=DATATYPES[spec.datatype])
     except (ValueError, OverflowError):
         raise InvalidInput("instances must all have the same number of values") from None
 
