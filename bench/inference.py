@@ -17,7 +17,6 @@ stops by itself. The built-in models are built first if missing (`narthex models
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import onnxruntime as ort
 import orjson
 from ruamel.yaml import YAML
 
-from bench.proxy import BenchError, WrkResult, parse_wrk
+from bench.proxy import BenchError, WrkResult, run_wrk
 from narthex.inference.builtin import fraud
 from narthex.inference.repository import CONFIG_FILE, Repository
 from narthex.inference.text import TextEncoder
@@ -152,19 +151,12 @@ def wrk_post(
             "  return wrk.format(nil, nil, nil, bodies[(i % #bodies) + 1])\n"
             "end\n"
         )
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
-    argv += ["-s", script.name, url]
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=seconds + 60, check=False
-        )
+        result = run_wrk(url, seconds, connections, script=Path(script.name), request_timeout="10s")
     finally:
         Path(script.name).unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise BenchError(f"wrk exited {done.returncode}:\n{done.stdout}{done.stderr}")
-    result = parse_wrk(done.stdout)
     if result.errors:
-        raise BenchError(f"{result.errors} failed requests against {url}:\n{done.stdout}")
+        raise BenchError(f"{result.errors} failed requests against {url}: {result}")
     return result
 
 

@@ -213,12 +213,21 @@ def parse_wrk(output: str) -> WrkResult:
 
 
 def run_wrk(
-    url: str, duration_s: int, connections: int, headers: Mapping[str, str] | None = None
+    url: str,
+    duration_s: int,
+    connections: int,
+    headers: Mapping[str, str] | None = None,
+    *,
+    script: Path | None = None,
+    request_timeout: str = "5s",
 ) -> WrkResult:
+    """One wrk run; `script` is a Lua file that shapes the requests (POST bodies, say)."""
     argv = ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
-    argv += ["--timeout", "5s", url]
+    if script is not None:
+        argv += ["-s", str(script)]
+    argv += ["--timeout", request_timeout, url]
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=duration_s + 30, check=False
