@@ -68,6 +68,7 @@ class BatchHooks:
 @dataclass(eq=False, slots=True)
 class _Job(Generic[R]):
     future: asyncio.Future[list[R]]
+    tenant: str
     deadline: float
     results: list[Any]
     left: int
@@ -135,16 +136,25 @@ class Batcher(Generic[P, R]):
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
     async def submit(
-        self, chunks: Sequence[tuple[P, int, int]], *, deadline: float = float("inf")
+        self,
+        chunks: Sequence[tuple[P, int, int]],
+        *,
+        tenant: str = "",
+        deadline: float = float("inf"),
     ) -> list[R]:
-        """Queue `(payload, rows, tokens)` chunks of one request; their results, in order."""
+        """Queue `(payload, rows, tokens)` chunks of one request of `tenant`; their results,
+        in order."""
         if self._closed:
             raise BatcherClosed(f"{self.name} is unloading")
         rows = sum(c[1] for c in chunks)
         if self._queued_rows + rows > self.max_queue_size:
             raise QueueFull(f"{self.name}: {self._queued_rows} items already waiting")
         job: _Job[R] = _Job(
-            asyncio.get_running_loop().create_future(), deadline, [None] * len(chunks), len(chunks)
+            asyncio.get_running_loop().create_future(),
+            tenant,
+            deadline,
+            [None] * len(chunks),
+            len(chunks),
         )
         now = time.monotonic()
         for index, (payload, n, tokens) in enumerate(chunks):

@@ -40,6 +40,8 @@ __all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring"]
 log = structlog.get_logger("narthex.inference.models")
 
 Array = np.ndarray[Any, Any]
+# Who the warm-up requests are queued for: no tenant's share of a queue.
+WARMUP_TENANT = ""
 # The extra output of a scored transaction: its aggregates were the defaults.
 DEGRADED = "degraded"
 Outputs = dict[str, Array]
@@ -51,6 +53,7 @@ class Scoring:
     from aggregates looked up for the whole batch (`LoadedVersion._look_up`)."""
 
     transactions: list[Transaction]
+    tenant: str  # whose accounts these are
     token: str | None
     rows: Array | None = None
     degraded: bool = False
@@ -163,40 +166,45 @@ class LoadedVersion:
 
     # -- requests (on the event loop) ------------------------------------------------------
 
-    async def infer(self, inputs: Mapping[str, Array], *, deadline: float) -> Outputs:
+    async def infer(self, inputs: Mapping[str, Array], *, tenant: str, deadline: float) -> Outputs:
         """Rows of already validated tensors through the batcher; outputs row-aligned."""
         rows = len(next(iter(inputs.values())))
         chunks = [
             ({name: array[span] for name, array in inputs.items()}, span.stop - span.start, 0)
             for span in _spans(rows, self.config.max_batch_size)
         ]
-        parts = await self._submit(chunks, rows, deadline)
+        parts = await self._submit(chunks, rows, tenant, deadline)
         return _join(parts, self._output_names)
 
     async def score(
-        self, transactions: Sequence[Transaction], *, token: str | None, deadline: float
+        self,
+        transactions: Sequence[Transaction],
+        *,
+        tenant: str,
+        token: str | None,
+        deadline: float,
     ) -> Outputs:
         """Transactions whose accounts' aggregates are looked up when their batch forms;
         outputs row-aligned, plus `degraded` per row."""
         chunks = [
-            (Scoring(list(transactions[span]), token), span.stop - span.start, 0)
+            (Scoring(list(transactions[span]), tenant, token), span.stop - span.start, 0)
             for span in _spans(len(transactions), self.config.max_batch_size)
         ]
-        parts = await self._submit(chunks, len(transactions), deadline)
+        parts = await self._submit(chunks, len(transactions), tenant, deadline)
         return _join(parts, [*self._output_names, DEGRADED])
 
-    async def embed(self, ids: Sequence[list[int]], *, deadline: float) -> Outputs:
+    async def embed(self, ids: Sequence[list[int]], *, tenant: str, deadline: float) -> Outputs:
         """Token ids (one list per text) through the batcher; one output row per text."""
         chunks = [(one, 1, len(one)) for one in ids]
-        parts = await self._submit(chunks, len(ids), deadline)
+        parts = await self._submit(chunks, len(ids), tenant, deadline)
         return _join(parts, self._output_names)
 
     async def _submit(
-        self, chunks: list[tuple[Any, int, int]], items: int, deadline: float
+        self, chunks: list[tuple[Any, int, int]], items: int, tenant: str, deadline: float
     ) -> list[Outputs]:
         started = time.monotonic()
         try:
-            parts = await self.batcher.submit(chunks, deadline=deadline)
+            parts = await self.batcher.submit(chunks, tenant=tenant, deadline=deadline)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -400,7 +408,9 @@ class ModelRegistry:
             for _ in range(sample.count):
                 if loaded.encoder is not None:
                     texts = next(iter(sample.inputs.values()))
-                    await loaded.embed(loaded.encoder.encode(texts), deadline=float("inf"))
+                    await loaded.embed(
+                        loaded.encoder.encode(texts), tenant=WARMUP_TENANT, deadline=float("inf")
+                    )
                 else:
                     arrays = {
                         spec.name: np.asarray(
@@ -408,7 +418,7 @@ class ModelRegistry:
                         )
                         for spec in loaded.config.inputs
                     }
-                    await loaded.infer(arrays, deadline=float("inf"))
+                    await loaded.infer(arrays, tenant=WARMUP_TENANT, deadline=float("inf"))
 
     def set_default(self, name: str, version: int) -> None:
         model = self._models.get(name)

@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import bearer_token, require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, bearer_token, require_role, require_scope
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
 from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
@@ -152,7 +152,12 @@ async def model_config(name: str, registry: Registry) -> dict[str, Any]:
 
 
 async def _infer(
-    request: Request, service: Service, settings: Settings, name: str, version: str | None
+    request: Request,
+    service: Service,
+    settings: Settings,
+    caller: CurrentPrincipal,
+    name: str,
+    version: str | None,
 ) -> Response:
     body = oip.decode_compressed(
         await request.body(),
@@ -167,7 +172,7 @@ async def _infer(
     registry = service.registry
     oip.check_outputs(decoded, [o.name for o in registry.resolve(name, _version(version)).outputs])
     tensors = [Tensor(t.name, t.datatype, t.shape, t.data) for t in decoded.inputs]
-    loaded, results = await service.infer(name, _version(version), tensors)
+    loaded, results = await service.infer(name, _version(version), tensors, tenant=caller.tenant)
     body, header_length = oip.encode_response(
         model_name=name,
         model_version=str(loaded.version),
@@ -184,15 +189,22 @@ async def _infer(
 
 
 @router.post("/v2/models/{name}/infer", tags=["oip"], dependencies=inference)
-async def infer(name: str, request: Request, service: Service, settings: Settings) -> Response:
-    return await _infer(request, service, settings, name, None)
+async def infer(
+    name: str, request: Request, service: Service, settings: Settings, caller: CurrentPrincipal
+) -> Response:
+    return await _infer(request, service, settings, caller, name, None)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", tags=["oip"], dependencies=inference)
 async def infer_version(
-    name: str, version: str, request: Request, service: Service, settings: Settings
+    name: str,
+    version: str,
+    request: Request,
+    service: Service,
+    settings: Settings,
+    caller: CurrentPrincipal,
 ) -> Response:
-    return await _infer(request, service, settings, name, version)
+    return await _infer(request, service, settings, caller, name, version)
 
 
 # -- v1: predict, models --------------------------------------------------------------------
@@ -221,9 +233,14 @@ async def _predict(
     version: str | None,
     body: PredictRequest,
     request: Request,
+    caller: CurrentPrincipal,
 ) -> Response:
     loaded, outputs = await service.predict_rows(
-        name, _version(version), body.instances, token=bearer_token(request.scope)
+        name,
+        _version(version),
+        body.instances,
+        tenant=caller.tenant,
+        token=bearer_token(request.scope),
     )
     return _json(
         {
@@ -240,9 +257,11 @@ async def _predict(
     dependencies=inference,
     response_model=PredictResponse,
 )
-async def predict(name: str, body: PredictRequest, service: Service, request: Request) -> Response:
+async def predict(
+    name: str, body: PredictRequest, service: Service, request: Request, caller: CurrentPrincipal
+) -> Response:
     """Predictions for JSON instances from the default version."""
-    return await _predict(service, name, None, body, request)
+    return await _predict(service, name, None, body, request, caller)
 
 
 @router.post(
@@ -252,10 +271,15 @@ async def predict(name: str, body: PredictRequest, service: Service, request: Re
     response_model=PredictResponse,
 )
 async def predict_version(
-    name: str, version: str, body: PredictRequest, service: Service, request: Request
+    name: str,
+    version: str,
+    body: PredictRequest,
+    service: Service,
+    request: Request,
+    caller: CurrentPrincipal,
 ) -> Response:
     """Predictions from a pinned version."""
-    return await _predict(service, name, version, body, request)
+    return await _predict(service, name, version, body, request, caller)
 
 
 def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:
@@ -298,11 +322,13 @@ async def get_model(name: str, registry: Registry) -> ModelInfo:
 @router.post(
     "/v1/embeddings", tags=["openai"], dependencies=inference, response_model=EmbeddingsResponse
 )
-async def embeddings(body: EmbeddingsRequest, service: Service) -> Response:
+async def embeddings(
+    body: EmbeddingsRequest, service: Service, caller: CurrentPrincipal
+) -> Response:
     """OpenAI's embeddings API: `openai.OpenAI(base_url=.../v1).embeddings.create(...)`."""
     name, _, pinned = body.model.partition(":")
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await service.embed(name, _version(pinned or None), texts)
+    result = await service.embed(name, _version(pinned or None), texts, tenant=caller.tenant)
     dimension = result.vectors.shape[1]
     if body.dimensions is not None and body.dimensions != dimension:
         raise InvalidInput(

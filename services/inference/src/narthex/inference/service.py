@@ -62,25 +62,28 @@ class InferenceService:
         return min(deadline_at(), time.monotonic() + self.request_timeout)
 
     async def infer(
-        self, name: str, version: int | None, tensors: Sequence[Tensor]
+        self, name: str, version: int | None, tensors: Sequence[Tensor], *, tenant: str
     ) -> tuple[LoadedVersion, Outputs]:
-        """Run named input tensors through a model (text models take one BYTES tensor)."""
+        """Run named input tensors through a model (text models take one BYTES tensor)
+        for the caller's `tenant` (every method here takes it: queues are shared)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
                 texts = _texts_from_tensor(loaded, tensors)
-                embedded = await self._embed(loaded, texts)
+                embedded = await self._embed(loaded, texts, tenant)
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
             arrays = _check_tensors(loaded, tensors)
-            return loaded, await loaded.infer(arrays, deadline=self._deadline())
+            return loaded, await loaded.infer(arrays, tenant=tenant, deadline=self._deadline())
 
         return await self._with_model(name, version, attempt)
 
-    async def embed(self, name: str, version: int | None, texts: Sequence[Any]) -> Embeddings:
+    async def embed(
+        self, name: str, version: int | None, texts: Sequence[Any], *, tenant: str
+    ) -> Embeddings:
         async def attempt(loaded: LoadedVersion) -> Embeddings:
             if loaded.encoder is None:
                 raise InvalidInput(f"{name} is not a text model", extra={"param": "model"})
-            return await self._embed(loaded, texts)
+            return await self._embed(loaded, texts, tenant)
 
         return await self._with_model(name, version, attempt)
 
@@ -90,6 +93,7 @@ class InferenceService:
         version: int | None,
         instances: Sequence[Any],
         *,
+        tenant: str,
         token: str | None = None,
     ) -> tuple[LoadedVersion, Outputs]:
         """v1 instances: one row of feature values (a list, or an object by feature name)
@@ -99,18 +103,20 @@ class InferenceService:
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
-                embedded = await self._embed(loaded, instances)
+                embedded = await self._embed(loaded, instances, tenant)
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
             if loaded.looks_up and _names_accounts(instances):
                 transactions = _transactions(loaded, instances)
-                outputs = await loaded.score(transactions, token=token, deadline=self._deadline())
+                outputs = await loaded.score(
+                    transactions, tenant=tenant, token=token, deadline=self._deadline()
+                )
                 return loaded, outputs
             spec = _single_input(loaded)
             rows = _rows_from_instances(loaded, spec, instances)
             arrays = _check_tensors(
                 loaded, [Tensor(spec.name, spec.datatype, tuple(rows.shape), rows)]
             )
-            return loaded, await loaded.infer(arrays, deadline=self._deadline())
+            return loaded, await loaded.infer(arrays, tenant=tenant, deadline=self._deadline())
 
         return await self._with_model(name, version, attempt)
 
@@ -140,7 +146,7 @@ class InferenceService:
                 raise ComputeError(str(exc)) from None
         raise AssertionError("unreachable")
 
-    async def _embed(self, loaded: LoadedVersion, texts: Sequence[Any]) -> Embeddings:
+    async def _embed(self, loaded: LoadedVersion, texts: Sequence[Any], tenant: str) -> Embeddings:
         assert loaded.encoder is not None
         _check_count(loaded, len(texts), "input")
         limit = self.max_text_bytes
@@ -161,7 +167,7 @@ class InferenceService:
             ids = loaded.encoder.encode(texts)
         except TextTooLong as exc:
             raise InvalidInput(str(exc), extra={"param": "input"}) from None
-        outputs = await loaded.embed(ids, deadline=self._deadline())
+        outputs = await loaded.embed(ids, tenant=tenant, deadline=self._deadline())
         return Embeddings(loaded, outputs[loaded.outputs[0].name], [len(one) for one in ids])
 
 
