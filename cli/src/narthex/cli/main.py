@@ -58,6 +58,11 @@ def status(state_dir: StateDir = Path(".state")) -> None:
     raise typer.Exit(run_status(state_dir))
 
 
+# Imported here, not on use: its own imports are light (no service stack).
+from narthex.cli.mesh import mesh_app  # noqa: E402
+
+app.add_typer(mesh_app, name="mesh")
+
 models_app = typer.Typer(help="The built-in models (fraud, minilm).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
