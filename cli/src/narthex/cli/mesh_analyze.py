@@ -419,6 +419,10 @@ def _from_gateway(route: Mapping[str, Any]) -> bool:
     return any(_labels(m.get("sourceLabels")).get("app", "gateway") == "gateway" for m in matches)
 
 
+def _seconds(value: Any) -> float | None:
+    return parse_duration(value) if value else None
+
+
 def _catches_gateway(route: Mapping[str, Any]) -> bool:
     """Whether every call of the gateway's that reaches this route takes it."""
     matches = route.get("match") or [{}]
@@ -467,31 +471,21 @@ def mesh_agrees_with_gateway(inv: Inventory, cat: Catalogue) -> Iterator[Finding
                 continue
             if in_app:
                 continue
+            per_try = (retries or {}).get("perTryTimeout")
             wanted = [
-                ("retries.attempts", mesh_attempts, attempts, "MAX_ATTEMPTS - 1"),
-                (
-                    "timeout",
-                    parse_duration(route.get("timeout")) if route.get("timeout") else None,
-                    deadline,
-                    "UPSTREAM_DEADLINE",
-                ),
-                (
-                    "retries.perTryTimeout",
-                    parse_duration((retries or {}).get("perTryTimeout"))
-                    if (retries or {}).get("perTryTimeout")
-                    else None,
-                    try_timeout,
-                    "UPSTREAM_TRY_TIMEOUT",
-                ),
+                # the mesh retries what the gateway would have: its tries less the first
+                ("retries.attempts", float(mesh_attempts), float(attempts), "", "MAX_ATTEMPTS"),
+                ("timeout", _seconds(route.get("timeout")), deadline, "s", "DEADLINE"),
+                ("retries.perTryTimeout", _seconds(per_try), try_timeout, "s", "TRY_TIMEOUT"),
             ]
-            for field, have, want, setting in wanted:
+            for field, have, want, unit, setting in wanted:
                 if have != want:
                     yield cat.finding(
                         "MeshPolicyDisagrees",
                         vs,
                         name,
                         field,
-                        "unset" if have is None else f"{have:g}",
-                        f"{want:g}",
-                        f"NARTHEX_GATEWAY_{setting} in {source}",
+                        "unset" if have is None else f"{have:g}{unit}",
+                        f"{want:g}{unit}" + (" (tries - 1)" if not unit else ""),
+                        f"NARTHEX_GATEWAY_UPSTREAM_{setting} in {source}",
                     )

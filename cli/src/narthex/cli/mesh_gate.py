@@ -54,9 +54,10 @@ class Verdict:
         return f"{one(self.stable)}; {one(self.canary)}"
 
 
-def _query(client: httpx.Client, promql: str) -> float | None:
+def _query(client: httpx.Client, promql: str, at: float | None = None) -> float | None:
+    params = {"query": promql} if at is None else {"query": promql, "time": repr(at)}
     try:
-        response = client.get("/api/v1/query", params={"query": promql})
+        response = client.get("/api/v1/query", params=params)
     except httpx.HTTPError as exc:
         raise GateError(f"Prometheus unreachable: {exc}") from None
     try:
@@ -75,7 +76,9 @@ def _query(client: httpx.Client, promql: str) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def measure(client: httpx.Client, plan: CanaryPlan, gate: Gate, subset: str) -> Measured:
+def measure(client: httpx.Client, plan: CanaryPlan, gate: Gate, subset: str, at: float) -> Measured:
+    """One subset's numbers, every query evaluated at the same instant `at` (queries at
+    different instants extrapolate their windows differently: errors could exceed requests)."""
     queries = gate.queries or {}
     missing = [name for name in QUERIES if name not in queries]
     if missing:
@@ -86,6 +89,7 @@ def measure(client: httpx.Client, plan: CanaryPlan, gate: Gate, subset: str) -> 
             Template(queries[name]).safe_substitute(
                 service=plan.service, subset=subset, window=gate.window
             ),
+            at,
         )
         for name in QUERIES
     }
@@ -103,8 +107,12 @@ def judge(
     with httpx.Client(
         base_url=prometheus_url.rstrip("/"), timeout=QUERY_TIMEOUT_S, transport=transport
     ) as client:
-        stable = measure(client, plan, gate, plan.stable)
-        canary = measure(client, plan, gate, plan.canary)
+        # Prometheus's own clock, not ours: a laptop's skew must not move the window.
+        now = _query(client, "time()")
+        if now is None:
+            raise GateError("Prometheus did not say what time it is")
+        stable = measure(client, plan, gate, plan.stable, now)
+        canary = measure(client, plan, gate, plan.canary, now)
     return compare(stable, canary, gate, canary_weight)
 
 

@@ -48,8 +48,10 @@ class Validator:
         self.catalogue = Catalogue(self.mesh_dir / MESSAGES)
 
     def run(self, overlay: Path) -> list[Finding]:
+        """Check `overlay` (any mesh tree's: mesh/overlays/<name>; files are named relative
+        to that tree)."""
         try:
-            objects = render(overlay, self.mesh_dir)
+            objects = render(overlay, overlay.parent.parent)
         except RenderError as exc:
             return [
                 self.catalogue.finding("KustomizeBuildFailed", None, str(exc), overlay=overlay.name)
