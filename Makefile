@@ -11,7 +11,7 @@ MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
 	libs/transactions/pyproject.toml
 
-.PHONY: help run test lint format bench models install clean
+.PHONY: help run test test-tools lint format bench models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,8 +19,14 @@ help: ## List the targets
 run: install ## Start the whole platform locally; prints URLs and a curl line that works
 	$(UV) run narthex up
 
-test: install lint models ## Install everything, then lint, type-check and run every test
+test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
+
+test-tools: ## Debian's prometheus, for the canary gate's test (skipped without it; CI fails)
+	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus >/dev/null) \
+		|| echo "could not install prometheus: tests/mesh/test_gate.py will skip it"; }
 
 lint: install ## ruff (lint + format check) and mypy --strict on the whole tree
 	$(UV) run ruff check .
