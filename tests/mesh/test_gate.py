@@ -150,49 +150,49 @@ def _drive(server: Service, versions: Versions, canary: Service) -> dict[str, li
     return statuses
 
 
-def _promote(mesh_dir: Path, server: Service) -> tuple[int, str, str]:
-    runner = CliRunner()
-    assert (
-        runner.invoke(
-            app, ["mesh", "set", "inference", "v2=10", "--mesh-dir", str(mesh_dir)]
-        ).exit_code
-        == 0
-    )
-    result = runner.invoke(
-        app, ["mesh", "promote", "--prometheus", server.url, "--mesh-dir", str(mesh_dir)]
-    )
-    return result.exit_code, result.stdout, result.stderr
+@dataclass(frozen=True)
+class GateRun:
+    statuses: dict[str, list[int]]  # what the clients saw, per version
+    canary_errors: float | None  # 504s of the canary, as Prometheus counted them
+    code: int
+    out: str
+    err: str
 
 
-def _lenient_latency(mesh_dir: Path) -> None:
+def _gate_run(versions: Versions, mesh_dir: Path, canary: Service, label: str) -> GateRun:
+    """Prometheus scraping the stable version (v1) and `canary` (v2); both driven; then
+    `narthex mesh set inference v2=10` and `narthex mesh promote --prometheus`."""
     # This machine is shared and small: one slow request moves a p99 of 60 by tens of ms.
     # The latency margin has its own tests above; here the error rate decides.
     plan = mesh_dir / "canary.yaml"
     plan.write_text(plan.read_text().replace("p99_slack_seconds: 0.025", "p99_slack_seconds: 1.0"))
+    runner = CliRunner()
+    with prometheus(
+        [(versions.stable.url, {"version": "v1"}), (canary.url, {"version": "v2"})],
+        versions.directory / f"prometheus-{label}",
+    ) as server:
+        statuses = _drive(server, versions, canary)
+        where = ["--mesh-dir", str(mesh_dir)]
+        assert runner.invoke(app, ["mesh", "set", "inference", "v2=10", *where]).exit_code == 0
+        result = runner.invoke(app, ["mesh", "promote", "--prometheus", server.url, *where])
+        errors = query(server, f'sum(http_requests_total{{version="v2",status="504",{PROBES}}})')
+    return GateRun(statuses, errors, result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.mark.slow
 def test_the_gate_refuses_a_failing_canary(versions: Versions, mesh_dir: Path) -> None:
-    _lenient_latency(mesh_dir)
-    with prometheus(
-        [(versions.stable.url, {"version": "v1"}), (versions.failing.url, {"version": "v2"})],
-        versions.directory / "prometheus-failing",
-    ) as server:
-        statuses = _drive(server, versions, versions.failing)
-        assert set(statuses["v1"]) == {200}
-        assert set(statuses["v2"]) == {504}  # the canary really fails, server-side
-        code, out, err = _promote(mesh_dir, server)
-        errors = query(server, f'sum(http_requests_total{{version="v2",status="504",{PROBES}}})')
-    assert errors is not None
-    assert errors >= REQUESTS
-    assert code == 1
-    assert "gate (5m): v1: " in out
-    assert "0.00% errors" in out
-    assert "v2: " in out
-    assert "refused to promote inference v2 from 10% to 25%: error rate 100.00% on v2" in err
+    run = _gate_run(versions, mesh_dir, versions.failing, "failing")
+    assert set(run.statuses["v1"]) == {200}
+    assert set(run.statuses["v2"]) == {504}  # the canary really fails, server-side
+    assert run.canary_errors is not None
+    assert run.canary_errors >= REQUESTS
+    assert run.code == 1
+    assert "gate (5m): v1: " in run.out
+    assert "0.00% errors" in run.out
+    assert "refused to promote inference v2 from 10% to 25%: error rate 100.00% on v2" in run.err
     assert (
         "against 0.00% on v1: 100.00 points worse, 99.00 points past the 1.00-point threshold"
-        in err
+        in run.err
     )
     plan = Plans.load(mesh_dir).plan("inference")
     assert read_weights(plan)["canary"] == {"v1": 90, "v2": 10}  # nothing moved
@@ -200,17 +200,11 @@ def test_the_gate_refuses_a_failing_canary(versions: Versions, mesh_dir: Path) -
 
 @pytest.mark.slow
 def test_the_gate_lets_a_healthy_canary_through(versions: Versions, mesh_dir: Path) -> None:
-    _lenient_latency(mesh_dir)
-    with prometheus(
-        [(versions.stable.url, {"version": "v1"}), (versions.healthy.url, {"version": "v2"})],
-        versions.directory / "prometheus-healthy",
-    ) as server:
-        statuses = _drive(server, versions, versions.healthy)
-        assert set(statuses["v1"]) == set(statuses["v2"]) == {200}
-        code, out, err = _promote(mesh_dir, server)
-    assert code == 0, err
-    assert "v2: " in out
-    assert "0.00% errors" in out
-    assert "inference: v1=75 v2=25" in out
+    run = _gate_run(versions, mesh_dir, versions.healthy, "healthy")
+    assert set(run.statuses["v1"]) == set(run.statuses["v2"]) == {200}
+    assert run.canary_errors is None  # not one 5xx
+    assert run.code == 0, run.err
+    assert "0.00% errors" in run.out
+    assert "inference: v1=75 v2=25" in run.out
     plan = Plans.load(mesh_dir).plan("inference")
     assert read_weights(plan)["canary"] == {"v1": 75, "v2": 25}
