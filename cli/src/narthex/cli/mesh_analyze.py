@@ -489,3 +489,43 @@ def mesh_agrees_with_gateway(inv: Inventory, cat: Catalogue) -> Iterator[Finding
                         f"{want:g}{unit}" + (" (tries - 1)" if not unit else ""),
                         f"NARTHEX_GATEWAY_UPSTREAM_{setting} in {source}",
                     )
+
+
+def _missing_hardening(pod: Mapping[str, Any], container: Mapping[str, Any]) -> list[str]:
+    pod_context = pod.get("securityContext") or {}
+    context = container.get("securityContext") or {}
+    seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+    mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
+    probes = {
+        name: ((container.get(name) or {}).get("httpGet") or {}).get("path")
+        for name in ("livenessProbe", "readinessProbe")
+    }
+    resources = container.get("resources") or {}
+    wanted = {
+        "runAsNonRoot": bool(context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))),
+        "readOnlyRootFilesystem": context.get("readOnlyRootFilesystem") is True,
+        "allowPrivilegeEscalation: false": context.get("allowPrivilegeEscalation") is False,
+        "capabilities.drop ALL": "ALL" in ((context.get("capabilities") or {}).get("drop") or []),
+        "seccompProfile RuntimeDefault": seccomp == "RuntimeDefault",
+        "a writable /tmp": "/tmp" in mounts,  # noqa: S108 - a path in the pod, not ours
+        "livenessProbe on /healthz": probes["livenessProbe"] == "/healthz",
+        "readinessProbe on /readyz": probes["readinessProbe"] == "/readyz",
+        "resources.requests and limits": bool(resources.get("requests"))
+        and bool(resources.get("limits")),
+    }
+    return [name for name, ok in wanted.items() if not ok]
+
+
+@check
+def workloads_hardened(inv: Inventory, cat: Catalogue) -> Iterator[Finding]:
+    """NX0009: every container of a workload runs as the platform's baseline says: non-root,
+    read-only root filesystem (with a writable /tmp), no privilege escalation, no
+    capabilities, the runtime's seccomp profile, probes on /healthz and /readyz, resources."""
+    for workload in inv.kind(*WORKLOAD_KINDS):
+        pod = (workload.spec.get("template") or {}).get("spec") or {}
+        for container in pod.get("containers") or []:
+            missing = _missing_hardening(pod, container)
+            if missing:
+                yield cat.finding(
+                    "WorkloadNotHardened", workload, container.get("name", "?"), ", ".join(missing)
+                )

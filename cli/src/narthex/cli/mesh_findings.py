@@ -72,6 +72,12 @@ NARTHEX_MESSAGES = {
         "Error",
         "Route %q has %s %s but the gateway's in-app policy says %s (%s)",
     ),
+    "WorkloadNotHardened": Message(
+        "NX0009",
+        "WorkloadNotHardened",
+        "Error",
+        "Container %q lacks what every narthex workload has: %s",
+    ),
 }
 
 
