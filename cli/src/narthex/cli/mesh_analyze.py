@@ -22,13 +22,23 @@ PORT_PROTOCOLS = (
 )  # fmt: skip
 ISTIO_ROOT_NAMESPACE = "istio-system"
 CLUSTER_DOMAIN = "svc.cluster.local"
-# ServiceClient's defaults (libs/common ClientPolicy), as the gateway's settings default them.
-GATEWAY_DEFAULTS = {
-    "NARTHEX_GATEWAY_UPSTREAM_RETRIES": "true",
-    "NARTHEX_GATEWAY_UPSTREAM_MAX_ATTEMPTS": "3",
-    "NARTHEX_GATEWAY_UPSTREAM_TRY_TIMEOUT": "30",
-    "NARTHEX_GATEWAY_UPSTREAM_DEADLINE": "30",
-}
+# The gateway's settings that the mesh must agree with (NARTHEX_GATEWAY_UPSTREAM_*).
+GATEWAY_POLICY = ("upstream_retries", "upstream_max_attempts", "upstream_try_timeout",
+                  "upstream_deadline")  # fmt: skip
+
+
+def gateway_defaults() -> dict[str, str]:
+    """Their defaults, from the gateway's own settings class: what a ConfigMap that does not
+    set them leaves in force."""
+    from narthex.gateway.settings import GatewaySettings
+
+    fields = GatewaySettings.model_fields
+    return {
+        f"NARTHEX_GATEWAY_{name.upper()}": str(fields[name].default).lower()
+        for name in GATEWAY_POLICY
+    }
+
+
 _FALSE = {"0", "false", "no", "off", "f", "n"}
 
 
@@ -123,8 +133,8 @@ class Inventory:
         for config in self.kind("ConfigMap"):
             data = _labels(config.body.get("data"))
             if any(key.startswith("NARTHEX_GATEWAY_") for key in data):
-                return {**GATEWAY_DEFAULTS, **data}, config
-        return dict(GATEWAY_DEFAULTS), None
+                return {**gateway_defaults(), **data}, config
+        return gateway_defaults(), None
 
 
 Check = Callable[[Inventory, Catalogue], Iterator[Finding]]
