@@ -304,12 +304,15 @@ class Admin:
 
 
 class PrivateRedis:
-    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL."""
+    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL.
 
-    def __init__(self, directory: Path) -> None:
+    `args` go to redis-server after the defaults (`{port}` is replaced by the port)."""
+
+    def __init__(self, directory: Path, args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.directory = directory
+        self.args = [arg.replace("{port}", str(self.port)) for arg in args]
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -318,7 +321,7 @@ class PrivateRedis:
         self.starts += 1
         log = self.directory / f"redis-{self.port}-{self.starts}.log"
         argv = ["redis-server", "--port", str(self.port), "--bind", HOST]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", *self.args]
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=out
