@@ -38,6 +38,9 @@ __all__ = [
 
 _NODES = 3
 _CONNECT_TIMEOUT_S = 3.0
+# Per node. redis-py's cluster client refuses a call beyond it rather than wait (and then
+# tears down connections other calls are using): above any test's concurrency (200).
+_MAX_CONNECTIONS = 256
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ async def cluster_scratch(cluster: LocalCluster) -> AsyncIterator[ClusterScratch
     """A client of `cluster` and a fresh prefix; every key under it is deleted afterwards."""
     client = RedisCluster.from_url(
         cluster.url,
+        max_connections=_MAX_CONNECTIONS,
         socket_connect_timeout=_CONNECT_TIMEOUT_S,
         socket_timeout=_CONNECT_TIMEOUT_S,
     )
