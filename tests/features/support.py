@@ -24,7 +24,7 @@ TENANT = "t_acme"
 
 
 def bearer(*granted: str, tenant: str = TENANT, role: str = scopes.TENANT) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tokens.token([role], granted, subject=tenant)}"}
+    return tokens.bearer([role], granted, subject=tenant)
 
 
 PRODUCER = bearer(scopes.EVENTS)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.body import BodyLimitMiddleware
-from narthex.common.http import ServiceClient
+from narthex.common.credential import ServiceCredential
+from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.inference.errors import install_error_handlers
 from narthex.inference.features import FeatureClient, FeatureMetrics
@@ -22,6 +24,8 @@ from narthex.inference.routes import PUBLIC_PATHS, router
 from narthex.inference.service import InferenceService
 from narthex.inference.settings import InferenceSettings
 
+log = structlog.get_logger("narthex.inference")
+
 
 def create_app(
     settings: InferenceSettings | None = None, *, verifier: VerifierFactory = remote_verifier
@@ -31,43 +35,59 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        features_client = ServiceClient(
-            "features", str(settings.features_url).rstrip("/"), settings.features_policy()
-        )
-        features = FeatureClient(
-            features_client,
-            budget=settings.features_timeout,
-            metrics=FeatureMetrics(app.state.metrics_registry),
-        )
-        app.state.features = features
-        registry = ModelRegistry(
-            Repository(settings.model_repository),
-            InferenceMetrics(app.state.metrics_registry),
-            provider=settings.provider,
-            intra_op_threads=settings.intra_op_threads,
-            drain_timeout=settings.drain_timeout,
-            features=features,
-        )
-        app.state.registry = registry
-        app.state.service = InferenceService(
-            registry,
-            request_timeout=settings.request_timeout,
-            max_text_bytes=settings.max_text_bytes,
-        )
-
-        async def models_warm() -> CheckResult:
-            return CheckResult(
-                registry.ready(),
-                {name: registry.default_version(name) for name in registry.names()},
+        async with AsyncExitStack() as stack:
+            features_client = await stack.enter_async_context(
+                ServiceClient(
+                    "features", str(settings.features_url).rstrip("/"), settings.features_policy()
+                )
+            )
+            credential = None
+            if settings.service_key is None:
+                log.warning(
+                    "no NARTHEX_INFERENCE_SERVICE_KEY: transaction models score on the"
+                    " default features"
+                )
+            else:
+                auth = await stack.enter_async_context(
+                    ServiceClient(
+                        "auth", str(settings.auth_url).rstrip("/"), ClientPolicy(deadline=5.0)
+                    )
+                )
+                credential = ServiceCredential(auth, settings.service_key)
+                stack.push_async_callback(credential.aclose)
+                credential.refresh_soon()  # so that the first batch finds a token
+            features = FeatureClient(
+                features_client,
+                credential,
+                budget=settings.features_timeout,
+                metrics=FeatureMetrics(app.state.metrics_registry),
+            )
+            app.state.features = features
+            registry = ModelRegistry(
+                Repository(settings.model_repository),
+                InferenceMetrics(app.state.metrics_registry),
+                provider=settings.provider,
+                intra_op_threads=settings.intra_op_threads,
+                drain_timeout=settings.drain_timeout,
+                features=features,
+            )
+            app.state.registry = registry
+            app.state.service = InferenceService(
+                registry,
+                request_timeout=settings.request_timeout,
+                max_text_bytes=settings.max_text_bytes,
             )
 
-        app.state.readiness.add("models", models_warm)
-        try:
+            async def models_warm() -> CheckResult:
+                return CheckResult(
+                    registry.ready(),
+                    {name: registry.default_version(name) for name in registry.names()},
+                )
+
+            app.state.readiness.add("models", models_warm)
+            stack.push_async_callback(registry.close)
             await registry.load_all(settings.models)
             yield
-        finally:
-            await registry.close()
-            await features_client.aclose()
 
     app = service_app(
         settings,
