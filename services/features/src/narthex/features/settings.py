@@ -37,8 +37,8 @@ class FeaturesSettings(AuthClientSettings):
     redis_max_connections: int = Field(
         32,
         ge=1,
-        description="Redis connections per replica, per node of a cluster (a single Redis:"
-        " callers wait for a free one; a cluster: a call finding none free gets a 503)",
+        description="Redis connections per replica, per node of a cluster (calls wait for a"
+        " free one)",
     )
     redis_timeout: float = Field(
         1.0, gt=0, description="seconds to connect to Redis, or to wait for one of its answers"
