@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
@@ -27,6 +27,19 @@ from narthex.inference.settings import InferenceSettings
 log = structlog.get_logger("narthex.inference")
 
 
+def _service_credential(settings: InferenceSettings) -> ServiceCredential | None:
+    """Inference's own credential for features, fetching its first token already."""
+    if settings.service_key is None:
+        log.warning(
+            "no NARTHEX_INFERENCE_SERVICE_KEY: transaction models score on the default features"
+        )
+        return None
+    auth = ServiceClient("auth", str(settings.auth_url).rstrip("/"), ClientPolicy(deadline=5.0))
+    credential = ServiceCredential(auth, settings.service_key)
+    credential.refresh_soon()  # so that the first batch finds a token
+    return credential
+
+
 def create_app(
     settings: InferenceSettings | None = None, *, verifier: VerifierFactory = remote_verifier
 ) -> FastAPI:
@@ -35,59 +48,48 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            features_client = await stack.enter_async_context(
-                ServiceClient(
-                    "features", str(settings.features_url).rstrip("/"), settings.features_policy()
-                )
-            )
-            credential = None
-            if settings.service_key is None:
-                log.warning(
-                    "no NARTHEX_INFERENCE_SERVICE_KEY: transaction models score on the"
-                    " default features"
-                )
-            else:
-                auth = await stack.enter_async_context(
-                    ServiceClient(
-                        "auth", str(settings.auth_url).rstrip("/"), ClientPolicy(deadline=5.0)
-                    )
-                )
-                credential = ServiceCredential(auth, settings.service_key)
-                stack.push_async_callback(credential.aclose)
-                credential.refresh_soon()  # so that the first batch finds a token
-            features = FeatureClient(
-                features_client,
-                credential,
-                budget=settings.features_timeout,
-                metrics=FeatureMetrics(app.state.metrics_registry),
-            )
-            app.state.features = features
-            registry = ModelRegistry(
-                Repository(settings.model_repository),
-                InferenceMetrics(app.state.metrics_registry),
-                provider=settings.provider,
-                intra_op_threads=settings.intra_op_threads,
-                drain_timeout=settings.drain_timeout,
-                features=features,
-            )
-            app.state.registry = registry
-            app.state.service = InferenceService(
-                registry,
-                request_timeout=settings.request_timeout,
-                max_text_bytes=settings.max_text_bytes,
+        features_client = ServiceClient(
+            "features", str(settings.features_url).rstrip("/"), settings.features_policy()
+        )
+        credential = _service_credential(settings)
+        features = FeatureClient(
+            features_client,
+            credential,
+            budget=settings.features_timeout,
+            metrics=FeatureMetrics(app.state.metrics_registry),
+        )
+        app.state.features = features
+        registry = ModelRegistry(
+            Repository(settings.model_repository),
+            InferenceMetrics(app.state.metrics_registry),
+            provider=settings.provider,
+            intra_op_threads=settings.intra_op_threads,
+            drain_timeout=settings.drain_timeout,
+            features=features,
+        )
+        app.state.registry = registry
+        app.state.service = InferenceService(
+            registry,
+            request_timeout=settings.request_timeout,
+            max_text_bytes=settings.max_text_bytes,
+        )
+
+        async def models_warm() -> CheckResult:
+            return CheckResult(
+                registry.ready(),
+                {name: registry.default_version(name) for name in registry.names()},
             )
 
-            async def models_warm() -> CheckResult:
-                return CheckResult(
-                    registry.ready(),
-                    {name: registry.default_version(name) for name in registry.names()},
-                )
-
-            app.state.readiness.add("models", models_warm)
-            stack.push_async_callback(registry.close)
+        app.state.readiness.add("models", models_warm)
+        try:
             await registry.load_all(settings.models)
             yield
+        finally:
+            await registry.close()
+            if credential is not None:
+                await credential.aclose()
+                await credential.auth.aclose()
+            await features_client.aclose()
 
     app = service_app(
         settings,
