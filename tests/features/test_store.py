@@ -203,6 +203,16 @@ async def test_duplicates_inside_a_batch_count_once_first_copy_wins(backend: Bac
     assert await state_of(backend.store) == replayed(batch[:2])["acct1"]
 
 
+async def test_thousands_of_events_of_one_account_in_one_batch(backend: Backend) -> None:
+    # More ids than one call to Redis's Lua may unpack at once (the read script slices).
+    events = [tx(f"e{i}", T0 + i, merchant=f"m{i % 7}") for i in range(2500)]
+    assert await backend.store.ingest(TENANT, [*events, *events[:10]]) == IngestCounts(
+        accepted=2500, duplicates=10
+    )
+    assert await backend.store.ingest(TENANT, events) == IngestCounts(duplicates=2500)
+    assert await state_of(backend.store) == replayed(events)["acct1"]
+
+
 async def test_the_same_id_under_two_accounts_counts_twice(backend: Backend) -> None:
     counts = await backend.store.ingest(
         TENANT, [tx("e1", T0, account="a"), tx("e1", T0, account="b")]
