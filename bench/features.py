@@ -226,6 +226,13 @@ def metric_total(url: str, name: str) -> float:
     return sum(float(value) for value in pattern.findall(text))
 
 
+def fallback_reasons(url: str) -> dict[str, float]:
+    """inference's fallbacks to the default features so far, by reason."""
+    text = httpx.get(url + "/metrics", timeout=10.0).text
+    pattern = re.compile(rf'^{re.escape(FALLBACKS)}{{reason="([^"]*)"}}\s+(\S+)$', re.M)
+    return {reason: float(value) for reason, value in pattern.findall(text)}
+
+
 FALLBACKS = "inference_feature_fallbacks_total"
 LOOKUPS = "inference_feature_lookup_seconds_count"
 
@@ -354,18 +361,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     predict_url = inference.url + PREDICT
                     fraud: dict[str, WrkResult] = {}
                     fallbacks = batches_looked_up = 0.0
+                    reasons: dict[str, float] = {}
                     for label, fraud_bodies in (
                         ("inline", inline_bodies),
                         ("lookup", lookup_bodies),
                     ):
                         wrk_post(predict_url, fraud_bodies, token, 2, FRAUD_CONNECTIONS)
                         before = metric_total(inference.url, FALLBACKS)
+                        reasons_before = fallback_reasons(inference.url)
                         lookups_before = metric_total(inference.url, LOOKUPS)
                         fraud[label] = wrk_post(
                             predict_url, fraud_bodies, token, args.duration, FRAUD_CONNECTIONS
                         )
                         if label == "lookup":
                             fallbacks = metric_total(inference.url, FALLBACKS) - before
+                            reasons = {
+                                reason: count - reasons_before.get(reason, 0.0)
+                                for reason, count in fallback_reasons(inference.url).items()
+                                if count > reasons_before.get(reason, 0.0)
+                            }
                             batches_looked_up = (
                                 metric_total(inference.url, LOOKUPS) - lookups_before
                             )
@@ -400,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests_per_lookup = lookup.requests / batches_looked_up if batches_looked_up else 0.0
     print(
         f"  lookup: {batches_looked_up:.0f} batchGet calls for {lookup.requests} requests"
-        f" ({requests_per_lookup:.1f} per formed batch), {fallbacks:.0f} fell back to defaults;"
+        f" ({requests_per_lookup:.1f} per formed batch), {fallbacks:.0f} fell back to defaults"
+        f" {reasons or ''};"
         f" {SAMPLES} sampled before: degraded false, |p(lookup) - p(inline)| <="
         f" {max(differences):.2g}"
     )
