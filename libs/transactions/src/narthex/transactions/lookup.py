@@ -10,12 +10,13 @@ with orjson (a test holds each to its model).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from typing_extensions import TypedDict
 
 from narthex.transactions.aggregates import FEATURES
 from narthex.transactions.events import MAX_ID_LENGTH
@@ -37,11 +38,14 @@ BATCH_GET = "/internal/v1/features:batchGet"
 _Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
-class Entity(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Entity(TypedDict):
+    """An account of a tenant. A TypedDict, not a model: validating up to 1000 of them per
+    call costs half as much."""
 
-    tenant: _Id = Field(description="the tenant the account belongs to")
-    account: _Id = Field(description="the account id, as its transaction events name it")
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    tenant: Annotated[_Id, Field(description="the tenant the account belongs to")]
+    account: Annotated[_Id, Field(description="the account id, as its transaction events name it")]
 
 
 class BatchGetRequest(BaseModel):
@@ -102,9 +106,10 @@ def encode_request(entities: Iterable[tuple[str, str]], at: float | None) -> byt
     return orjson.dumps(body)
 
 
-def encode_answer(as_of: float, answers: Iterable[Answer]) -> bytes:
-    """A `BatchGetResponse` body. orjson straight from the dataclasses: ~20 floats per
-    entity through pydantic would cost more than the store's round trip."""
+def encode_answer(as_of: float, answers: Sequence[Answer]) -> bytes:
+    """A `BatchGetResponse` body. orjson from plain dicts (it writes a slotted dataclass
+    twice as slowly): ~20 floats per entity through pydantic would cost more than the
+    store's round trip."""
     return orjson.dumps(
         {
             "schema": _SCHEMA,

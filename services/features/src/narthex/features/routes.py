@@ -60,6 +60,6 @@ async def ingest_transactions(
 async def batch_get(body: BatchGetRequest, service: Service) -> Response:
     """Unknown entities get the declared defaults, with `known: false`."""
     as_of, answer = await service.batch_get(
-        [(entity.tenant, entity.account) for entity in body.entities], body.at
+        [(entity["tenant"], entity["account"]) for entity in body.entities], body.at
     )
     return Response(encode_answer(as_of, answer), media_type="application/json")
