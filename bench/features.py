@@ -3,8 +3,10 @@
 Real processes on 127.0.0.1: auth (with the operator's admin key, `tests.support.platform.
 edge`), the features service on the Redis at 127.0.0.1:6379 under a private key prefix
 (deleted afterwards), and the inference service serving the built-in `fraud` model with
-that features service behind it. Every call carries the operator's JWT (scopes events and
-inference), verified by each service against auth's JWKS.
+that features service behind it. Ingestion and scoring carry the operator's JWT (scopes
+events and inference), batchGet inference's own service credential (as inference itself
+does); each service verifies them against auth's JWKS. The accounts are the operator's
+tenant's.
 
 (1) Ingestion: `POST /v1/events/transactions`, batches of BATCH_EVENTS simulated
     transactions (`narthex.transactions.simulate`, moved to end a minute before now),
@@ -50,19 +52,18 @@ from bench.inference import wrk_post
 from bench.limits import REDIS_URL, private_prefix
 from bench.proxy import BenchError, WrkResult
 from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
+from narthex.transactions.lookup import BATCH_GET, encode_request
 from tests.support.models import builtin_repository
 from tests.support.platform import (
     HOST,
     Spec,
     edge,
     exchange,
-    inference_spec,
     module_argv,
     running,
 )
 
 INGEST = "/v1/events/transactions"
-BATCH_GET = "/internal/v1/features:batchGet"
 PREDICT = "/v1/models/fraud/predict"
 BATCH_EVENTS = 100
 INGEST_CONNECTIONS = 8
@@ -154,13 +155,13 @@ async def ingest(
 # -- (2), (3) helpers --------------------------------------------------------------------------
 
 
-def batch_get(url: str, token: str, entities: Sequence[str], at: float | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"entities": list(entities)}
-    if at is not None:
-        body["at"] = at
+def batch_get(
+    url: str, token: str, tenant: str, accounts: Sequence[str], at: float | None
+) -> dict[str, Any]:
+    """`tenant`'s `accounts`, asked for with `token` (inference's service credential)."""
     response = httpx.post(
         url + BATCH_GET,
-        content=orjson.dumps(body),
+        content=encode_request([(tenant, account) for account in accounts], at),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         timeout=10.0,
     )
@@ -170,12 +171,12 @@ def batch_get(url: str, token: str, entities: Sequence[str], at: float | None) -
     return answer
 
 
-def known_accounts(url: str, token: str, accounts: Sequence[str]) -> list[str]:
+def known_accounts(url: str, token: str, tenant: str, accounts: Sequence[str]) -> list[str]:
     """The accounts that batchGet knows (has events for), in the order given."""
     known: list[str] = []
     for start in range(0, len(accounts), 500):
-        answer = batch_get(url, token, accounts[start : start + 500], None)
-        known += [item["entity"] for item in answer["features"] if item["known"]]
+        answer = batch_get(url, token, tenant, accounts[start : start + 500], None)
+        known += [item["account"] for item in answer["features"] if item["known"]]
     return known
 
 
@@ -191,14 +192,14 @@ def lookup_instance(tx: Transaction) -> dict[str, Any]:
 
 
 def inline_rows(
-    url: str, token: str, transactions: Sequence[Transaction], at: float
+    url: str, token: str, tenant: str, transactions: Sequence[Transaction], at: float
 ) -> list[list[float]]:
     """The model's rows for `transactions` scored at `at`, on aggregates read at `at`."""
     accounts = list(dict.fromkeys(tx.account_id for tx in transactions))
-    answer = batch_get(url, token, accounts, at)
+    answer = batch_get(url, token, tenant, accounts, at)
     if answer["schema"] != list(FEATURES):
         raise BenchError(f"batchGet's schema is not narthex.transactions.FEATURES: {answer}")
-    aggregates = {item["entity"]: item["values"] for item in answer["features"]}
+    aggregates = {item["account"]: item["values"] for item in answer["features"]}
     return [
         model_input(dataclasses.replace(tx, timestamp=at), aggregates[tx.account_id])
         for tx in transactions
@@ -223,6 +224,13 @@ def metric_total(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10.0).text
     pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", re.M)
     return sum(float(value) for value in pattern.findall(text))
+
+
+def fallback_reasons(url: str) -> dict[str, float]:
+    """inference's fallbacks to the default features so far, by reason."""
+    text = httpx.get(url + "/metrics", timeout=10.0).text
+    pattern = re.compile(rf'^{re.escape(FALLBACKS)}{{reason="([^"]*)"}}\s+(\S+)$', re.M)
+    return {reason: float(value) for reason, value in pattern.findall(text)}
 
 
 FALLBACKS = "inference_feature_fallbacks_total"
@@ -278,15 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with edge(directory) as platform:
             specs = [features_spec("features", platform.auth.url, prefix)]
             with running(specs, directory, timeout=60) as (features,):
-                spec = inference_spec(
-                    "inference",
-                    platform.auth.url,
-                    repository,
-                    models="fraud",
-                    features_url=features.url,
+                spec = platform.inference(
+                    "inference", repository, models="fraud", features_url=features.url
                 )
                 with running([spec], directory, timeout=120) as (inference,):
                     token = exchange(platform.auth.url, platform.admin_key)
+                    service_token = exchange(platform.auth.url, platform.inference_key)
+                    tenant = platform.admin_tenant_id
 
                     # (1) ingestion; the first batch alone first (JWKS fetch, connections).
                     ingest_url = features.url + INGEST
@@ -303,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # Accounts with events, for (2) and (3).
                     sent_transactions = [tx for i in sent for tx in batches[i]]
                     candidates = list(dict.fromkeys(tx.account_id for tx in sent_transactions))
-                    known = known_accounts(features.url, token, candidates)
+                    known = known_accounts(features.url, service_token, tenant, candidates)
                     if len(known) < max(ENTITY_COUNTS):
                         raise BenchError(f"only {len(known)} known accounts after ingestion")
 
@@ -311,14 +317,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lookups: dict[int, WrkResult] = {}
                     for count in ENTITY_COUNTS:
                         entity_bodies = [
-                            orjson.dumps(
-                                {"entities": rng.choice(known, size=count, replace=False).tolist()}
+                            encode_request(
+                                [
+                                    (tenant, account)
+                                    for account in rng.choice(known, size=count, replace=False)
+                                ],
+                                None,
                             )
                             for _ in range(64)
                         ]
                         url = features.url + BATCH_GET
-                        wrk_post(url, entity_bodies, token, 2, 1)  # warm-up, not measured
-                        lookups[count] = wrk_post(url, entity_bodies, token, args.duration, 1)
+                        wrk_post(url, entity_bodies, service_token, 2, 1)  # warm-up
+                        lookups[count] = wrk_post(
+                            url, entity_bodies, service_token, args.duration, 1
+                        )
 
                     # (3) fraud: the last transactions of known accounts, scored now.
                     known_set = set(known)
@@ -329,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lookup_bodies = [
                         orjson.dumps({"instances": [lookup_instance(tx)]}) for tx in chosen
                     ]
-                    rows = inline_rows(features.url, token, chosen, time.time())
+                    rows = inline_rows(features.url, service_token, tenant, chosen, time.time())
                     inline_bodies = [orjson.dumps({"instances": [r]}) for r in rows]
                     differences: list[float] = []
                     for lookup_body, inline_body in zip(
@@ -349,18 +361,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     predict_url = inference.url + PREDICT
                     fraud: dict[str, WrkResult] = {}
                     fallbacks = batches_looked_up = 0.0
+                    reasons: dict[str, float] = {}
                     for label, fraud_bodies in (
                         ("inline", inline_bodies),
                         ("lookup", lookup_bodies),
                     ):
                         wrk_post(predict_url, fraud_bodies, token, 2, FRAUD_CONNECTIONS)
                         before = metric_total(inference.url, FALLBACKS)
+                        reasons_before = fallback_reasons(inference.url)
                         lookups_before = metric_total(inference.url, LOOKUPS)
                         fraud[label] = wrk_post(
                             predict_url, fraud_bodies, token, args.duration, FRAUD_CONNECTIONS
                         )
                         if label == "lookup":
                             fallbacks = metric_total(inference.url, FALLBACKS) - before
+                            reasons = {
+                                reason: count - reasons_before.get(reason, 0.0)
+                                for reason, count in fallback_reasons(inference.url).items()
+                                if count > reasons_before.get(reason, 0.0)
+                            }
                             batches_looked_up = (
                                 metric_total(inference.url, LOOKUPS) - lookups_before
                             )
@@ -395,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests_per_lookup = lookup.requests / batches_looked_up if batches_looked_up else 0.0
     print(
         f"  lookup: {batches_looked_up:.0f} batchGet calls for {lookup.requests} requests"
-        f" ({requests_per_lookup:.1f} per formed batch), {fallbacks:.0f} fell back to defaults;"
+        f" ({requests_per_lookup:.1f} per formed batch), {fallbacks:.0f} fell back to defaults"
+        f" {reasons or ''};"
         f" {SAMPLES} sampled before: degraded false, |p(lookup) - p(inline)| <="
         f" {max(differences):.2g}"
     )

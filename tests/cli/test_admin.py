@@ -256,13 +256,17 @@ def test_up_gives_the_auth_service_the_state_directory(tmp_path: Path) -> None:
     assert not any(name.startswith("NARTHEX_AUTH_") for name in others)
 
 
-async def test_provision_bootstraps_once_and_replaces_the_demo_key(state: Path) -> None:
+async def test_provision_bootstraps_once_and_replaces_the_demo_and_inference_keys(
+    state: Path,
+) -> None:
     settings = auth_settings(Target(state_dir=state), env="dev")
     async with open_service(settings) as service:
         first = await provision(service)
         second = await provision(service)
         keys = {k.id: k for k in await service.list_keys(first.demo.id)}
         tenants = await service.store.list_tenants()
+        inference = next(t for t in tenants if t.name == "service-inference")
+        inference_keys = {k.id: k for k in await service.list_keys(inference.id)}
 
     assert first.operator_key is not None
     assert second.operator_key is None  # shown once, on the first run only
@@ -273,7 +277,20 @@ async def test_provision_bootstraps_once_and_replaces_the_demo_key(state: Path) 
     assert keys[first.demo_key.key_id].revoked_at is not None
     assert keys[second.demo_key.key_id].revoked_at is None
     assert {k.name for k in keys.values()} == {"narthex-up"}
-    assert sorted(t.name for t in tenants) == ["demo", "operator"]
+    assert sorted(t.name for t in tenants) == ["demo", "operator", "service-inference"]
+    # Inference's own identity: the service role alone, a new key each run.
+    assert list(inference.roles) == ["service"]
+    assert inference_keys[first.inference_key.key_id].revoked_at is not None
+    assert inference_keys[second.inference_key.key_id].revoked_at is None
+
+
+def test_up_gives_inference_and_only_inference_its_service_key() -> None:
+    ports = plan_ports(18000)
+    env = service_env("inference", "127.0.0.1", ports, Path("state"), "nx_dev_k_secret")
+    assert env["NARTHEX_INFERENCE_SERVICE_KEY"] == "nx_dev_k_secret"
+    for other in ("gateway", "auth", "features", "analytics"):
+        with_key = service_env(other, "127.0.0.1", ports, Path("state"), "nx_dev_k_secret")
+        assert "nx_dev_k_secret" not in with_key.values()
 
 
 async def provision_once(state: Path) -> Provisioned:

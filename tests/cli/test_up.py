@@ -321,6 +321,41 @@ def test_the_printed_embeddings_curl_line_answers_with_a_vector(stack: Stack) ->
     assert body["model"] == "minilm:1"
 
 
+def test_fraud_scores_read_features_with_the_identity_up_gave_inference(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """`up` gave inference a key of its own: a score reads the demo tenant's aggregates
+    (not degraded) and changes once the tenant has posted events for the account."""
+    match = re.search(r"demo key\s+(\S+)", stack.up.output)
+    assert match is not None, stack.up.output
+    headers = {"Authorization": f"Bearer {match.group(1)}"}
+    gateway = stack.urls["gateway"]
+    instance = {"account_id": "up_acct", "merchant_id": "m1", "amount": 900.0, "currency": "USD"}
+
+    def score() -> dict[str, Any]:
+        response = client.post(
+            f"{gateway}/v1/models/fraud/predict", json={"instances": [instance]}, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        prediction: dict[str, Any] = response.json()["predictions"][0]
+        return prediction
+
+    before = score()
+    assert before["degraded"] is False, before
+    now = time.time()
+    events = [
+        {**instance, "event_id": f"e{i}", "amount": 20.0 + i, "timestamp": now - 600 + 60 * i}
+        for i in range(8)
+    ]
+    posted = client.post(f"{gateway}/v1/events/transactions", json={"events": events},
+                         headers=headers)  # fmt: skip
+    assert posted.status_code == 200, posted.text
+    assert posted.json()["accepted"] == 8
+    after = score()
+    assert after["degraded"] is False, after
+    assert after["probabilities"][1] != pytest.approx(before["probabilities"][1], abs=1e-4)
+
+
 def test_demo_key_curl_line_works_until_the_key_is_revoked(
     stack: Stack, client: httpx.Client
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.databases import BACKENDS, Backend, throwaway_database
-from tests.support.platform import KEY_PEPPER, bootstrap
+from tests.support.platform import KEY_PEPPER, bootstrap, provision_inference
 from tests.support.services import Service, run_service
 
 TOKEN_TTL_SECONDS = 900
@@ -43,6 +43,7 @@ def platform(
         database_url = runner.run(database.__aenter__())
         stack.callback(lambda: runner.run(database.__aexit__(None, None, None)))
         tenant_id, admin_key = runner.run(bootstrap(database_url, keys_dir))
+        inference_key = runner.run(provision_inference(database_url, keys_dir))
 
         auth = stack.enter_context(
             run_service(
@@ -66,6 +67,8 @@ def platform(
                     "NARTHEX_INFERENCE_AUTH_URL": auth.url,
                     # No models: only its token checks are under test here.
                     "NARTHEX_INFERENCE_MODEL_REPOSITORY": str(directory / "models"),
+                    # Its own identity, as `narthex up` gives it one.
+                    "NARTHEX_INFERENCE_SERVICE_KEY": inference_key,
                 },
             )
         )

@@ -8,6 +8,10 @@ inference surviving a features service that dies or slows down.
   restart one trial call closes it and predictions are whole again.
 - features slowed by a proxy: inference's p99 stays within the lookup budget plus its own
   compute, measured against the same clients with features fast.
+- Tenants never share feature state: tenant A's events for an account id tenant B also
+  uses change nothing of B's aggregates or scores; the same event id is accepted under
+  both; a tenant's token cannot call batchGet; and a formed batch mixing both tenants'
+  transactions for that account id scores each on its own tenant's history.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from tests.support.models import builtin_repository
 from tests.support.platform import (
     HOST,
     ROOT,
+    Admin,
     Edge,
+    Tenant,
     edge,
     exchange,
     gateway_spec,
-    inference_spec,
     running,
 )
 from tests.support.redis import REDIS_URL, redis_scratch
@@ -187,9 +192,8 @@ async def fraud_stack(
         features.start()
         try:
             with proxy_thread(features.port) as proxy:
-                spec = inference_spec(
+                spec = platform.inference(
                     "inference",
-                    platform.auth.url,
                     repository,
                     models="fraud",
                     features_url=f"http://{HOST}:{proxy.port}",
@@ -394,3 +398,173 @@ async def test_slow_features_cost_no_more_than_the_lookup_budget(
     # Within the budget plus inference's own compute (the fast run's p99), with a margin
     # for a loaded 2-core machine: far below the 500 ms the features service takes.
     assert slow <= fast + budget + 0.1
+
+
+# -- tenants never share feature state ---------------------------------------------------------
+
+
+def tenants(stack: Stack, count: int = 2) -> list[Tenant]:
+    """New tenants (enterprise plan: the limits are not under test), created through the
+    gateway's admin API with the operator's key."""
+    admin = Admin(stack.gateway.url, stack.platform.admin_key)
+    try:
+        return [admin.create_tenant(f"iso{i}", "enterprise") for i in range(count)]
+    finally:
+        admin.close()
+
+
+def history(account: str, amount: float, merchants: int, prefix: str) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        Transaction(
+            f"{prefix}{i}", account, f"m{i % merchants}", amount + i, "USD", now - 60 * (10 - i)
+        ).to_dict()
+        for i in range(10)
+    ]
+
+
+async def batch_get(
+    features_url: str, token: str, entities: list[tuple[str, str]]
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=features_url, timeout=10) as http:
+        return await http.post(
+            "/internal/v1/features:batchGet",
+            json={"entities": [{"tenant": t, "account": a} for t, a in entities]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+
+async def test_a_tenants_events_never_reach_another_tenants_aggregates_scores_or_ids(
+    auth_edge: Edge, tmp_path: Path
+) -> None:
+    async with fraud_stack(auth_edge, tmp_path, features_timeout="0.5") as stack:
+        a, b = tenants(stack)
+        shared = "acct_shared"  # the same account id, in both tenants' own namespaces
+        async with (
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=a.headers, timeout=10) as gw_a,
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=b.headers, timeout=10) as gw_b,
+        ):
+            before = await gw_b.post(
+                "/v1/models/fraud/predict", json={"instances": [instance(shared, 950)]}
+            )
+            assert before.status_code == 200, before.text
+            # A floods B's account id with big transactions (and pre-claims ids e0..e9).
+            posted = await gw_a.post(
+                "/v1/events/transactions", json={"events": history(shared, 900.0, 10, "e")}
+            )
+            assert posted.status_code == 200, posted.text
+            assert posted.json()["accepted"] == 10
+            after = await gw_b.post(
+                "/v1/models/fraud/predict", json={"instances": [instance(shared, 950)]}
+            )
+            scored_a = await gw_a.post(
+                "/v1/models/fraud/predict", json={"instances": [instance(shared, 950)]}
+            )
+            # B's own event with an id A already used: B's, so counted.
+            own = await gw_b.post(
+                "/v1/events/transactions", json={"events": history(shared, 5.0, 1, "e")[:1]}
+            )
+            replay = await gw_a.post(
+                "/v1/events/transactions", json={"events": history(shared, 900.0, 10, "e")}
+            )
+        b_before, b_after = before.json()["predictions"][0], after.json()["predictions"][0]
+        assert b_before["degraded"] is False
+        assert b_after["degraded"] is False
+        # Unchanged but for the second or so between the two (the hour of day is an input).
+        assert b_after["probabilities"][1] == pytest.approx(b_before["probabilities"][1], abs=1e-3)
+        # ...while A's own score does see A's history.
+        a_after = scored_a.json()["predictions"][0]
+        assert a_after["probabilities"][1] != pytest.approx(b_after["probabilities"][1], abs=1e-3)
+        assert own.json() == {"accepted": 1, "duplicates": 0, "stale": 0}
+        assert replay.json() == {"accepted": 0, "duplicates": 10, "stale": 0}
+
+        # The aggregates themselves, read with inference's own credential.
+        service_token = exchange(stack.platform.auth.url, stack.platform.inference_key)
+        response = await batch_get(
+            stack.features.url, service_token, [(a.id, shared), (b.id, shared)]
+        )
+        assert response.status_code == 200, response.text
+        mine, theirs = response.json()["features"]
+        assert (mine["tenant"], mine["known"], mine["values"]["txn_count_24h"]) == (a.id, True, 10)
+        assert (theirs["tenant"], theirs["known"], theirs["values"]["txn_count_24h"]) == (
+            b.id,
+            True,
+            1,
+        )
+
+        # No tenant's token reads features, whichever tenant it names; an admin's neither,
+        # and no one can ask auth for the lookup scope.
+        for key in (a.key, stack.platform.admin_key):
+            token = exchange(stack.platform.auth.url, key)
+            refused = await batch_get(stack.features.url, token, [(b.id, shared)])
+            assert refused.status_code == 403, refused.text
+        async with httpx.AsyncClient(base_url=stack.platform.auth.url, timeout=10) as auth:
+            asked = await auth.post(
+                "/v1/auth/token",
+                headers={"X-API-Key": stack.platform.admin_key},
+                data={"scope": "features:lookup"},
+            )
+        assert asked.status_code == 400, asked.text
+
+
+def features_calls(text: str) -> tuple[float, float]:
+    """(batchGet calls, those that asked for one entity) from the features service's metrics."""
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        samples[name] = value
+    return (
+        float(samples["features_batch_get_entities_count"]),
+        float(samples['features_batch_get_entities_bucket{le="1.0"}']),
+    )
+
+
+async def test_a_batch_mixing_tenants_looks_each_account_up_under_its_own_tenant(
+    auth_edge: Edge, tmp_path: Path
+) -> None:
+    async with fraud_stack(auth_edge, tmp_path, features_timeout="0.5") as stack:
+        a, b = tenants(stack)
+        mixed = "acct_mixed"
+        async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as gw:
+            for tenant, (amount, merchants) in ((a, (900.0, 10)), (b, (12.0, 1))):
+                posted = await gw.post(
+                    "/v1/events/transactions",
+                    json={"events": history(mixed, amount, merchants, "h")},
+                    headers=tenant.headers,
+                )
+                assert posted.json()["accepted"] == 10, posted.text
+        jwt = {t.id: exchange(stack.platform.auth.url, t.key) for t in (a, b)}
+
+        async def score(http: httpx.AsyncClient, tenant: Tenant) -> float:
+            response = await http.post(
+                "/v1/models/fraud/predict",
+                json={"instances": [instance(mixed, 400)]},
+                headers={"Authorization": f"Bearer {jwt[tenant.id]}"},
+            )
+            assert response.status_code == 200, response.text
+            (prediction,) = response.json()["predictions"]
+            assert prediction["degraded"] is False
+            return float(prediction["probabilities"][1])
+
+        async with (
+            httpx.AsyncClient(base_url=stack.inference.url, timeout=10) as http,
+            httpx.AsyncClient(base_url=stack.features.url, timeout=10) as features,
+        ):
+            alone = {a.id: await score(http, a), b.id: await score(http, b)}
+            assert alone[a.id] != pytest.approx(alone[b.id], abs=1e-3)
+
+            # Both tenants at once until features has seen a batchGet naming both (the
+            # account id is the same: two entities in one call are the two tenants').
+            calls, single = features_calls((await features.get("/metrics")).text)
+            together: list[tuple[str, float]] = []
+            for _ in range(20):
+                order = [a, b] * 8
+                scores = await asyncio.gather(*(score(http, t) for t in order))
+                together += [(t.id, p) for t, p in zip(order, scores, strict=True)]
+                now_calls, now_single = features_calls((await features.get("/metrics")).text)
+                if now_calls - calls > now_single - single:
+                    break
+            else:
+                pytest.fail("no formed batch held both tenants' transactions")
+        for tenant_id, probability in together:
+            assert probability == pytest.approx(alone[tenant_id], abs=1e-3), tenant_id

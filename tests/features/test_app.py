@@ -10,9 +10,23 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from narthex.common import scopes
 from narthex.features.settings import FeaturesSettings
 from narthex.transactions import DEFAULTS, FEATURES, AccountState, Transaction
-from tests.features.support import BACKENDS, INFERENCE, PRODUCER, Serving, bearer, serving
+from tests.features.support import (
+    BACKENDS,
+    PRODUCER,
+    SERVICE,
+    TENANT,
+    Serving,
+    bearer,
+    entities,
+    serving,
+)
+from tests.support.redis_cluster import (
+    LocalCluster,
+    redis_cluster_fixture,  # noqa: F401 - the `redis_cluster` fixture
+)
 
 NOW = time.time()
 
@@ -65,19 +79,22 @@ async def test_ingest_then_batch_get(served: Serving) -> None:
     body = response.json()
     assert body["schema"] == list(FEATURES)
     assert body["as_of"] == at
-    assert [f["entity"] for f in body["features"]] == ["acct1", "nobody", "acct0", "acct1"]
+    assert [(f["tenant"], f["account"]) for f in body["features"]] == [
+        (TENANT, account) for account in ("acct1", "nobody", "acct0", "acct1")
+    ]
 
     for item in body["features"]:
-        if item["entity"] == "nobody":
+        if item["account"] == "nobody":
             assert item == {
-                "entity": "nobody",
+                "tenant": TENANT,
+                "account": "nobody",
                 "known": False,
                 "values": DEFAULTS,
                 "age_seconds": None,
             }
             continue
         reference = AccountState()
-        mine = [e for e in events if e["account_id"] == item["entity"]]
+        mine = [e for e in events if e["account_id"] == item["account"]]
         for e in mine:
             reference.apply(Transaction.from_dict(e))
         assert item["known"] is True
@@ -167,7 +184,7 @@ async def test_one_bad_event_refuses_the_batch_naming_it(
 
 
 async def assert_nothing_written(served: Serving) -> None:
-    assert await served.store.states([f"acct{i}" for i in range(6)]) == [None] * 6
+    assert await served.store.states([(TENANT, f"acct{i}") for i in range(6)]) == [None] * 6
     assert await served.redis_keys() == []
     metrics = (await served.client.get("/metrics")).text
     assert metric(metrics, 'features_events_total{outcome="accepted"}') == 0
@@ -266,14 +283,22 @@ async def test_max_future_is_a_setting() -> None:
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        ({"entities": ["a"] * 1001}, "entities: at most 1000 entities per request, not 1001"),
-        ({"entities": ["a"], "at": -1}, "body.at"),
-        ({"entities": ["a"], "at": "soon"}, "body.at"),
-        ({"entities": ["x" * 129]}, "body.entities.0"),
-        ({"entities": [""]}, "body.entities.0"),
-        ({"entities": [7]}, "body.entities.0"),
-        ({"entities": ["a b"]}, "entities[0]: must not contain whitespace or control"),
-        ({"entities": ["ok", "a\x00b"]}, "entities[1]: must not contain whitespace or control"),
+        ({"entities": entities("a") * 1001}, "entities: at most 1000 entities per request, not"),
+        ({"entities": entities("a"), "at": -1}, "body.at"),
+        ({"entities": entities("a"), "at": "soon"}, "body.at"),
+        ({"entities": entities("x" * 129)}, "body.entities.0.account"),
+        ({"entities": entities("")}, "body.entities.0.account"),
+        ({"entities": entities("a", tenant="")}, "body.entities.0.tenant"),
+        ({"entities": [{"tenant": TENANT, "account": 7}]}, "body.entities.0.account"),
+        ({"entities": [{"account": "a"}]}, "body.entities.0.tenant"),
+        ({"entities": [{**entities("a")[0], "x": 1}]}, "body.entities.0.x"),
+        ({"entities": ["a"]}, "body.entities.0"),  # an account alone names no tenant
+        ({"entities": entities("a b")}, "entities[0].account: must not contain whitespace"),
+        (
+            {"entities": entities("ok", "a\x00b")},
+            "entities[1].account: must not contain whitespace or control",
+        ),
+        ({"entities": entities("a", tenant="t\tx")}, "entities[0].tenant: must not contain"),
         ({"entities": "acct1"}, "body.entities"),
         ({}, "body.entities"),
         ({"entities": [], "extra": 1}, "body.extra"),
@@ -281,7 +306,7 @@ async def test_max_future_is_a_setting() -> None:
 )
 async def test_a_bad_batch_get_is_a_422(served: Serving, body: Any, where: str) -> None:
     response = await served.client.post(
-        "/internal/v1/features:batchGet", json=body, headers=INFERENCE
+        "/internal/v1/features:batchGet", json=body, headers=SERVICE
     )
     assert response.status_code == 422, response.text
     assert where in response.json()["detail"]
@@ -292,8 +317,8 @@ async def test_a_non_finite_instant_is_a_422(at: bytes) -> None:
     async with serving() as served:
         response = await served.client.post(
             "/internal/v1/features:batchGet",
-            content=b'{"entities": ["a"], "at": ' + at + b"}",
-            headers={**INFERENCE, "content-type": "application/json"},
+            content=b'{"entities": [{"tenant": "t", "account": "a"}], "at": ' + at + b"}",
+            headers={**SERVICE, "content-type": "application/json"},
         )
         assert response.status_code == 422, response.text
 
@@ -309,15 +334,39 @@ async def test_the_entity_limit_is_a_setting() -> None:
 # -- auth ------------------------------------------------------------------------------------------
 
 
+ADMIN_ALL = bearer(
+    scopes.ADMIN_SCOPE, scopes.INFERENCE, scopes.EVENTS, scopes.USAGE, role=scopes.ADMIN
+)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "wrong"),
     [
-        ("/v1/events/transactions", {"events": [event(0)]}, INFERENCE),
-        ("/internal/v1/features:batchGet", {"entities": ["acct1"]}, PRODUCER),
+        (
+            "/v1/events/transactions",
+            {"events": [event(0)]},
+            [SERVICE, bearer(scopes.INFERENCE), bearer(scopes.USAGE, scopes.KEYS)],
+        ),
+        (
+            "/internal/v1/features:batchGet",
+            {"entities": entities("acct1")},
+            [
+                PRODUCER,
+                bearer(scopes.USAGE, scopes.KEYS),
+                # A tenant's token, even an admin's with every scope, never reads features:
+                # batchGet names any tenant's accounts.
+                ADMIN_ALL,
+                # The scope alone is not enough (no tenant can be granted it anyway)...
+                bearer(scopes.FEATURES_LOOKUP),
+                # ...nor is the service role without it.
+                bearer(scopes.INFERENCE, role=scopes.SERVICE, tenant="svc-inference"),
+            ],
+        ),
     ],
+    ids=["ingest", "batchGet"],
 )
-async def test_routes_need_a_token_with_their_scope(
-    path: str, body: dict[str, Any], wrong: dict[str, str]
+async def test_routes_need_a_token_with_their_role_and_scope(
+    path: str, body: dict[str, Any], wrong: list[dict[str, str]]
 ) -> None:
     async with serving() as served:
         response = await served.client.post(path, json=body)
@@ -325,11 +374,70 @@ async def test_routes_need_a_token_with_their_scope(
         assert response.headers["www-authenticate"].startswith("Bearer")
         forged = {"Authorization": "Bearer " + "x" * 40}
         assert (await served.client.post(path, json=body, headers=forged)).status_code == 401
-        for headers in (wrong, bearer("usage", "keys")):
+        for headers in wrong:
             response = await served.client.post(path, json=body, headers=headers)
             assert response.status_code == 403, response.text
-            assert "scope" in response.json()["detail"]
-        assert await served.store.states(["acct1"]) == [None]
+            assert "requires the" in response.json()["detail"]
+        assert await served.store.states([(TENANT, "acct1")]) == [None]
+
+
+# -- tenants ---------------------------------------------------------------------------------------
+
+
+async def test_events_count_under_the_callers_tenant_only(served: Serving) -> None:
+    """Tenant A posting events for an account id B also has changes nothing of B's, and
+    cannot pre-claim B's event ids."""
+    mine = [event(i, amount=900.0) for i in range(4)]
+    assert (await served.ingest(mine, tenant="t_a")).json()["accepted"] == 4
+    both = (await served.client.post(
+        "/internal/v1/features:batchGet",
+        json={"entities": [*entities("acct1", tenant="t_a"), *entities("acct1", tenant="t_b")],
+              "at": NOW},
+        headers=SERVICE,
+    )).json()["features"]  # fmt: skip
+    assert [(f["tenant"], f["known"]) for f in both] == [("t_a", True), ("t_b", False)]
+    assert both[1]["values"] == DEFAULTS
+
+    # The same event ids under B: B's own events, counted as B's.
+    theirs = [event(i, amount=3.0) for i in range(2)]
+    assert (await served.ingest(theirs, tenant="t_b")).json() == {
+        "accepted": 2,
+        "duplicates": 0,
+        "stale": 0,
+    }
+    a, b = (await served.client.post(
+        "/internal/v1/features:batchGet",
+        json={"entities": [*entities("acct1", tenant="t_a"), *entities("acct1", tenant="t_b")],
+              "at": NOW},
+        headers=SERVICE,
+    )).json()["features"]  # fmt: skip
+    assert a["values"]["txn_count_24h"] == 4
+    assert b["values"]["txn_count_24h"] == 2
+    assert b["values"]["amount_sum_24h"] == pytest.approx(2 * 3.0 * 1.08)
+
+
+async def test_the_service_reads_every_tenants_accounts_through_a_redis_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    async with serving("cluster", cluster=redis_cluster) as served:
+        assert (await served.client.get("/readyz")).json()["checks"]["redis"] == {"status": "up"}
+        accounts = [f"acct{i}" for i in range(40)]  # spread over the three nodes' slots
+        for tenant in ("t_a", "t_b"):
+            events = [event(i, account=account) for i, account in enumerate(accounts)]
+            if tenant == "t_b":
+                events = events[:20]
+            response = await served.ingest(events, tenant=tenant)
+            assert response.json()["accepted"] == len(events)
+        response = await served.client.post(
+            "/internal/v1/features:batchGet",
+            json={
+                "entities": entities(*accounts, tenant="t_a") + entities(*accounts, tenant="t_b")
+            },
+            headers=SERVICE,
+        )
+        assert response.status_code == 200, response.text
+        known = [(f["tenant"], f["account"]) for f in response.json()["features"] if f["known"]]
+        assert known == [("t_a", a) for a in accounts] + [("t_b", a) for a in accounts[:20]]
 
 
 # -- metrics, probes, failures ---------------------------------------------------------------------

@@ -83,7 +83,7 @@ async def test_online_aggregates_equal_the_training_replay(backend: str) -> None
 
             response = await served.batch_get(accounts, at=cut)
             assert response.status_code == 200, response.text
-            online = {item["entity"]: item for item in response.json()["features"]}
+            online = {item["account"]: item for item in response.json()["features"]}
 
             # The aggregates, name by name, against a replay in time order.
             offline = offline_features(arrived, cut)

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,12 +51,15 @@ __all__ = [
     "gateway_spec",
     "module_argv",
     "private_redis",
+    "provision_inference",
     "running",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 KEY_PEPPER = "e2e-limits-pepper-0123456789"
+# The inference service's identity, named as `narthex up` names it.
+INFERENCE_IDENTITY = "service-inference"
 # A limited route whose cost is the number of `instances`; the trivial upstream answers 200.
 PREDICT = "/v1/models/x/predict"
 ONE_ITEM = b'{"instances":[{}]}'
@@ -191,24 +194,47 @@ class Edge:
     admin_tenant_id: str
     admin_key: str
     directory: Path
+    # The inference service's own key (its service identity, as `narthex up` makes it).
+    inference_key: str
 
     def gateway(self, label: str, **env: str) -> Spec:
         return gateway_spec(label, self.auth.url, self.upstream.url, **env)
 
+    def inference(self, label: str, repository: Path, **env: str) -> Spec:
+        """An inference service reading features with its own credential."""
+        return inference_spec(
+            label, self.auth.url, repository, service_key=self.inference_key, **env
+        )
 
-async def bootstrap(database_url: str, keys_dir: Path) -> tuple[str, str]:
-    """The operator tenant and its admin key, written straight into the auth database."""
+
+@asynccontextmanager
+async def _auth_service(database_url: str, keys_dir: Path) -> AsyncIterator[AuthService]:
+    """An AuthService straight on the (migrated) auth database, as the CLI uses one."""
     await migrate(database_url)
     settings = AuthSettings(
         database_url=database_url, signing_keys_dir=keys_dir, key_pepper=SecretStr(KEY_PEPPER)
     )
     store = await AuthStore.open(database_url)
     try:
-        service = AuthService(store, SigningKeyRing(keys_dir, generate=True), settings)
-        tenant, key = await service.bootstrap()
+        yield AuthService(store, SigningKeyRing(keys_dir, generate=True), settings)
     finally:
         await store.close()
+
+
+async def bootstrap(database_url: str, keys_dir: Path) -> tuple[str, str]:
+    """The operator tenant and its admin key, written straight into the auth database."""
+    async with _auth_service(database_url, keys_dir) as service:
+        tenant, key = await service.bootstrap()
     return tenant.id, str(key)
+
+
+async def provision_inference(database_url: str, keys_dir: Path) -> str:
+    """The inference service's identity (role service) and a fresh key for it, as
+    `narthex up` provisions them, written straight into the auth database."""
+    async with _auth_service(database_url, keys_dir) as service:
+        identity = await service.ensure_service(INFERENCE_IDENTITY, actor="tests")
+        key, _ = await service.fresh_key(identity.id, "tests", actor="tests")
+    return str(key)
 
 
 @contextmanager
@@ -217,6 +243,7 @@ def edge(directory: Path) -> Iterator[Edge]:
     database_url = f"sqlite+aiosqlite:///{directory / 'auth.db'}"
     keys_dir = directory / "keys"
     tenant_id, admin_key = asyncio.run(bootstrap(database_url, keys_dir))
+    inference_key = asyncio.run(provision_inference(database_url, keys_dir))
     auth = Spec(
         "auth",
         module_argv("narthex.auth"),
@@ -233,7 +260,7 @@ def edge(directory: Path) -> Iterator[Edge]:
         "upstream", module_argv("bench.upstream", "--host", HOST, "--port", "{port}"), {}
     )
     with running([auth, upstream], directory) as (auth_service, upstream_service):
-        yield Edge(auth_service, upstream_service, tenant_id, admin_key, directory)
+        yield Edge(auth_service, upstream_service, tenant_id, admin_key, directory, inference_key)
 
 
 # -- administration through a gateway ----------------------------------------------------------
@@ -304,12 +331,15 @@ class Admin:
 
 
 class PrivateRedis:
-    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL."""
+    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL.
 
-    def __init__(self, directory: Path) -> None:
+    `args` go to redis-server after the defaults (`{port}` is replaced by the port)."""
+
+    def __init__(self, directory: Path, args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.directory = directory
+        self.args = [arg.replace("{port}", str(self.port)) for arg in args]
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -318,7 +348,7 @@ class PrivateRedis:
         self.starts += 1
         log = self.directory / f"redis-{self.port}-{self.starts}.log"
         argv = ["redis-server", "--port", str(self.port), "--bind", HOST]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", *self.args]
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=out

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from tests.support.databases import service_unavailable
@@ -61,8 +61,9 @@ async def redis_scratch(url: str = REDIS_URL) -> AsyncIterator[RedisScratch]:
         await client.aclose()
 
 
-async def delete_prefix(client: Redis, prefix: str) -> int:
-    """Delete every key under `prefix:` (SCAN, not KEYS, so a big server is not blocked)."""
+async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> int:
+    """Delete every key under `prefix:` (SCAN, not KEYS, so a big server is not blocked;
+    a cluster client scans every node and deletes slot by slot)."""
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + ":*"
     deleted, batch = 0, []
     async for key in client.scan_iter(match=pattern, count=_DELETE_BATCH):

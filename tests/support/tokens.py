@@ -25,8 +25,8 @@ def token(roles: Sequence[str], scopes: Sequence[str], subject: str = "t_acme") 
     )
 
 
-def bearer(roles: Sequence[str], scopes: Sequence[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(roles, scopes)}"}
+def bearer(roles: Sequence[str], scopes: Sequence[str], subject: str = "t_acme") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(roles, scopes, subject)}"}
 
 
 @asynccontextmanager

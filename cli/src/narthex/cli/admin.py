@@ -29,6 +29,8 @@ from narthex.common.settings import SettingsError, load_settings
 ACTOR = "cli"
 DEMO_TENANT = "demo"
 DEMO_PLAN = "standard"
+# The inference service's own identity: it reads features with it (role service).
+INFERENCE_IDENTITY = "service-inference"
 UP_KEY_NAME = "narthex-up"
 
 Action = Callable[[AuthService], Awaitable[list[str]]]
@@ -254,7 +256,10 @@ async def create_key(
     expires_at = None
     if expires_in_days is not None:
         expires_at = datetime.now(UTC) + timedelta(days=expires_in_days)
-    key, record = await service.create_key(owner.id, name, expires_at, actor=ACTOR)
+    # The operator on the database: a service identity's keys are made here, too.
+    key, record = await service.create_key(
+        owner.id, name, expires_at, actor=ACTOR, allow_service=True
+    )
     return [
         f"key {key.prefix} {name!r} for tenant {owner.name} ({owner.id}),"
         f" expires {when(record.expires_at, 'never')}",
@@ -302,7 +307,7 @@ async def revoke_key(service: AuthService, key: str) -> list[str]:
 
 async def rotate_key(service: AuthService, key: str) -> list[str]:
     try:
-        old, new_key, _ = await service.rotate_key(key_id_of(key), actor=ACTOR)
+        old, new_key, _ = await service.rotate_key(key_id_of(key), actor=ACTOR, allow_service=True)
     except NotFound:
         raise _no_such_key(key) from None
     return [
@@ -321,24 +326,22 @@ class Provisioned:
     demo: TenantRecord
     demo_key: ApiKey
     revoked: int  # earlier `narthex-up` keys of the demo tenant, revoked now
+    inference_key: ApiKey  # the inference service's own, for this run (never printed)
 
 
 async def provision(service: AuthService) -> Provisioned:
-    """The operator tenant once, the demo tenant, and a fresh demo key for this run."""
+    """The operator tenant once, the demo tenant, the inference service's identity, and
+    fresh keys for this run: the demo tenant's and inference's (earlier ones retired)."""
     operator_key: ApiKey | None = None
     # Refused once an admin tenant exists: after the first run, or an admin bootstrap.
     with contextlib.suppress(AlreadyBootstrapped):
         _, operator_key = await service.bootstrap()
     operator = next(t.name for t in await service.store.list_tenants() if ADMIN in t.roles)
     demo = await service.ensure_tenant(DEMO_TENANT, DEMO_PLAN, actor=ACTOR)
-    # An earlier run's key cannot be shown again, so each run makes its own and retires
-    # the earlier ones rather than letting unknown live keys pile up.
-    keys = await service.list_keys(demo.id)
-    earlier = [k for k in keys if k.name == UP_KEY_NAME and k.revoked_at is None]
-    for record in earlier:
-        await service.revoke_key(record.id, actor=ACTOR, tenant_id=demo.id)
-    demo_key, _ = await service.create_key(demo.id, UP_KEY_NAME, None, actor=ACTOR)
-    return Provisioned(operator, operator_key, demo, demo_key, len(earlier))
+    demo_key, revoked = await service.fresh_key(demo.id, UP_KEY_NAME, actor=ACTOR)
+    inference = await service.ensure_service(INFERENCE_IDENTITY, actor=ACTOR)
+    inference_key, _ = await service.fresh_key(inference.id, UP_KEY_NAME, actor=ACTOR)
+    return Provisioned(operator, operator_key, demo, demo_key, revoked, inference_key)
 
 
 def provision_sync(state_dir: Path) -> Provisioned:

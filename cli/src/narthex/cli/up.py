@@ -214,8 +214,17 @@ def _shared_redis(env: dict[str, str], prefix: str) -> None:
         env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
 
 
-def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path) -> dict[str, str]:
-    """The child's environment: the caller's, with everything `up` decides set explicitly."""
+def service_env(
+    service: str,
+    host: str,
+    ports: dict[str, int],
+    state_dir: Path,
+    inference_key: str | None = None,
+) -> dict[str, str]:
+    """The child's environment: the caller's, with everything `up` decides set explicitly.
+
+    `inference_key`: the inference service's own API key (this run's), which it exchanges
+    at auth for the token it reads features with."""
     prefix = f"NARTHEX_{service.upper()}_"
     env = dict(os.environ)
     env.update(
@@ -243,6 +252,8 @@ def service_env(service: str, host: str, ports: dict[str, int], state_dir: Path)
     if service == "inference":
         env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
         env[f"{prefix}FEATURES_URL"] = service_url(host, ports["features"])
+        if inference_key is not None:
+            env[f"{prefix}SERVICE_KEY"] = inference_key
     if service == "auth":
         # In the state directory, not the caller's env or working directory: each
         # --state-dir is a platform of its own, tenants and keys included.
@@ -400,14 +411,19 @@ class Supervisor:
             return 1
         deadline = time.monotonic() + self.options.timeout
         try:
+            # Straight on the auth database, before anything starts: inference needs its
+            # own key in its environment.
+            provisioned = self.provision()
             with httpx.Client(timeout=PROBE_TIMEOUT, trust_env=False) as client:
                 # Upstreams first: the gateway's readiness is theirs, and it proxies to them.
                 self.say(f"narthex: starting {', '.join(UPSTREAMS)} ...")
-                self._wait_ready(client, [self.spawn(name) for name in UPSTREAMS], deadline)
+                upstreams = [
+                    self.spawn(name, inference_key=str(provisioned.inference_key))
+                    for name in UPSTREAMS
+                ]
+                self._wait_ready(client, upstreams, deadline)
                 self.say("narthex: starting gateway ...")
                 gateway = self.spawn("gateway")
-                # Auth is ready: set up the tenants while the gateway boots.
-                provisioned = self.provision()
                 self._wait_ready(client, [gateway], deadline)
                 self.print_summary(client, provisioned)
             self._watch()
@@ -419,7 +435,10 @@ class Supervisor:
             self._say_stopping_rest()
             return 1
         except _ProvisionFailed as failed:
-            self.warn(f"narthex: could not set up the operator and demo tenants: {failed}")
+            self.warn(
+                "narthex: could not set up the operator, the demo tenant and the inference"
+                f" service's identity: {failed}"
+            )
             self._say_stopping_rest()
             return 1
         except _NotReady as late:
@@ -437,7 +456,7 @@ class Supervisor:
         if any(child.process.poll() is None for child in self.children.values()):
             self.warn("narthex: stopping the services still running ...")
 
-    def spawn(self, name: str) -> Child:
+    def spawn(self, name: str, inference_key: str | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             # The child gets its own copy of the descriptor; ours can close right away.
@@ -446,7 +465,9 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=service_env(name, self.options.host, self.ports, self.options.state_dir),
+                env=service_env(
+                    name, self.options.host, self.ports, self.options.state_dir, inference_key
+                ),
                 # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
                 # which then stops the children in order and reports how that went.
                 process_group=0,
@@ -498,7 +519,8 @@ class Supervisor:
             time.sleep(POLL_INTERVAL_S)
 
     def provision(self) -> Provisioned:
-        """The operator tenant (first run only), the demo tenant and this run's demo key."""
+        """The operator tenant (first run only), the demo tenant, the inference service's
+        identity, and this run's keys for the demo tenant and inference."""
         # Imported here: the auth service's stack costs seconds, which `status` need not pay.
         from narthex.cli.admin import AdminError, provision_sync
 

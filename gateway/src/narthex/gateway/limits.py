@@ -128,10 +128,10 @@ class RedisLimiter:
         try:
             reply = await self._redis.execute_command("EVALSHA", _SCRIPT_SHA, 2, *args)
         except NoScriptError:
-            # A restarted or flushed server forgot the script; loading it is idempotent,
-            # so replicas racing here all end up with the same sha.
-            await self._redis.execute_command("SCRIPT", "LOAD", _SCRIPT)
-            reply = await self._redis.execute_command("EVALSHA", _SCRIPT_SHA, 2, *args)
+            # A restarted or flushed server (or a cluster node new to this tenant's slot)
+            # lacks the script: EVAL runs it and caches it there. Not SCRIPT LOAD, which
+            # names no key, so a cluster client could not tell which node needs it.
+            reply = await self._redis.execute_command("EVAL", _SCRIPT, 2, *args)
         return _parse(reply)
 
 

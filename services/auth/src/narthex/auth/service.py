@@ -32,7 +32,7 @@ from narthex.common.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from narthex.common.scopes import ADMIN, TENANT, scopes_for
+from narthex.common.scopes import ADMIN, SERVICE, TENANT, scopes_for
 from narthex.common.security import (
     ApiKey,
     generate_api_key,
@@ -43,6 +43,10 @@ from narthex.common.security import (
 )
 
 log = structlog.get_logger("narthex.auth")
+
+# A service identity's plan: never used for limits (no service scope reaches the edge's
+# limited routes), but every tenant row names one.
+SERVICE_PLAN = "free"
 
 
 class InvalidCredentials(Unauthorized):
@@ -165,10 +169,21 @@ class AuthService:
         return key, hash_secret(self._pepper, key.secret)
 
     async def create_key(
-        self, tenant_id: str, name: str, expires_at: datetime | None, actor: str
+        self,
+        tenant_id: str,
+        name: str,
+        expires_at: datetime | None,
+        actor: str,
+        *,
+        allow_service: bool = False,
     ) -> tuple[ApiKey, KeyRecord]:
-        if await self.store.get_tenant(tenant_id) is None:
+        """`allow_service`: the operator's tooling, which alone makes a service identity's
+        keys (through the API an admin could otherwise mint itself a service credential)."""
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
             raise NotFound("no such tenant")
+        if not allow_service:
+            _refuse_service_identity(tenant)
         if expires_at is not None and expires_at.utcoffset() is None:
             # A naive time would be compared with an aware one (a 500) or guessed at.
             raise BadRequest("expires_at needs a UTC offset, e.g. 2030-01-01T00:00:00Z")
@@ -208,11 +223,20 @@ class AuthService:
         )
 
     async def rotate_key(
-        self, key_id: str, actor: str, tenant_id: str | None = None
+        self,
+        key_id: str,
+        actor: str,
+        tenant_id: str | None = None,
+        *,
+        allow_service: bool = False,
     ) -> tuple[KeyRecord, ApiKey, KeyRecord]:
         old = await self._owned_key(key_id, tenant_id)
         if old.revoked_at is not None:
             raise Conflict("a revoked key cannot be rotated")
+        if not allow_service:
+            owner = await self.store.get_tenant(old.tenant_id)
+            if owner is not None:
+                _refuse_service_identity(owner)
         key, secret_hash = self._new_key()
         grace_until = _now() + timedelta(seconds=self.settings.key_rotation_grace_seconds)
         with _as_problems():
@@ -287,3 +311,34 @@ class AuthService:
     async def ensure_tenant(self, name: str, plan: str, actor: str) -> TenantRecord:
         existing = await self.store.get_tenant_by_name(name)
         return existing or await self.create_tenant(name, plan, [TENANT], actor)
+
+    async def ensure_service(self, name: str, actor: str) -> TenantRecord:
+        """A service identity (role `service` alone): made once, found after."""
+        existing = await self.store.get_tenant_by_name(name)
+        if existing is None:
+            return await self.create_tenant(name, SERVICE_PLAN, [SERVICE], actor)
+        if list(existing.roles) != [SERVICE]:
+            raise Conflict(f"{name!r} is a tenant, not a service identity")
+        return existing
+
+    async def fresh_key(self, tenant_id: str, name: str, actor: str) -> tuple[ApiKey, int]:
+        """A new key named `name`, and how many earlier live keys of that name it retires.
+
+        For provisioning that runs again and again (`narthex up`): a key is shown only
+        once, so each run makes its own rather than letting unknown live keys pile up.
+        """
+        earlier = [
+            k for k in await self.list_keys(tenant_id) if k.name == name and k.revoked_at is None
+        ]
+        for record in earlier:
+            await self.revoke_key(record.id, actor=actor, tenant_id=tenant_id)
+        key, _ = await self.create_key(tenant_id, name, None, actor, allow_service=True)
+        return key, len(earlier)
+
+
+def _refuse_service_identity(tenant: TenantRecord) -> None:
+    if SERVICE in tenant.roles:
+        raise Forbidden(
+            "a service identity's keys are made by the operator's tooling (`narthex up`,"
+            " `narthex keys create`), not through the API"
+        )

@@ -41,6 +41,7 @@ def create_app(
                 client = await stack.enter_async_context(
                     redis_client(
                         settings.redis_url,
+                        cluster=settings.redis_cluster,
                         max_connections=settings.redis_max_connections,
                         wait_seconds=settings.redis_timeout,
                     )
@@ -50,6 +51,9 @@ def create_app(
                     prefix=settings.redis_prefix,
                     ttl_seconds=settings.state_ttl_seconds,
                     on_conflict=metrics.store_conflicts.inc,
+                    max_in_flight=(
+                        settings.redis_max_connections if settings.redis_cluster else None
+                    ),
                 )
 
                 async def redis_up() -> CheckResult:
@@ -73,8 +77,9 @@ def create_app(
     app = service_app(
         settings,
         title="narthex features",
-        description="Online feature store: transaction events in, per-account rolling"
-        " aggregates out, computed by the same code that builds the training set.",
+        description="Online feature store: a tenant's transaction events in, per-account"
+        " rolling aggregates out (per tenant), computed by the same code that builds the"
+        " training set.",
         lifespan=lifespan,
         authenticate=True,
         verifier=verifier,

@@ -1,25 +1,22 @@
-"""HTTP routes: transaction event ingestion, and batchGet for the inference service."""
+"""HTTP routes: a tenant's transaction event ingestion, and batchGet for the inference service."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import require_scope
-from narthex.features.schemas import (
+from narthex.common.authn import require_role, require_scope
+from narthex.common.security import Principal
+from narthex.features.schemas import IngestRequest, IngestResponse
+from narthex.features.service import FeaturesService
+from narthex.transactions.lookup import (
+    BATCH_GET,
     BatchGetRequest,
     BatchGetResponse,
-    IngestRequest,
-    IngestResponse,
+    encode_answer,
 )
-from narthex.features.service import FeaturesService
-from narthex.transactions import FEATURES
-
-BATCH_GET = "/internal/v1/features:batchGet"
-_SCHEMA = list(FEATURES)
 
 router = APIRouter()
 
@@ -30,18 +27,22 @@ async def _service(request: Request) -> FeaturesService:
 
 
 Service = Annotated[FeaturesService, Depends(_service)]
+Producer = Annotated[Principal, require_scope(scopes.EVENTS)]
 
 
 @router.post(
     "/v1/events/transactions",
     tags=["events"],
-    dependencies=[require_scope(scopes.EVENTS)],
-    summary="Count a batch of transaction events in their accounts' aggregates",
+    summary="Count a batch of transaction events in the caller's accounts' aggregates",
 )
-async def ingest_transactions(body: IngestRequest, service: Service) -> IngestResponse:
+async def ingest_transactions(
+    body: IngestRequest, service: Service, caller: Producer
+) -> IngestResponse:
     """Idempotent by event id: sending a batch again changes nothing. One invalid event
-    refuses the whole batch (422 naming `events[i].field`) and nothing is counted."""
-    counts = await service.ingest(body.events)
+    refuses the whole batch (422 naming `events[i].field`) and nothing is counted. The
+    accounts are the caller's tenant's: another tenant's account of the same id, and its
+    event ids, are untouched."""
+    counts = await service.ingest(caller.tenant, body.events)
     return IngestResponse(
         accepted=counts.accepted, duplicates=counts.duplicates, stale=counts.stale
     )
@@ -50,26 +51,15 @@ async def ingest_transactions(body: IngestRequest, service: Service) -> IngestRe
 @router.post(
     BATCH_GET,
     tags=["internal"],
-    dependencies=[require_scope(scopes.INFERENCE)],
+    # A service identity only (the inference service's own credential): it names each
+    # entity's tenant, which a tenant's token must never be able to do.
+    dependencies=[require_role(scopes.SERVICE), require_scope(scopes.FEATURES_LOOKUP)],
     response_model=BatchGetResponse,
-    summary="Aggregates of many accounts at one instant (for the inference service)",
+    summary="Aggregates of many tenants' accounts at one instant (for the inference service)",
 )
 async def batch_get(body: BatchGetRequest, service: Service) -> Response:
-    """Unknown accounts get the declared defaults, with `known: false`."""
-    as_of, answer = await service.batch_get(body.entities, body.at)
-    # orjson straight from the dataclasses' fields: ~20 floats per entity through
-    # pydantic would cost more than the store's round trip.
-    content = {
-        "schema": _SCHEMA,
-        "as_of": as_of,
-        "features": [
-            {
-                "entity": item.entity,
-                "known": item.known,
-                "values": item.values,
-                "age_seconds": item.age_seconds,
-            }
-            for item in answer
-        ],
-    }
-    return Response(orjson.dumps(content), media_type="application/json")
+    """Unknown entities get the declared defaults, with `known: false`."""
+    as_of, answer = await service.batch_get(
+        [(entity["tenant"], entity["account"]) for entity in body.entities], body.at
+    )
+    return Response(encode_answer(as_of, answer), media_type="application/json")

@@ -1,12 +1,12 @@
-"""Request and response bodies of event ingestion and batchGet."""
+"""Request and response bodies of event ingestion (batchGet's are `narthex.transactions.lookup`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from narthex.transactions import FEATURES, USD_RATES, Channel
+from narthex.transactions import USD_RATES, Channel
 from narthex.transactions.events import MAX_ID_LENGTH
 
 _ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": r"^\S+$"}
@@ -20,8 +20,14 @@ EVENT_SCHEMA: dict[str, Any] = {
     "required": ["event_id", "account_id", "merchant_id", "amount", "currency", "timestamp"],
     "additionalProperties": False,
     "properties": {
-        "event_id": {**_ID_SCHEMA, "description": "unique per account; a replay is ignored"},
-        "account_id": {**_ID_SCHEMA, "description": "the entity whose aggregates it updates"},
+        "event_id": {
+            **_ID_SCHEMA,
+            "description": "unique per account (of the tenant); a replay is ignored",
+        },
+        "account_id": {
+            **_ID_SCHEMA,
+            "description": "the account (of the caller's tenant) whose aggregates it updates",
+        },
         "merchant_id": _ID_SCHEMA,
         "amount": {"type": "number", "exclusiveMinimum": 0, "description": "in `currency`"},
         "currency": {"type": "string", "enum": list(USD_RATES)},
@@ -51,37 +57,3 @@ class IngestResponse(BaseModel):
     accepted: int = Field(description="events counted now")
     duplicates: int = Field(description="events whose id was already counted (or repeated)")
     stale: int = Field(description="events too old to count in any window (changed nothing)")
-
-
-EntityId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-
-
-class BatchGetRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    entities: list[EntityId] = Field(description="account ids, 0 to max_entities")
-    at: float | None = Field(
-        None,
-        ge=0,
-        allow_inf_nan=False,
-        description="the instant the aggregates are read at, UTC epoch seconds (default: now)",
-    )
-
-
-class EntityFeatures(BaseModel):
-    entity: str
-    known: bool = Field(description="false: no event kept for it; `values` are the defaults")
-    values: dict[str, float] = Field(description="every feature of `schema`, by name")
-    age_seconds: float | None = Field(
-        description="`as_of` minus the entity's newest event time (null when unknown)"
-    )
-
-
-class BatchGetResponse(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    feature_names: list[str] = Field(
-        alias="schema", description="the feature names, in order", examples=[list(FEATURES)]
-    )
-    as_of: float = Field(description="the instant read at, UTC epoch seconds")
-    features: list[EntityFeatures] = Field(description="one per entity asked, in that order")

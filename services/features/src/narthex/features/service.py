@@ -1,20 +1,21 @@
-"""The features service's logic: validate and count transaction events, answer batchGet."""
+"""The features service's logic: validate and count a tenant's events, answer batchGet."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from narthex.common.errors import ServiceUnavailable, ValidationFailed
 from narthex.features.metrics import FeatureMetrics
-from narthex.features.store import FeatureStore, FeatureStoreError, IngestCounts
+from narthex.features.store import Entity, FeatureStore, FeatureStoreError, IngestCounts
 from narthex.transactions import DEFAULTS, InvalidTransaction, Transaction
+from narthex.transactions.lookup import Answer
 
-__all__ = ["EntityFeatures", "FeaturesService", "StoreUnavailable"]
+__all__ = ["FeaturesService", "StoreUnavailable"]
 
 log = structlog.get_logger("narthex.features")
 
@@ -36,14 +37,9 @@ class StoreUnavailable(ServiceUnavailable):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class EntityFeatures:
-    entity: str
-    known: bool
-    # In FEATURES order; DEFAULTS for an unknown entity.
-    values: dict[str, float]
-    # `as_of` minus the entity's newest event time; None for an unknown entity.
-    age_seconds: float | None
+def _printable(value: str) -> bool:
+    # isprintable() refuses every whitespace character but the ASCII space.
+    return value.isprintable() and " " not in value
 
 
 def _shown(name: str) -> str:
@@ -131,15 +127,16 @@ class FeaturesService:
             raise _refusal(problems)
         return valid
 
-    async def ingest(self, events: Sequence[Any]) -> IngestCounts:
-        """Count a batch, all or nothing as to validity: one bad event refuses them all."""
+    async def ingest(self, tenant: str, events: Sequence[Any]) -> IngestCounts:
+        """Count a batch in `tenant`'s accounts, all or nothing as to validity: one bad
+        event refuses them all."""
         try:
             transactions = self.validate(events)
         except ValidationFailed:
             self.metrics.events["refused"].inc(len(events))
             raise
         try:
-            counts = await self.store.ingest(transactions)
+            counts = await self.store.ingest(tenant, transactions)
         except FeatureStoreError as exc:
             self.metrics.store_errors["ingest"].inc()
             log.warning("feature store failed", operation="ingest", error=str(exc))
@@ -150,9 +147,9 @@ class FeaturesService:
         return counts
 
     async def batch_get(
-        self, entities: Sequence[str], at: float | None
-    ) -> tuple[float, list[EntityFeatures]]:
-        """(as_of, each entity's aggregates at `as_of`, in the order asked)."""
+        self, entities: Sequence[Entity], at: float | None
+    ) -> tuple[float, list[Answer]]:
+        """(as_of, each (tenant, account)'s aggregates at `as_of`, in the order asked)."""
         if len(entities) > self.max_entities:
             raise _refusal(
                 [
@@ -163,15 +160,22 @@ class FeaturesService:
                     )
                 ]
             )
-        # The rule account ids are ingested under (narthex.transactions): an id outside it
-        # can never be known, and echoing it back could break the JSON answer.
-        bad: list[Issue] = [
-            (f"entities[{i}]", ["entities", i], "must not contain whitespace or control characters")
-            for i, entity in enumerate(entities)
-            if not entity.isprintable() or " " in entity
-        ]
-        if bad:
-            raise _refusal(bad)
+        # The rule ids are ingested under (narthex.transactions): an id outside it can
+        # never be known, and echoing it back could break the JSON answer.
+        # One check over every id at once (a thousand calls would cost more than the store).
+        if not _printable("".join(itertools.chain.from_iterable(entities))):
+            raise _refusal(
+                [
+                    (
+                        f"entities[{i}].{field}",
+                        ["entities", i, field],
+                        "must not contain whitespace or control characters",
+                    )
+                    for i, entity in enumerate(entities)
+                    for field, value in zip(("tenant", "account"), entity, strict=True)
+                    if not _printable(value)
+                ]
+            )
         started = time.perf_counter()
         as_of = self.clock() if at is None else at
         try:
@@ -181,10 +185,10 @@ class FeaturesService:
             log.warning("feature store failed", operation="batch_get", error=str(exc))
             raise StoreUnavailable() from None
         answer = [
-            EntityFeatures(entity, False, dict(DEFAULTS), None)
+            Answer(tenant, account, False, dict(DEFAULTS), None)
             if state is None or state.last_timestamp is None
-            else EntityFeatures(entity, True, state.features(as_of), as_of - state.last_timestamp)
-            for entity, state in zip(entities, states, strict=True)
+            else Answer(tenant, account, True, state.features(as_of), as_of - state.last_timestamp)
+            for (tenant, account), state in zip(entities, states, strict=True)
         ]
         self.metrics.batch_get_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_get_entities.observe(len(entities))

@@ -23,11 +23,22 @@ class FeaturesSettings(AuthClientSettings):
         None,
         description="online store shared by every replica (unset: in-process store, one replica)",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="redis_url names a node of a Redis Cluster (the client follows the"
+        " cluster's slots; every key set one call touches shares a hash tag)",
+    )
     redis_prefix: str = Field(
-        "narthex:features", min_length=1, description="Redis key prefix of the online store"
+        "narthex:features",
+        min_length=1,
+        pattern=r"^[^{}]+$",
+        description="Redis key prefix of the online store (no braces: they would make a hash tag)",
     )
     redis_max_connections: int = Field(
-        32, ge=1, description="Redis connections per replica (callers wait for a free one)"
+        32,
+        ge=1,
+        description="Redis connections per replica, per node of a cluster (calls wait for a"
+        " free one)",
     )
     redis_timeout: float = Field(
         1.0, gt=0, description="seconds to connect to Redis, or to wait for one of its answers"
@@ -36,7 +47,9 @@ class FeaturesSettings(AuthClientSettings):
     max_future_seconds: float = Field(
         300.0, ge=0, description="events timestamped further ahead of server time are refused"
     )
-    max_entities: int = Field(1000, ge=1, description="entities per batchGet request")
+    max_entities: int = Field(
+        1000, ge=1, description="entities ((tenant, account) pairs) per batchGet request"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     retention_margin_seconds: float = Field(
         86_400.0,

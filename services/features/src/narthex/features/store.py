@@ -1,9 +1,13 @@
 """Online feature store: each account's `AccountState` and the event ids it has counted.
 
-Two backends with the same semantics, `RedisFeatureStore` (shared by every replica) and
-`MemoryFeatureStore` (one process); both run every event through `apply_events`, which
-calls `AccountState.apply` from `narthex.transactions.aggregates`, the code that builds
-the training set. Nothing here computes an aggregate.
+An entity is an account of one tenant: state and counted ids are kept per (tenant,
+account), so two tenants with the same account id never share state or event ids.
+
+Two backends with the same semantics, `RedisFeatureStore` (shared by every replica; a
+single Redis or a Redis Cluster) and `MemoryFeatureStore` (one process); both run every
+event through `apply_events`, which calls `AccountState.apply` from
+`narthex.transactions.aggregates`, the code that builds the training set. Nothing here
+computes an aggregate.
 
 Out-of-order events are counted as `aggregates.py` defines: an event still inside a
 bucket the state keeps counts exactly as if it had arrived in order; one too old for
@@ -11,9 +15,9 @@ every window (more than 7 d behind the account's newest event) changes nothing a
 reported `stale` (`apply` returned False). Features read at an instant at or after every
 event applied are the same whatever order the events arrived in.
 
-Duplicates: an account's counted event ids are kept with the state, each with its
-event's timestamp, and checked and written in the same atomic step as the state (the
-dedup scope is the account: the same id under two accounts counts twice). A second
+Duplicates: an entity's counted event ids are kept with its state, each with its event's
+timestamp, and checked and written in the same atomic step as the state (the dedup scope
+is the entity: the same id under two accounts, or two tenants, counts twice). A second
 copy, in the same batch or any later one, is reported `duplicate` and changes nothing;
 the first copy's content wins. Ids of stale events are not kept (a replay of one is
 stale again). An id is kept for `DEDUP_HORIZON_SECONDS` behind the account's newest
@@ -25,20 +29,28 @@ Expiry: a state nobody writes to for `RETENTION_SECONDS` reads exactly as `DEFAU
 (aggregates.py), so each write sets a time-to-live of that plus a margin, and an idle
 account costs nothing.
 
-Redis atomicity: a batch's accounts are read in one MULTI/EXEC (states by MGET, the
-batch's ids by ZMSCORE), applied in Python, then written back by one compare-and-set
-script per account, all pipelined: the script writes the new state, adds the counted
-ids and renews both expiries only if the state is still the one that was read (a
-revision counter inside the value rules out ABA). An account another writer changed in
-between is read and applied again, so concurrent replicas lose no event and count none
-twice. The Lua only compares and stores; the aggregates are computed in Python. A batch
-is atomic per account, not across accounts: after a failure part of it may be stored,
-and sending it again is safe (idempotent).
+Redis keys: `<prefix>:{<tenant>:<account>}:state` and `...:seen`. The braces are a hash
+tag: an entity's two keys live in one slot, so each script below touches one slot and
+runs unchanged on a Redis Cluster. Tenant and account are escaped (`%`, `:`, `{`, `}` as
+%XX) so that the tag is exactly the pair, whatever characters an id holds, and no two
+pairs share a key.
+
+Redis atomicity: each entity of a batch is read by one script (its state and the batch's
+ids' scores, atomically), applied in Python, then written back by one compare-and-set
+script: it writes the new state, adds the counted ids and renews both expiries only if
+the state is still the one that was read (a revision counter inside the value rules out
+ABA). Every entity's calls are pipelined together (on a cluster, one pipeline per node,
+in parallel). An entity another writer changed in between is read and applied again, so
+concurrent replicas lose no event and count none twice. The Lua only reads, compares and
+stores; the aggregates are computed in Python. A batch is atomic per entity, not across
+entities: after a failure part of it may be stored, and sending it again is safe
+(idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -47,28 +59,49 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from narthex.transactions import AccountState, Transaction
 
 __all__ = [
     "DEDUP_HORIZON_SECONDS",
+    "Entity",
     "FeatureStore",
     "FeatureStoreError",
     "IngestCounts",
     "MemoryFeatureStore",
+    "RedisClient",
     "RedisFeatureStore",
     "apply_events",
+    "entity_tag",
     "redis_client",
 ]
+
+# (tenant, account)
+Entity = tuple[str, str]
+RedisClient = Redis | RedisCluster
 
 # aggregates.py: an event more than 7 d behind the newest one "counts nowhere and changes
 # nothing" (its hour is at least the 168 kept hours behind the head's).
 DEDUP_HORIZON_SECONDS = 7 * 86_400.0
-# Rounds of read-apply-write for the accounts whose compare-and-set lost; each round at
-# least one contending writer of an account wins, so this bounds waiting, not progress.
+# Rounds of read-apply-write for the entities whose compare-and-set lost; each round at
+# least one contending writer of an entity wins, so this bounds waiting, not progress.
 _MAX_ROUNDS = 100
+
+
+# KEYS: state, seen ids. ARGV: event ids. {state or nil, each id's score or nil}. ZMSCORE
+# in slices: Lua's unpack() is bounded by its C stack (~8000 values).
+_READ = """
+local scores = {}
+for i = 1, #ARGV, 1000 do
+  local part = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for j = 1, #part do
+    scores[#scores + 1] = part[j]
+  end
+end
+return {redis.call('GET', KEYS[1]), scores}
+"""
 
 # KEYS: state, seen ids. ARGV: the state value read ('' when absent), the new value, the
 # time-to-live in seconds, the timestamp below which ids are forgotten, then id, timestamp
@@ -107,12 +140,12 @@ class IngestCounts:
 
 
 class FeatureStore(Protocol):
-    async def ingest(self, events: Sequence[Transaction]) -> IngestCounts:
-        """Count `events` (already validated) in their accounts' states, once each."""
+    async def ingest(self, tenant: str, events: Sequence[Transaction]) -> IngestCounts:
+        """Count `events` (already validated) in the states of `tenant`'s accounts, once each."""
         ...
 
-    async def states(self, accounts: Sequence[str]) -> list[AccountState | None]:
-        """Each account's state, None for an unknown (or expired) one; one round trip."""
+    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
+        """Each (tenant, account)'s state, None for an unknown (or expired) one."""
         ...
 
     async def ping(self) -> None:
@@ -171,7 +204,7 @@ class MemoryFeatureStore:
     """One process's store: `RedisFeatureStore`'s semantics without Redis (`make run`).
 
     Each call runs without awaiting, so concurrent tasks of one event loop never
-    interleave inside an account.
+    interleave inside an entity.
     """
 
     _SWEEP_SECONDS = 60.0
@@ -179,30 +212,31 @@ class MemoryFeatureStore:
     def __init__(self, *, ttl_seconds: float, clock: Callable[[], float] = time.time) -> None:
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._accounts: dict[str, _Entry] = {}
+        self._entities: dict[Entity, _Entry] = {}
         self._next_sweep = clock() + self._SWEEP_SECONDS
 
-    def _live(self, account: str, now: float) -> _Entry | None:
-        entry = self._accounts.get(account)
+    def _live(self, entity: Entity, now: float) -> _Entry | None:
+        entry = self._entities.get(entity)
         if entry is not None and entry.expires_at <= now:
-            del self._accounts[account]
+            del self._entities[entity]
             return None
         return entry
 
-    async def ingest(self, events: Sequence[Transaction]) -> IngestCounts:
+    async def ingest(self, tenant: str, events: Sequence[Transaction]) -> IngestCounts:
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
         total = IngestCounts()
         for account, group in by_account(events).items():
-            entry = self._live(account, now)
+            entity = (tenant, account)
+            entry = self._live(entity, now)
             state = AccountState() if entry is None else entry.state
             counts, counted = apply_events(state, {} if entry is None else entry.seen, group)
             total += counts
             if not counted:
                 continue  # nothing changed: like Redis, no write and no renewed expiry
             if entry is None:
-                entry = self._accounts[account] = _Entry(state, {}, now)
+                entry = self._entities[entity] = _Entry(state, {}, now)
             entry.seen.update(counted)
             entry.expires_at = now + self.ttl_seconds
             if len(entry.seen) >= entry.prune_at:
@@ -219,15 +253,15 @@ class MemoryFeatureStore:
         entry.prune_at = max(64, 2 * len(entry.seen))
 
     def _sweep(self, now: float) -> None:
-        for account in [a for a, e in self._accounts.items() if e.expires_at <= now]:
-            del self._accounts[account]
+        for entity in [e for e, entry in self._entities.items() if entry.expires_at <= now]:
+            del self._entities[entity]
         self._next_sweep = now + self._SWEEP_SECONDS
 
-    async def states(self, accounts: Sequence[str]) -> list[AccountState | None]:
+    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
         now = self.clock()
         out: list[AccountState | None] = []
-        for account in accounts:
-            entry = self._live(account, now)
+        for entity in entities:
+            entry = self._live(entity, now)
             # A copy: the caller may not change what is stored.
             out.append(None if entry is None else AccountState.from_dict(entry.state.to_dict()))
         return out
@@ -236,8 +270,8 @@ class MemoryFeatureStore:
         return None
 
     def __len__(self) -> int:
-        """Accounts held, expired ones not yet swept included."""
-        return len(self._accounts)
+        """Entities held, expired ones not yet swept included."""
+        return len(self._entities)
 
 
 # -- Redis -------------------------------------------------------------------------------------
@@ -245,24 +279,50 @@ class MemoryFeatureStore:
 
 @asynccontextmanager
 async def redis_client(
-    url: str, *, max_connections: int, wait_seconds: float
-) -> AsyncIterator[Redis]:
-    """A client with a bounded pool: callers wait for a connection rather than fail.
+    url: str, *, cluster: bool = False, max_connections: int, wait_seconds: float
+) -> AsyncIterator[RedisClient]:
+    """A client with bounded connections; `cluster`: a Redis Cluster that `url` is a node of.
 
-    `wait_seconds` bounds connecting, each answer, and the wait for a free connection.
+    `wait_seconds` bounds connecting and each answer. A single Redis's pool makes callers
+    wait up to that long for a free connection; redis-py's cluster client has no waiting
+    pool, so there a call finding `max_connections` (per node) busy fails at once.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=wait_seconds,
-        socket_timeout=wait_seconds,
-        socket_connect_timeout=wait_seconds,
-    )
-    client = Redis.from_pool(pool)  # the client owns the pool: closing it closes the pool
+    client: RedisClient
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=wait_seconds,
+            socket_connect_timeout=wait_seconds,
+        )
+    else:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=wait_seconds,
+            socket_timeout=wait_seconds,
+            socket_connect_timeout=wait_seconds,
+        )
+        client = Redis.from_pool(pool)  # the client owns the pool: closing it closes the pool
     try:
         yield client
     finally:
         await client.aclose()
+
+
+_TAG_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+
+def _tag_part(value: str) -> str:
+    # Four scans in C beat translate() on the ids that need no escape (nearly all).
+    if "%" in value or ":" in value or "{" in value or "}" in value:
+        return value.translate(_TAG_ESCAPES)
+    return value
+
+
+def entity_tag(tenant: str, account: str) -> str:
+    """`{tenant:account}`, escaped: a hash tag naming exactly this pair."""
+    return f"{{{_tag_part(tenant)}:{_tag_part(account)}}}"
 
 
 def _encode(rev: int, state: AccountState) -> bytes:
@@ -280,30 +340,53 @@ def _decode(raw: bytes | str, key: str) -> tuple[int, AccountState]:
         raise FeatureStoreError(f"malformed state at {key}: {exc}") from None
 
 
+# (script, keys, arguments)
+_Call = tuple[str, tuple[str, str], list[Any]]
+
+
 class RedisFeatureStore:
-    """Accounts under `prefix`: `<prefix>:state:<account>` (the state, JSON) and
-    `<prefix>:seen:<account>` (a sorted set: counted event id -> event timestamp)."""
+    """Entities under `prefix`: `<prefix>:{<tenant>:<account>}:state` (the state, JSON) and
+    `...:seen` (a sorted set: counted event id -> event timestamp).
+
+    `max_in_flight`: calls to Redis at once, the others wait. For a cluster client, whose
+    nodes refuse a connection beyond their `max_connections` rather than wait (and redis-py
+    then tears down connections other calls are using): at most one per node per call.
+    """
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         prefix: str,
         ttl_seconds: int,
         on_conflict: Callable[[], None] = lambda: None,
+        max_in_flight: int | None = None,
     ) -> None:
+        if "{" in prefix or "}" in prefix:
+            # A brace in the prefix would become the hash tag: every key in one slot, or
+            # (`{}`) an entity's two keys in different slots.
+            raise ValueError(f"a Redis key prefix must not contain braces: {prefix!r}")
         self.client = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
         self.on_conflict = on_conflict
+        # A cluster has no cross-slot MGET: redis-py's non-atomic one splits it by slot.
+        self._mget = client.mget_nonatomic if isinstance(client, RedisCluster) else client.mget
+        self._in_flight = (
+            contextlib.nullcontext() if max_in_flight is None else asyncio.Semaphore(max_in_flight)
+        )
 
-    def state_key(self, account: str) -> str:
-        return f"{self.prefix}:state:{account}"
+    def state_key(self, tenant: str, account: str) -> str:
+        return f"{self.prefix}:{entity_tag(tenant, account)}:state"
 
-    def seen_key(self, account: str) -> str:
-        return f"{self.prefix}:seen:{account}"
+    def seen_key(self, tenant: str, account: str) -> str:
+        return f"{self.prefix}:{entity_tag(tenant, account)}:seen"
 
-    async def ingest(self, events: Sequence[Transaction]) -> IngestCounts:
+    def _keys(self, tenant: str, account: str) -> tuple[str, str]:
+        base = f"{self.prefix}:{entity_tag(tenant, account)}"
+        return f"{base}:state", f"{base}:seen"
+
+    async def ingest(self, tenant: str, events: Sequence[Transaction]) -> IngestCounts:
         groups = by_account(events)
         pending = list(groups)
         total = IngestCounts()
@@ -312,7 +395,7 @@ class RedisFeatureStore:
                 if round_:
                     # Jittered, growing: contending replicas stop colliding in lockstep.
                     await asyncio.sleep(random.uniform(0, 0.001 * min(round_, 20)))
-                counts, pending = await self._round(pending, groups)
+                counts, pending = await self._round(tenant, pending, groups)
                 total += counts
                 if not pending:
                     return total
@@ -325,69 +408,80 @@ class RedisFeatureStore:
         )
 
     async def _round(
-        self, accounts: list[str], groups: Mapping[str, list[Transaction]]
+        self, tenant: str, accounts: list[str], groups: Mapping[str, list[Transaction]]
     ) -> tuple[IngestCounts, list[str]]:
         """One read-apply-write of `accounts`: counts of those written, those that lost."""
-        async with self.client.pipeline(transaction=True) as read:
-            read.mget([self.state_key(a) for a in accounts])
-            for account in accounts:
-                read.zmscore(self.seen_key(account), [tx.event_id for tx in groups[account]])
-            replies = await read.execute()
+        keys = [self._keys(tenant, account) for account in accounts]
+        replies = await self._run(
+            [
+                (_READ, pair, [tx.event_id for tx in groups[account]])
+                for account, pair in zip(accounts, keys, strict=True)
+            ]
+        )
 
         done = IngestCounts()
-        writes: list[tuple[str, IngestCounts]] = []
-        async with self.client.pipeline(transaction=False) as write:
-            for account, raw, scores in zip(accounts, replies[0], replies[1:], strict=True):
-                rev, state = (
-                    (0, AccountState()) if raw is None else _decode(raw, self.state_key(account))
-                )
-                seen = {
-                    tx.event_id: score
-                    for tx, score in zip(groups[account], scores, strict=True)
-                    if score is not None
-                }
-                counts, counted = apply_events(state, seen, groups[account])
-                if not counted:
-                    done += counts  # nothing to write: true of the snapshot read
-                    continue
-                head = state.last_timestamp
-                assert head is not None
-                args: list[Any] = [
-                    b"" if raw is None else raw,
-                    _encode(rev + 1, state),
-                    self.ttl_seconds,
-                    repr(head - DEDUP_HORIZON_SECONDS),
-                ]
-                for event_id, timestamp in counted.items():
-                    args += (event_id, repr(timestamp))
-                write.eval(
-                    _COMPARE_AND_SET, 2, self.state_key(account), self.seen_key(account), *args
-                )
-                writes.append((account, counts))
-            written = await write.execute() if writes else []
+        writes: list[_Call] = []
+        written_counts: list[tuple[str, IngestCounts]] = []
+        for account, pair, (raw, scores) in zip(accounts, keys, replies, strict=True):
+            rev, state = (0, AccountState()) if raw is None else _decode(raw, pair[0])
+            seen = {
+                tx.event_id: float(score)
+                for tx, score in zip(groups[account], scores, strict=True)
+                if score is not None
+            }
+            counts, counted = apply_events(state, seen, groups[account])
+            if not counted:
+                done += counts  # nothing to write: true of the snapshot read
+                continue
+            head = state.last_timestamp
+            assert head is not None
+            args: list[Any] = [
+                b"" if raw is None else raw,
+                _encode(rev + 1, state),
+                self.ttl_seconds,
+                repr(head - DEDUP_HORIZON_SECONDS),
+            ]
+            for event_id, timestamp in counted.items():
+                args += (event_id, repr(timestamp))
+            writes.append((_COMPARE_AND_SET, pair, args))
+            written_counts.append((account, counts))
+        written = await self._run(writes) if writes else []
 
         lost: list[str] = []
-        for (account, counts), ok in zip(writes, written, strict=True):
+        for (account, counts), ok in zip(written_counts, written, strict=True):
             if ok == 1:
                 done += counts
             else:
                 lost.append(account)
         return done, lost
 
-    async def states(self, accounts: Sequence[str]) -> list[AccountState | None]:
-        if not accounts:
+    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
+        """Every call, pipelined (on a cluster, one pipeline per node, in parallel). EVAL,
+        not EVALSHA: redis-py's cluster pipeline refuses EVALSHA, and the server caches
+        the compiled script by its hash either way."""
+        async with self._in_flight, self.client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.eval(script, 2, *keys, *args)
+            replies: list[Any] = await pipe.execute()
+        return replies
+
+    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
+        if not entities:
             return []
+        keys = [self.state_key(tenant, account) for tenant, account in entities]
         try:
-            raws = await self.client.mget([self.state_key(a) for a in accounts])
+            async with self._in_flight:
+                raws = await self._mget(keys)
         except RedisError as exc:
             raise FeatureStoreError(f"Redis: {exc!r}") from exc
         return [
-            None if raw is None else _decode(raw, self.state_key(account))[1]
-            for account, raw in zip(accounts, raws, strict=True)
+            None if raw is None else _decode(raw, key)[1]
+            for key, raw in zip(keys, raws, strict=True)
         ]
 
     async def ping(self) -> None:
         try:
-            await self.client.ping()
+            async with self._in_flight:
+                await self.client.ping()
         except RedisError as exc:
             raise FeatureStoreError(f"Redis: {exc!r}") from exc

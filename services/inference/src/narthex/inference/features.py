@@ -1,32 +1,43 @@
 """Account aggregates from the features service: one call per batch, within a time budget.
 
+A formed batch may hold several tenants' transactions: each account is asked for with its
+own tenant, and the call carries inference's own service credential, never a caller's
+token (which speaks for one tenant only).
+
 A fraud score must not wait on, or fail with, the features service: a lookup that does
-not answer within `budget` seconds, errors, or finds the breaker open gives the declared
-defaults (`narthex.transactions.DEFAULTS`, what an unknown account looks like) and says
-so, and the prediction is marked `degraded`. Never a 5xx for that reason.
+not answer within `budget` seconds, errors, finds the breaker open, or has no credential
+to call with gives the declared defaults (`narthex.transactions.DEFAULTS`, what an
+unknown account looks like) and says so, and the prediction is marked `degraded`. Never
+a 5xx for that reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
-import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from narthex.common.credential import CredentialUnavailable, ServiceCredential
 from narthex.common.http import CircuitOpen, ServiceClient, UpstreamTimeout, UpstreamUnavailable
 from narthex.common.metrics import LATENCY_BUCKETS
-from narthex.transactions import DEFAULTS, FEATURES
+from narthex.transactions import DEFAULTS
+from narthex.transactions.lookup import BATCH_GET, decode_answer, encode_request
 
-__all__ = ["BATCH_GET", "FeatureClient", "FeatureMetrics", "Lookup"]
+__all__ = ["Entity", "FeatureClient", "FeatureMetrics", "Lookup"]
 
 log = structlog.get_logger("narthex.inference.features")
 
-BATCH_GET = "/internal/v1/features:batchGet"
+# (tenant, account)
+Entity = tuple[str, str]
+
+
+class _Refused(Exception):
+    """features refused the credential (401/403)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +67,32 @@ class FeatureMetrics:
 
 
 class FeatureClient:
-    def __init__(self, client: ServiceClient, *, budget: float, metrics: FeatureMetrics) -> None:
+    """`credential`: inference's own (None: not configured, every lookup degrades). At most
+    half the budget is spent waiting for a token (only when none is held); the call to
+    features gets what is left."""
+
+    def __init__(
+        self,
+        client: ServiceClient,
+        credential: ServiceCredential | None,
+        *,
+        budget: float,
+        metrics: FeatureMetrics,
+    ) -> None:
         self.client = client
+        self.credential = credential
         self.budget = budget
         self.metrics = metrics
 
-    async def lookup(self, entities: Sequence[str], *, at: float, token: str | None) -> Lookup:
+    async def lookup(self, entities: Sequence[Entity], *, at: float) -> Lookup:
+        """Each (tenant, account)'s aggregates at `at`, in the order given."""
         started = time.monotonic()
         try:
-            values = await self._fetch(entities, at, token)
+            values = await self._fetch(entities, at, started)
+        except (CredentialUnavailable, TimeoutError):
+            return self._degraded(entities, "no_credential")
+        except _Refused:
+            return self._degraded(entities, "refused")
         except CircuitOpen:
             return self._degraded(entities, "breaker_open")
         except UpstreamTimeout:
@@ -79,28 +107,30 @@ class FeatureClient:
         return Lookup(values, degraded=False)
 
     async def _fetch(
-        self, entities: Sequence[str], at: float, token: str | None
+        self, entities: Sequence[Entity], at: float, started: float
     ) -> list[dict[str, float]]:
-        unique = list(dict.fromkeys(entities))
-        headers = {"content-type": "application/json"}
-        if token is not None:
-            headers["authorization"] = f"Bearer {token}"
+        if self.credential is None:
+            raise CredentialUnavailable("no service key configured")
+        async with asyncio.timeout(self.budget / 2):
+            token = await self.credential.token()
         response = await self.client.post(
             BATCH_GET,
-            content=orjson.dumps({"entities": unique, "at": at}),
-            headers=headers,
-            deadline=self.budget,
+            content=encode_request(dict.fromkeys(entities), at),
+            headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
+            deadline=self.budget - (time.monotonic() - started),
             idempotent=True,  # a read: safe to try again within the budget
         )
+        if response.status_code in (401, 403):
+            # Revoked, expired early, or signed by a retired key: the next batch gets a
+            # new token rather than the same refusal.
+            self.credential.invalidate(token)
+            log.warning("features refused inference's credential", status=response.status_code)
+            raise _Refused()
         if response.status_code != 200:
             raise ValueError(f"batchGet answered {response.status_code}")
-        body: Any = orjson.loads(response.content)
-        by_entity = {
-            item["entity"]: {name: float(item["values"][name]) for name in FEATURES}
-            for item in body["features"]
-        }
+        by_entity = decode_answer(response.content)
         return [by_entity[entity] for entity in entities]
 
-    def _degraded(self, entities: Sequence[str], reason: str) -> Lookup:
+    def _degraded(self, entities: Sequence[Entity], reason: str) -> Lookup:
         self.metrics.fallbacks.labels(reason).inc()
         return Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason=reason)

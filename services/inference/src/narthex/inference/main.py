@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.body import BodyLimitMiddleware
-from narthex.common.http import ServiceClient
+from narthex.common.credential import ServiceCredential
+from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.inference.errors import install_error_handlers
 from narthex.inference.features import FeatureClient, FeatureMetrics
@@ -21,6 +23,21 @@ from narthex.inference.repository import Repository
 from narthex.inference.routes import PUBLIC_PATHS, router
 from narthex.inference.service import InferenceService
 from narthex.inference.settings import InferenceSettings
+
+log = structlog.get_logger("narthex.inference")
+
+
+def _service_credential(settings: InferenceSettings) -> ServiceCredential | None:
+    """Inference's own credential for features, fetching its first token already."""
+    if settings.service_key is None:
+        log.warning(
+            "no NARTHEX_INFERENCE_SERVICE_KEY: transaction models score on the default features"
+        )
+        return None
+    auth = ServiceClient("auth", str(settings.auth_url).rstrip("/"), ClientPolicy(deadline=5.0))
+    credential = ServiceCredential(auth, settings.service_key)
+    credential.refresh_soon()  # so that the first batch finds a token
+    return credential
 
 
 def create_app(
@@ -34,8 +51,10 @@ def create_app(
         features_client = ServiceClient(
             "features", str(settings.features_url).rstrip("/"), settings.features_policy()
         )
+        credential = _service_credential(settings)
         features = FeatureClient(
             features_client,
+            credential,
             budget=settings.features_timeout,
             metrics=FeatureMetrics(app.state.metrics_registry),
         )
@@ -67,6 +86,9 @@ def create_app(
             yield
         finally:
             await registry.close()
+            if credential is not None:
+                await credential.aclose()
+                await credential.auth.aclose()
             await features_client.aclose()
 
     app = service_app(

@@ -53,8 +53,7 @@ class Scoring:
     from aggregates looked up for the whole batch (`LoadedVersion._look_up`)."""
 
     transactions: list[Transaction]
-    tenant: str  # whose accounts these are
-    token: str | None
+    tenant: str  # whose accounts these are: each is looked up under it
     rows: Array | None = None
     degraded: bool = False
 
@@ -138,16 +137,16 @@ class LoadedVersion:
         return results
 
     async def _look_up(self, payloads: list[Any]) -> None:
-        """One feature lookup for every account in the batch, then each chunk's rows."""
+        """One feature lookup for every account in the batch, each under its chunk's tenant
+        (a batch may mix tenants), then each chunk's rows."""
         scoring = [p for p in payloads if isinstance(p, Scoring)]
         if not scoring:
             return
-        entities = [tx.account_id for p in scoring for tx in p.transactions]
-        token = next((p.token for p in scoring if p.token), None)
+        entities = [(p.tenant, tx.account_id) for p in scoring for tx in p.transactions]
         if self.features is None:
             lookup = Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason="none")
         else:
-            lookup = await self.features.lookup(entities, at=time.time(), token=token)
+            lookup = await self.features.lookup(entities, at=time.time())
         values = iter(lookup.values)
         for payload in scoring:
             payload.rows = np.asarray(
@@ -181,13 +180,12 @@ class LoadedVersion:
         transactions: Sequence[Transaction],
         *,
         tenant: str,
-        token: str | None,
         deadline: float,
     ) -> Outputs:
         """Transactions whose accounts' aggregates are looked up when their batch forms;
         outputs row-aligned, plus `degraded` per row."""
         chunks = [
-            (Scoring(list(transactions[span]), tenant, token), span.stop - span.start, 0)
+            (Scoring(list(transactions[span]), tenant), span.stop - span.start, 0)
             for span in _spans(len(transactions), self.config.max_batch_size)
         ]
         parts = await self._submit(chunks, len(transactions), tenant, deadline)

@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import CurrentPrincipal, bearer_token, require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, require_role, require_scope
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
 from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
@@ -232,15 +232,10 @@ async def _predict(
     name: str,
     version: str | None,
     body: PredictRequest,
-    request: Request,
     caller: CurrentPrincipal,
 ) -> Response:
     loaded, outputs = await service.predict_rows(
-        name,
-        _version(version),
-        body.instances,
-        tenant=caller.tenant,
-        token=bearer_token(request.scope),
+        name, _version(version), body.instances, tenant=caller.tenant
     )
     return _json(
         {
@@ -258,10 +253,10 @@ async def _predict(
     response_model=PredictResponse,
 )
 async def predict(
-    name: str, body: PredictRequest, service: Service, request: Request, caller: CurrentPrincipal
+    name: str, body: PredictRequest, service: Service, caller: CurrentPrincipal
 ) -> Response:
     """Predictions for JSON instances from the default version."""
-    return await _predict(service, name, None, body, request, caller)
+    return await _predict(service, name, None, body, caller)
 
 
 @router.post(
@@ -275,11 +270,10 @@ async def predict_version(
     version: str,
     body: PredictRequest,
     service: Service,
-    request: Request,
     caller: CurrentPrincipal,
 ) -> Response:
     """Predictions from a pinned version."""
-    return await _predict(service, name, version, body, request, caller)
+    return await _predict(service, name, version, body, caller)
 
 
 def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:

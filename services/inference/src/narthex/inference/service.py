@@ -94,12 +94,11 @@ class InferenceService:
         instances: Sequence[Any],
         *,
         tenant: str,
-        token: str | None = None,
     ) -> tuple[LoadedVersion, Outputs]:
         """v1 instances: one row of feature values (a list, or an object by feature name)
         per instance for a tensor model with one input; strings for a text model; for a
         transaction model also transactions naming an `account_id`, whose aggregates are
-        looked up (with the caller's `token`)."""
+        looked up (under `tenant`, with inference's own credential)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
@@ -107,9 +106,7 @@ class InferenceService:
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
             if loaded.looks_up and _names_accounts(instances):
                 transactions = _transactions(loaded, instances)
-                outputs = await loaded.score(
-                    transactions, tenant=tenant, token=token, deadline=self._deadline()
-                )
+                outputs = await loaded.score(transactions, tenant=tenant, deadline=self._deadline())
                 return loaded, outputs
             spec = _single_input(loaded)
             rows = _rows_from_instances(loaded, spec, instances)

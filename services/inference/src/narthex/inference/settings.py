@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from narthex.common.http import ClientPolicy
@@ -44,6 +44,12 @@ class InferenceSettings(AuthClientSettings):
     features_url: AnyHttpUrl = Field(
         AnyHttpUrl("http://127.0.0.1:8002"),
         description="features service (account aggregates for transaction models)",
+    )
+    service_key: SecretStr | None = Field(
+        None,
+        description="inference's own API key (a service identity, e.g. made by `narthex up`):"
+        " exchanged at auth for the token it reads features with (unset: transaction models"
+        " score on the default features)",
     )
     features_timeout: float = Field(
         0.05, gt=0, description="budget of one batch's feature lookup, seconds (then defaults)"
