@@ -6,11 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
-from narthex.common.body import BodyLimitMiddleware
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.inference.errors import install_error_handlers
@@ -78,7 +76,6 @@ def create_app(
         authenticate=True,
         verifier=verifier,
         public_paths=PUBLIC_PATHS,
-        middleware=[Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)],
     )
     install_error_handlers(app)
     app.include_router(router)
