@@ -21,6 +21,7 @@ from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
 from narthex.gateway.clientip import Network, forwarded_chain
+from narthex.gateway.cost import Counted, count_request, forwarded_headers
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
 from narthex.gateway.plans import PlanBook
@@ -29,7 +30,6 @@ from narthex.gateway.ratelimit import (
     TooManyItems,
     rate_limit_headers,
     refusal,
-    request_cost,
 )
 from narthex.gateway.routing import Route, RouteTable
 
@@ -160,6 +160,8 @@ class ProxyMiddleware:
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
+        body_timeout: float | None = None,
+        max_decoded_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.table = table
@@ -167,6 +169,8 @@ class ProxyMiddleware:
         self.identity = identity
         self.limits = limits
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.max_decoded_bytes = max_body_bytes if max_decoded_bytes is None else max_decoded_bytes
         self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,12 +185,12 @@ class ProxyMiddleware:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
 
     async def _admit(
-        self, scope: Scope, route: Route, principal: Principal, body: bytes
+        self, scope: Scope, route: Route, principal: Principal, counted: Counted
     ) -> list[tuple[bytes, bytes]]:
         """Charge the request to its tenant, or refuse it; the headers say where it stands."""
         plans, limiter = self.limits(scope)
         plan = await plans.plan_of(principal)
-        cost = request_cost(body, route.cost_field)
+        cost = counted.cost
         if cost > plan.max_items_per_request:
             raise TooManyItems(
                 f"the request carries {cost} items; the {plan.plan} plan allows"
@@ -221,18 +225,33 @@ class ProxyMiddleware:
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
-        body = await read_body(scope, receive, self.max_body_bytes)
+        body = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
         limit_headers: list[tuple[bytes, bytes]] = []
         if route.limited and principal is not None:
-            limit_headers = await self._admit(scope, route, principal, body)
+            # The body is counted in the form it is forwarded in (narthex.gateway.cost).
+            counted = (
+                count_request(
+                    scope["headers"],
+                    body,
+                    route.cost_field,
+                    binary_tensors=route.binary_tensors,
+                    limit=self.max_decoded_bytes,
+                )
+                if route.cost_field is not None
+                else Counted(body, 1)
+            )
+            body = counted.body
+            headers = forwarded_headers(headers, counted)
+            limit_headers = await self._admit(scope, route, principal, counted)
         target = route.rewrite or upstream_path(scope)
         if query:
             target += "?" + query.decode("latin-1")
         response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
+        content = response.content
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
-        headers.append((b"content-length", b"%d" % len(response.content)))
+        headers.append((b"content-length", b"%d" % len(content)))
         headers.extend(limit_headers)
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
-        await send({"type": "http.response.body", "body": response.content})
+        await send({"type": "http.response.body", "body": content})

@@ -25,9 +25,12 @@ class Route:
     # Pass the caller's own credentials through (only the token exchange needs them).
     forward_credentials: bool = False
     # Counted against the tenant's rate limit and daily quota; the cost of a request is
-    # the length of the list at `cost_field` in its JSON body (1 without one).
+    # the length of the list at `cost_field` in its JSON body (1 without one), or with
+    # `binary_tensors` (the Open Inference Protocol, whose JSON header may be followed by
+    # raw tensors) the batch dimension of its inputs (narthex.gateway.cost).
     limited: bool = False
     cost_field: str | None = None
+    binary_tensors: bool = False
     # Unauthenticated yet worth abusing (guessing keys): counted per client IP instead.
     guarded: bool = False
 
@@ -57,9 +60,28 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/admin/signing-keys", "auth", role=scopes.ADMIN),
     Route("/v1/admin/audit", "auth", role=scopes.ADMIN),
     # inference: predictions, embeddings, the Open Inference Protocol, model admin
-    Route("/v1/models", "inference", scope=scopes.INFERENCE, limited=True, cost_field="instances"),
-    Route("/v1/embeddings", "inference", scope=scopes.INFERENCE, limited=True, cost_field="input"),
-    Route("/v2", "inference", scope=scopes.INFERENCE, limited=True, cost_field="inputs"),
+    Route(
+        "/v1/models",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="instances",
+    ),
+    Route(
+        "/v1/embeddings",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="input",
+    ),
+    Route(
+        "/v2",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="inputs",
+        binary_tensors=True,
+    ),
     Route("/v1/admin/models", "inference", role=scopes.ADMIN),
     # features: event ingestion
     Route("/v1/events", "features", scope=scopes.EVENTS, limited=True, cost_field="events"),
