@@ -20,11 +20,12 @@ from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
+from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.cost import Counted, count_request, forwarded_headers
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
-from narthex.gateway.plans import PlanBook
+from narthex.gateway.plans import PlanBook, TenantPlan
 from narthex.gateway.ratelimit import (
     EdgeLimiter,
     TooManyItems,
@@ -186,10 +187,11 @@ class ProxyMiddleware:
 
     async def _admit(
         self, scope: Scope, route: Route, principal: Principal, counted: Counted
-    ) -> list[tuple[bytes, bytes]]:
+    ) -> tuple[TenantPlan, list[tuple[bytes, bytes]]]:
         """Charge the request to its tenant, or refuse it; the headers say where it stands."""
         plans, limiter = self.limits(scope)
         plan = await plans.plan_of(principal)
+        check_model(route, scope["path"], counted.document, plan)
         cost = counted.cost
         if cost > plan.max_items_per_request:
             raise TooManyItems(
@@ -199,7 +201,7 @@ class ProxyMiddleware:
         decision = await limiter.acquire(plan, cost)
         if not decision.allowed:
             raise refusal(decision, cost)
-        return rate_limit_headers(decision)
+        return plan, rate_limit_headers(decision)
 
     async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -227,6 +229,7 @@ class ProxyMiddleware:
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
         limit_headers: list[tuple[bytes, bytes]] = []
+        plan = None
         if route.limited and principal is not None:
             # The body is counted in the form it is forwarded in (narthex.gateway.cost).
             counted = (
@@ -242,13 +245,15 @@ class ProxyMiddleware:
             )
             body = counted.body
             headers = forwarded_headers(headers, counted)
-            limit_headers = await self._admit(scope, route, principal, counted)
+            plan, limit_headers = await self._admit(scope, route, principal, counted)
         target = route.rewrite or upstream_path(scope)
         if query:
             target += "?" + query.decode("latin-1")
         response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
         content = response.content
+        if plan is not None and scope["path"] == MODEL_LIST and response.status_code == 200:
+            content = visible_models(content, plan)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(content)))
         headers.extend(limit_headers)

@@ -31,6 +31,10 @@ class Route:
     limited: bool = False
     cost_field: str | None = None
     binary_tensors: bool = False
+    # Where a request names its model, checked against the plan's allowed models: the
+    # path segment after `model_path`, or the JSON body's `model_field` ("name:version").
+    model_path: str | None = None
+    model_field: str | None = None
     # Unauthenticated yet worth abusing (guessing keys): counted per client IP instead.
     guarded: bool = False
 
@@ -66,6 +70,7 @@ ROUTES: tuple[Route, ...] = (
         scope=scopes.INFERENCE,
         limited=True,
         cost_field="instances",
+        model_path="/v1/models/",
     ),
     Route(
         "/v1/embeddings",
@@ -73,6 +78,7 @@ ROUTES: tuple[Route, ...] = (
         scope=scopes.INFERENCE,
         limited=True,
         cost_field="input",
+        model_field="model",
     ),
     Route(
         "/v2",
@@ -81,6 +87,7 @@ ROUTES: tuple[Route, ...] = (
         limited=True,
         cost_field="inputs",
         binary_tensors=True,
+        model_path="/v2/models/",
     ),
     Route("/v1/admin/models", "inference", role=scopes.ADMIN),
     # features: event ingestion
