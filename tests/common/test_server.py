@@ -10,6 +10,7 @@ must cut off has to be closed within a bound far above the deadline, that is all
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -106,6 +107,21 @@ def trickle_until_closed(sock: socket.socket, data: bytes, pause: float = 0.05) 
         return received
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (head and Content-Length body) on a kept-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, "closed before answering"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    assert length is not None
+    while len(body) < int(length.group(1)):
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
@@ -133,8 +149,7 @@ def test_a_later_request_on_a_kept_alive_connection_has_the_same_deadline(
 ) -> None:
     with closing(connect(servers[0])) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
-        first = sock.recv(65536)
-        assert status_of(first) == 200
+        assert status_of(read_response(sock)) == 200
         response = trickle_until_closed(sock, b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100_000)
     assert status_of(response) == 408
 
@@ -152,6 +167,21 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_with_408(
         response = trickle_until_closed(sock, b"x" * 100_000)
     assert status_of(response) == 408
     assert b"request-timeout" in response
+    assert response.count(b"HTTP/1.1 ") == 1  # the app's own answer went nowhere
+
+
+def test_a_body_read_by_the_app_itself_has_the_same_deadline(
+    servers: tuple[Service, Service],
+) -> None:
+    # Not a proxied route: the gateway's own app reads it (BodyLimitMiddleware), as every
+    # service reads its bodies.
+    head = b"POST /v1/own HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n"
+    with closing(connect(servers[0])) as sock:
+        sock.sendall(head)
+        response = trickle_until_closed(sock, b"x" * 100_000)
+    assert status_of(response) == 408
+    assert b"Request body not received in time" in response
+    assert response.count(b"HTTP/1.1 ") == 1
 
 
 def test_a_body_still_arriving_after_the_answer_is_not_drained_forever(
@@ -163,6 +193,21 @@ def test_a_body_still_arriving_after_the_answer_is_not_drained_forever(
         sock.sendall(head)
         response = trickle_until_closed(sock, b"x" * 100_000)
     assert status_of(response) == 200
+
+
+def test_a_busy_kept_alive_connection_outlives_the_deadlines(
+    servers: tuple[Service, Service],
+) -> None:
+    # Each request moves the deadline; none is charged for the time of those before it.
+    with closing(connect(servers[0])) as sock:
+        started = time.monotonic()
+        served = 0
+        while time.monotonic() - started < 4 * DEADLINE:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert status_of(read_response(sock)) == 200
+            served += 1
+            time.sleep(DEADLINE / 6)
+    assert served >= 4
 
 
 def test_a_head_larger_than_the_cap_is_431(servers: tuple[Service, Service]) -> None:
@@ -200,7 +245,7 @@ def test_connections_past_the_cap_get_503_and_the_cap_frees_up(
         # Each held connection is admitted (it answers) and stays open.
         for sock in held:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
-            assert status_of(sock.recv(65536)) == 200
+            assert status_of(read_response(sock)) == 200
         with closing(connect(capped)) as extra:
             response = read_until_closed(extra)
         assert status_of(response) == 503

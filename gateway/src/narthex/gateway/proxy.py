@@ -161,7 +161,6 @@ class ProxyMiddleware:
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
-        body_timeout: float | None = None,
         max_decoded_bytes: int | None = None,
     ) -> None:
         self.app = app
@@ -170,7 +169,6 @@ class ProxyMiddleware:
         self.identity = identity
         self.limits = limits
         self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
         self.max_decoded_bytes = max_body_bytes if max_decoded_bytes is None else max_decoded_bytes
         self.guard = guard
 
@@ -227,7 +225,7 @@ class ProxyMiddleware:
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
-        body = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
+        body = await read_body(scope, receive, self.max_body_bytes)
         limit_headers: list[tuple[bytes, bytes]] = []
         plan = None
         if route.limited and principal is not None:

@@ -93,10 +93,8 @@ def service_app(
 
     install_error_handlers(app)
     # add_middleware puts each one outside the ones before it: innermost first.
-    # Bodies are read once the caller is known, within the size and time every service caps.
-    app.add_middleware(
-        BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout
-    )
+    # Bodies are read once the caller is known, within the size every service caps.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if authenticate:
         app.add_middleware(RequireTokenMiddleware, verifier=app_verifier, public_paths=public_paths)
     for inner in reversed(middleware):
