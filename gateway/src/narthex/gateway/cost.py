@@ -21,8 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -46,8 +45,7 @@ class InvalidBody(BadRequest):
     type_slug, title = "invalid-body", "The request body cannot be read"
 
 
-@dataclass(frozen=True, slots=True)
-class Counted:
+class Counted(NamedTuple):
     """A limited request's body as it goes upstream, and what it costs.
 
     `document` is the parsed JSON (the OIP header for a binary request), None without a
@@ -64,25 +62,6 @@ class Counted:
     rewritten: bool = False
 
 
-@dataclass(slots=True)
-class _BodyHeaders:
-    content_types: list[bytes]
-    codings: list[str]
-    header_lengths: list[bytes]
-
-
-def _body_headers(raw: Sequence[tuple[bytes, bytes]]) -> _BodyHeaders:
-    found = _BodyHeaders([], [], [])
-    for name, value in raw:
-        if name == b"content-type":
-            found.content_types.append(value)
-        elif name == b"content-encoding":
-            found.codings.append(value.decode("latin-1"))
-        elif name == HEADER_LENGTH:
-            found.header_lengths.append(value)
-    return found
-
-
 def count_request(
     raw_headers: Sequence[tuple[bytes, bytes]],
     body: bytes,
@@ -97,15 +76,23 @@ def count_request(
     be decoded or is not JSON."""
     if not body:
         return Counted(body, 1)
-    headers = _body_headers(raw_headers)
-    if len(headers.content_types) > 1:
-        raise InvalidBody("the request has more than one Content-Type")
-    content_type = headers.content_types[0] if headers.content_types else None
-    charset = _charset(content_type) if content_type else None
-    decoded = decode_content(body, headers.codings, limit=limit) if headers.codings else body
-    rewritten = bool(headers.codings) or content_type != JSON_TYPE
+    content_type: bytes | None = None
+    codings: list[str] = []
+    lengths: list[bytes] = []
+    for name, value in raw_headers:
+        if name == b"content-type":
+            if content_type is not None:
+                raise InvalidBody("the request has more than one Content-Type")
+            content_type = value
+        elif name == b"content-encoding":
+            codings.append(value.decode("latin-1"))
+        elif name == HEADER_LENGTH:
+            lengths.append(value)
+    charset = _charset(content_type) if content_type is not None else None
+    decoded = decode_content(body, codings, limit=limit) if codings else body
+    rewritten = bool(codings) or content_type != JSON_TYPE
 
-    header_length = _header_length(headers.header_lengths, len(decoded), binary_tensors)
+    header_length = _header_length(lengths, len(decoded), binary_tensors)
     if header_length is None:
         forward, document = _canonical_json(decoded, charset)
         cost = _batch(document) if binary_tensors else _items(document, field)
