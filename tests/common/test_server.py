@@ -15,10 +15,11 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
+from dataclasses import replace
 
 import pytest
 
-from tests.support.platform import HOST, Spec, module_argv, running
+from tests.support.platform import HOST, Spec, gateway_spec, running
 from tests.support.services import Service
 from tests.support.upstream import refusing_port
 
@@ -31,22 +32,9 @@ MAX_CONNECTIONS = 4
 
 
 def gateway(label: str, nowhere: str, **settings: str) -> Spec:
-    return Spec(
-        label,
-        module_argv("narthex.gateway"),
-        {
-            "NARTHEX_GATEWAY_HOST": HOST,
-            "NARTHEX_GATEWAY_PORT": "{port}",
-            "NARTHEX_GATEWAY_ENV": "dev",
-            "NARTHEX_GATEWAY_TRACING": "false",
-            **{
-                f"NARTHEX_GATEWAY_{name}_URL": nowhere
-                for name in ("AUTH", "FEATURES", "INFERENCE", "ANALYTICS")
-            },
-            **{f"NARTHEX_GATEWAY_{k.upper()}": v for k, v in settings.items()},
-        },
-        ready_path="/healthz",  # no upstream answers: never ready, but live
-    )
+    """A gateway whose upstreams are all `nowhere`: never ready, but live."""
+    spec = gateway_spec(label, nowhere, nowhere, tracing="false", **settings)
+    return replace(spec, ready_path="/healthz")
 
 
 @pytest.fixture(scope="module")
@@ -154,34 +142,25 @@ def test_a_later_request_on_a_kept_alive_connection_has_the_same_deadline(
     assert status_of(response) == 408
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        # The token exchange is public and reads its body (read_body) before anything else.
+        b"POST /v1/auth/token HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n",
+        # Not a proxied route: the gateway's own app reads it, as every service reads bodies.
+        b"POST /v1/own HTTP/1.1\r\nHost: gw\r\n",
+    ],
+    ids=["proxied", "the app's own"],
+)
 def test_a_body_sent_a_byte_at_a_time_is_cut_off_with_408(
-    servers: tuple[Service, Service],
+    servers: tuple[Service, Service], head: bytes
 ) -> None:
-    # The token exchange is public and reads its body before anything else is asked.
-    head = (
-        b"POST /v1/auth/token HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100000\r\n\r\n"
-    )
     with closing(connect(servers[0])) as sock:
-        sock.sendall(head)
-        response = trickle_until_closed(sock, b"x" * 100_000)
-    assert status_of(response) == 408
-    assert b"request-timeout" in response
-    assert response.count(b"HTTP/1.1 ") == 1  # the app's own answer went nowhere
-
-
-def test_a_body_read_by_the_app_itself_has_the_same_deadline(
-    servers: tuple[Service, Service],
-) -> None:
-    # Not a proxied route: the gateway's own app reads it (BodyLimitMiddleware), as every
-    # service reads its bodies.
-    head = b"POST /v1/own HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n"
-    with closing(connect(servers[0])) as sock:
-        sock.sendall(head)
+        sock.sendall(head + b"Content-Length: 100000\r\n\r\n")
         response = trickle_until_closed(sock, b"x" * 100_000)
     assert status_of(response) == 408
     assert b"Request body not received in time" in response
-    assert response.count(b"HTTP/1.1 ") == 1
+    assert response.count(b"HTTP/1.1 ") == 1  # the app's own answer went nowhere
 
 
 def test_a_body_still_arriving_after_the_answer_is_not_drained_forever(

@@ -80,6 +80,12 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
                 yield Parity(gw_echo.url, gw_inference.url, exchange(gw_echo.url, tenant.key))
 
 
+def caller(parity: Parity, url: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {parity.token}"}, timeout=60.0
+    )
+
+
 def gateway(platform: Edge, label: str, upstream: Service) -> Spec:
     return platform.gateway(label, inference_url=upstream.url, features_url=upstream.url)
 
@@ -224,11 +230,7 @@ def matrix(rng: random.Random) -> Iterator[tuple[str, Case]]:
 def test_every_encoding_an_upstream_reads_is_charged_exactly_its_items(parity: Parity) -> None:
     rng = random.Random(SEED)
     failures: list[str] = []
-    with httpx.Client(
-        base_url=parity.echo_gateway,
-        headers={"Authorization": f"Bearer {parity.token}"},
-        timeout=30.0,
-    ) as client:
+    with caller(parity, parity.echo_gateway) as client:
         ledger = Ledger(client)
         served = 0
         for label, case in matrix(rng):
@@ -287,11 +289,7 @@ def test_a_body_the_edge_cannot_count_is_refused_and_charged_nothing(
     parity: Parity, name: str
 ) -> None:
     headers, body, status = REFUSED[name]
-    with httpx.Client(
-        base_url=parity.echo_gateway,
-        headers={"Authorization": f"Bearer {parity.token}"},
-        timeout=30.0,
-    ) as client:
+    with caller(parity, parity.echo_gateway) as client:
         ledger = Ledger(client)
         response = client.post("/v1/embeddings", content=body, headers=headers)
         assert response.status_code == status, response.text
@@ -320,11 +318,7 @@ def test_real_inference_serves_exactly_what_was_charged(parity: Parity, label: s
     n = 40 if "identity" in coding else rng.randint(2, 40)
     document = {"model": "minilm", "input": texts(rng, n)}
     case = json_case("/v1/embeddings", document, n, text, coding)
-    with httpx.Client(
-        base_url=parity.inference_gateway,
-        headers={"Authorization": f"Bearer {parity.token}"},
-        timeout=60.0,
-    ) as client:
+    with caller(parity, parity.inference_gateway) as client:
         ledger = Ledger(client)
         response = client.post(case.path, content=case.body, headers=case.headers)
         assert response.status_code == 200, response.text
