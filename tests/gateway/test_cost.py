@@ -19,6 +19,7 @@ from narthex.gateway.cost import (
     HEADER_LENGTH,
     JSON_TYPE,
     InvalidBody,
+    count,
     count_request,
     forwarded_headers,
 )
@@ -278,3 +279,11 @@ def test_a_repeated_key_counts_as_the_upstream_reads_it() -> None:
     body = _duplicate_keys()
     assert len(json.loads(body)["input"]) == 3
     assert count_request([], body, "input", limit=LIMIT).cost == 3
+
+
+async def test_a_compressed_body_is_counted_off_the_event_loop_alike() -> None:
+    body = gzip.compress(PLAIN.encode("utf-16"))
+    raw = [(b"content-encoding", b"gzip"), (b"content-type", JSON_TYPE)]
+    assert await count(raw, body, "input", limit=LIMIT) == count_request(
+        raw, body, "input", limit=LIMIT
+    )

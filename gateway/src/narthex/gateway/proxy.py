@@ -22,7 +22,7 @@ from narthex.common.security import Principal
 from narthex.common.transport import Exchange
 from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
-from narthex.gateway.cost import Counted, count_request, forwarded_headers
+from narthex.gateway.cost import Counted, count, forwarded_headers
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
 from narthex.gateway.plans import PlanBook, TenantPlan
@@ -231,7 +231,7 @@ class ProxyMiddleware:
         if route.limited and principal is not None:
             # The body is counted in the form it is forwarded in (narthex.gateway.cost).
             counted = (
-                count_request(
+                await count(
                     scope["headers"],
                     body,
                     route.cost_field,
