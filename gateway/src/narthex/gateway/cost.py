@@ -63,6 +63,30 @@ class Counted(NamedTuple):
     rewritten: bool = False
 
 
+class _Described(NamedTuple):
+    """What a request's headers say about its body."""
+
+    content_type: bytes | None
+    codings: list[str]
+    header_lengths: list[bytes]
+
+
+def _describe(raw_headers: Sequence[tuple[bytes, bytes]]) -> _Described:
+    content_type: bytes | None = None
+    codings: list[str] = []
+    lengths: list[bytes] = []
+    for name, value in raw_headers:
+        if name == b"content-type":
+            if content_type is not None:
+                raise InvalidBody("the request has more than one Content-Type")
+            content_type = value
+        elif name == b"content-encoding":
+            codings.append(value.decode("latin-1"))
+        elif name == HEADER_LENGTH:
+            lengths.append(value)
+    return _Described(content_type, codings, lengths)
+
+
 def count_request(
     raw_headers: Sequence[tuple[bytes, bytes]],
     body: bytes,
@@ -77,18 +101,32 @@ def count_request(
     be decoded or is not JSON."""
     if not body:
         return Counted(body, 1)
-    content_type: bytes | None = None
-    codings: list[str] = []
-    lengths: list[bytes] = []
-    for name, value in raw_headers:
-        if name == b"content-type":
-            if content_type is not None:
-                raise InvalidBody("the request has more than one Content-Type")
-            content_type = value
-        elif name == b"content-encoding":
-            codings.append(value.decode("latin-1"))
-        elif name == HEADER_LENGTH:
-            lengths.append(value)
+    return _count(_describe(raw_headers), body, field, binary_tensors, limit)
+
+
+async def count(
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    field: str,
+    *,
+    binary_tensors: bool = False,
+    limit: int,
+) -> Counted:
+    """`count_request`, with a compressed body decoded in a worker thread: inflating up to
+    `limit` bytes takes milliseconds (zlib lets go of the GIL meanwhile), which the event
+    loop, serving every other request, should not wait out."""
+    if not body:
+        return Counted(body, 1)
+    described = _describe(raw_headers)
+    if described.codings:
+        return await asyncio.to_thread(_count, described, body, field, binary_tensors, limit)
+    return _count(described, body, field, binary_tensors, limit)
+
+
+def _count(
+    described: _Described, body: bytes, field: str, binary_tensors: bool, limit: int
+) -> Counted:
+    content_type, codings, lengths = described
     charset = _charset(content_type) if content_type is not None else None
     decoded = decode_content(body, codings, limit=limit) if codings else body
     rewritten = bool(codings) or content_type != JSON_TYPE
@@ -104,24 +142,6 @@ def count_request(
     if canonical is not header:
         decoded = canonical + decoded[header_length:]
     return Counted(decoded, _batch(document), document, len(canonical), rewritten=True)
-
-
-async def count(
-    raw_headers: Sequence[tuple[bytes, bytes]],
-    body: bytes,
-    field: str,
-    *,
-    binary_tensors: bool = False,
-    limit: int,
-) -> Counted:
-    """`count_request`, with a compressed body decoded in a worker thread: inflating up to
-    `limit` bytes takes milliseconds (zlib lets go of the GIL meanwhile), which the event
-    loop, serving every other request, should not wait out."""
-    if body and any(name == b"content-encoding" for name, _ in raw_headers):
-        return await asyncio.to_thread(
-            count_request, raw_headers, body, field, binary_tensors=binary_tensors, limit=limit
-        )
-    return count_request(raw_headers, body, field, binary_tensors=binary_tensors, limit=limit)
 
 
 def forwarded_headers(
