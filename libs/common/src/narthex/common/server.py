@@ -180,7 +180,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         cycle = self.cycle
-        if cycle.response_started or self.pipeline:
+        if cycle is None or cycle.response_started or self.pipeline:
             # Answered already (the rest of the body was being dropped), or behind
             # pipelined requests: nothing can be said in order any more.
             self.transport.close()
