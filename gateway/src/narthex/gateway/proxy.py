@@ -250,7 +250,8 @@ class ProxyMiddleware:
         response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
         content = response.content
-        if plan is not None and scope["path"] == MODEL_LIST and response.status_code == 200:
+        listing = method == "GET" and scope["path"] == MODEL_LIST and response.status_code == 200
+        if plan is not None and listing:
             content = visible_models(content, plan)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(content)))
