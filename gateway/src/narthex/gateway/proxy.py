@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -83,6 +84,15 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # What a path may carry unescaped (RFC 3986 pchar, "/"; "%" of the client's own escapes):
 # a space, CR, LF or a non-ASCII byte would change or split the upstream request line.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+
+
+class _Admitted(NamedTuple):
+    """A limited request, charged: what goes upstream, and the plan and limits it ran under."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+    plan: TenantPlan
+    limit_headers: list[tuple[bytes, bytes]]
 
 
 class MethodNotAllowed(Problem):
@@ -184,9 +194,26 @@ class ProxyMiddleware:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
 
     async def _admit(
-        self, scope: Scope, route: Route, principal: Principal, counted: Counted
-    ) -> tuple[TenantPlan, list[tuple[bytes, bytes]]]:
-        """Charge the request to its tenant, or refuse it; the headers say where it stands."""
+        self,
+        scope: Scope,
+        route: Route,
+        principal: Principal,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> _Admitted:
+        """Count the request's items in the form it is forwarded in (narthex.gateway.cost)
+        and charge them to its tenant, or refuse it; the headers say where it stands."""
+        counted = (
+            await count(
+                scope["headers"],
+                body,
+                route.cost_field,
+                binary_tensors=route.binary_tensors,
+                limit=self.max_decoded_bytes,
+            )
+            if body and route.cost_field is not None
+            else Counted(body, 1)
+        )
         plans, limiter = self.limits(scope)
         plan = await plans.plan_of(principal)
         check_model(route, scope["path"], counted.document, plan)
@@ -199,7 +226,10 @@ class ProxyMiddleware:
         decision = await limiter.acquire(plan, cost)
         if not decision.allowed:
             raise refusal(decision, cost)
-        return plan, rate_limit_headers(decision)
+        # The parsed document stays here: it is garbage before the upstream is called.
+        return _Admitted(
+            counted.body, forwarded_headers(headers, counted), plan, rate_limit_headers(decision)
+        )
 
     async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -229,29 +259,22 @@ class ProxyMiddleware:
         limit_headers: list[tuple[bytes, bytes]] = []
         plan = None
         if route.limited and principal is not None:
-            # The body is counted in the form it is forwarded in (narthex.gateway.cost).
-            counted = (
-                await count(
-                    scope["headers"],
-                    body,
-                    route.cost_field,
-                    binary_tensors=route.binary_tensors,
-                    limit=self.max_decoded_bytes,
-                )
-                if route.cost_field is not None
-                else Counted(body, 1)
+            body, headers, plan, limit_headers = await self._admit(
+                scope, route, principal, headers, body
             )
-            body = counted.body
-            headers = forwarded_headers(headers, counted)
-            plan, limit_headers = await self._admit(scope, route, principal, counted)
         target = route.rewrite or upstream_path(scope)
         if query:
             target += "?" + query.decode("latin-1")
         response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
         content = response.content
-        listing = method == "GET" and scope["path"] == MODEL_LIST and response.status_code == 200
-        if plan is not None and listing:
+        if (
+            plan is not None
+            and plan.allowed_models  # most plans allow every model: nothing to filter
+            and scope["path"] == MODEL_LIST
+            and method == "GET"
+            and response.status_code == 200
+        ):
             content = visible_models(content, plan)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
         headers.append((b"content-length", b"%d" % len(content)))
