@@ -28,7 +28,7 @@
     same gateway's not-limited route (JWT + proxy) is measured in between: the gap between
     the two gateway rows is the limiter's cost in throughput.
 
-(iv) The body path: `POST /v1/models/x/predict` with a 40-item plain UTF-8 JSON body, the
+(iv) The body path: `POST /v1/models/x/predict` with a 4-item, ~1 KB plain UTF-8 JSON body, the
     cost counted from it (narthex.gateway.cost: parsed once, forwarded untouched), against
     the same bare proxy forwarding the same body; the ratio is printed for context.
 
@@ -75,8 +75,11 @@ ACCURACY_PLAN = PlanNumbers(rate=20.0, burst=40)
 UNLIMITED_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
 LIMITED = "/v1/models"
 NOT_LIMITED = "/v1/admin/models"
-POST_ITEMS = 40
-POST_BODY = orjson.dumps({"instances": [[0.5, 12.0, 3, "caf\u00e9"]] * POST_ITEMS})
+# Few items (the plan's rate caps items/s, at most 100k), each with some text to read.
+POST_ITEMS = 4
+POST_BODY = orjson.dumps(
+    {"instances": [{"amount": 12.5, "note": "caf\u00e9 " * 40, "n": i} for i in range(POST_ITEMS)]}
+)
 TARGET_LATENCY_MS = 0.3
 TARGET_RATIO = 0.6
 
@@ -233,7 +236,10 @@ def latency_and_throughput(
 
             # The body path: a limited POST whose cost is counted in its plain UTF-8 JSON
             # body (decoded once, forwarded untouched), against the same baseline proxy.
-            print(f"\n(iv) POST {POST_ITEMS} items of plain UTF-8 JSON: wrk -t1 -c64")
+            print(
+                f"\n(iv) POST {POST_ITEMS} items, {len(POST_BODY)} bytes of plain UTF-8 JSON:"
+                " wrk -t1 -c64"
+            )
             print(header())
             posts: dict[str, WrkResult] = {}
             for label, url in (
