@@ -48,9 +48,8 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.inference import wrk_post
 from bench.limits import REDIS_URL, private_prefix
-from bench.proxy import BenchError, WrkResult
+from bench.proxy import BenchError, WrkResult, wrk_post
 from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
 from narthex.transactions.lookup import BATCH_GET, encode_request
 from tests.support.models import builtin_repository

@@ -30,7 +30,7 @@ import onnxruntime as ort
 import orjson
 from ruamel.yaml import YAML
 
-from bench.proxy import BenchError, WrkResult, run_wrk
+from bench.proxy import WrkResult, wrk_post
 from narthex.inference.builtin import fraud
 from narthex.inference.repository import CONFIG_FILE, Repository
 from narthex.inference.text import TextEncoder
@@ -132,32 +132,6 @@ def unbatched_copy(repository: Path, directory: Path) -> Iterator[Path]:
         for version in Repository(repository).versions_on_disk(model):
             (root / model / str(version)).symlink_to(repository / model / str(version))
     yield root
-
-
-def wrk_post(
-    url: str, bodies: Sequence[bytes], token: str, seconds: int, connections: int
-) -> WrkResult:
-    """wrk POSTing `bodies` round robin as JSON with the token."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        quoted = ",\n".join("[==[" + b.decode() + "]==]" for b in bodies)
-        script.write(
-            'wrk.method = "POST"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f'wrk.headers["Authorization"] = "Bearer {token}"\n'
-            f"local bodies = {{\n{quoted}\n}}\n"
-            "local i = 0\n"
-            "request = function()\n"
-            "  i = i + 1\n"
-            "  return wrk.format(nil, nil, nil, bodies[(i % #bodies) + 1])\n"
-            "end\n"
-        )
-    try:
-        result = run_wrk(url, seconds, connections, script=Path(script.name), request_timeout="10s")
-    finally:
-        Path(script.name).unlink(missing_ok=True)
-    if result.errors:
-        raise BenchError(f"{result.errors} failed requests against {url}: {result}")
-    return result
 
 
 def row(label: str, rate: float, unit: str, p50: str = "", p99: str = "") -> str:

@@ -28,6 +28,10 @@
     same gateway's not-limited route (JWT + proxy) is measured in between: the gap between
     the two gateway rows is the limiter's cost in throughput.
 
+(iv) The body path: `POST /v1/models/x/predict` with a 4-item, ~1 KB plain UTF-8 JSON body, the
+    cost counted from it (narthex.gateway.cost: parsed once, forwarded untouched), against
+    the same bare proxy forwarding the same body; the ratio is printed for context.
+
 Everything listens on 127.0.0.1 and stops by itself; wrk must be on PATH.
 """
 
@@ -45,12 +49,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bench.proxy import BenchError, WrkResult, run_wrk
+from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
 from tests.support.platform import (
+    PREDICT,
     Admin,
     Edge,
     PlanNumbers,
@@ -69,6 +75,11 @@ ACCURACY_PLAN = PlanNumbers(rate=20.0, burst=40)
 UNLIMITED_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
 LIMITED = "/v1/models"
 NOT_LIMITED = "/v1/admin/models"
+# Few items (the plan's rate caps items/s, at most 100k), each with some text to read.
+POST_ITEMS = 4
+POST_BODY = orjson.dumps(
+    {"instances": [{"amount": 12.5, "note": "caf\u00e9 " * 40, "n": i} for i in range(POST_ITEMS)]}
+)
 TARGET_LATENCY_MS = 0.3
 TARGET_RATIO = 0.6
 
@@ -169,7 +180,8 @@ def latency_and_throughput(
                 gw.url + "/v1/auth/token", headers={"X-API-Key": platform.admin_key}, timeout=10
             )
             response.raise_for_status()
-            jwt = {"Authorization": f"Bearer {response.json()['access_token']}"}
+            token = response.json()["access_token"]
+            jwt = {"Authorization": f"Bearer {token}"}
             for path in (LIMITED, NOT_LIMITED):  # JWKS, plan cache, Redis script, connections
                 check = httpx.get(gw.url + path, headers=jwt, timeout=10)
                 if check.status_code != 200:
@@ -221,6 +233,26 @@ def latency_and_throughput(
                 f"ratios to the baseline mean: whole edge {ratio:.2f}x;"
                 f" the same without the limiter (context) {runs[2][1].rps / base_rps:.2f}x"
             )
+
+            # The body path: a limited POST whose cost is counted in its plain UTF-8 JSON
+            # body (decoded once, forwarded untouched), against the same baseline proxy.
+            print(
+                f"\n(iv) POST {POST_ITEMS} items, {len(POST_BODY)} bytes of plain UTF-8 JSON:"
+                " wrk -t1 -c64"
+            )
+            print(header())
+            posts: dict[str, WrkResult] = {}
+            for label, url in (
+                ("baseline (bench.baseline)", base.url + PREDICT),
+                ("gateway: JWT+body cost+limiter+proxy", gw.url + PREDICT),
+            ):
+                wrk_post(url, [POST_BODY], token, 2, 64)  # warm-up, not measured
+                posts[label] = wrk_post(url, [POST_BODY], token, throughput_seconds, 64)
+                print(row(label, posts[label]))
+            post_ratio = posts["gateway: JWT+body cost+limiter+proxy"].rps / (
+                posts["baseline (bench.baseline)"].rps
+            )
+            print(f"ratio to the baseline: whole edge with a body {post_ratio:.2f}x")
     return added_p50, added_p99, ratio
 
 

@@ -239,6 +239,32 @@ def run_wrk(
     return parse_wrk(done.stdout)
 
 
+def wrk_post(
+    url: str, bodies: Sequence[bytes], token: str, seconds: int, connections: int
+) -> WrkResult:
+    """wrk POSTing `bodies` round robin as JSON with the token."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        quoted = ",\n".join("[==[" + b.decode() + "]==]" for b in bodies)
+        script.write(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+            f"local bodies = {{\n{quoted}\n}}\n"
+            "local i = 0\n"
+            "request = function()\n"
+            "  i = i + 1\n"
+            "  return wrk.format(nil, nil, nil, bodies[(i % #bodies) + 1])\n"
+            "end\n"
+        )
+    try:
+        result = run_wrk(url, seconds, connections, script=Path(script.name), request_timeout="10s")
+    finally:
+        Path(script.name).unlink(missing_ok=True)
+    if result.errors:
+        raise BenchError(f"{result.errors} failed requests against {url}: {result}")
+    return result
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 

@@ -398,24 +398,32 @@ async def test_a_well_formed_request_id_is_kept_and_forwarded(upstream: Upstream
 # -- the body cap --------------------------------------------------------------------------
 
 
-async def chunks(total: int, size: int = 300) -> AsyncIterator[bytes]:
-    """`total` bytes as an async iterator: httpx sends it chunked, without Content-Length."""
-    sent = 0
-    while sent < total:
-        part = min(size, total - sent)
-        yield b"z" * part
-        sent += part
+async def chunks(total: int, size: int = 300, body: bytes | None = None) -> AsyncIterator[bytes]:
+    """`total` bytes (of `body`, or z's) as an async iterator: httpx sends it chunked,
+    without Content-Length."""
+    content = b"z" * total if body is None else body
+    for start in range(0, total, size):
+        yield content[start : start + size]
+
+
+def events_body(size: int) -> bytes:
+    """A limited route's JSON body (one event, a long string) of exactly `size` bytes."""
+    frame = b'{"events":[""]}'
+    return frame[:12] + b"z" * (size - len(frame)) + frame[12:]
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_a_body_of_exactly_the_cap_passes(upstream: UpstreamServer, framing: str) -> None:
+    body = events_body(MAX_BODY)
     async with running(gateway_settings(upstream.url)) as gw:
-        content = b"z" * MAX_BODY if framing == "content-length" else chunks(MAX_BODY)
-        response = await gw.post("/v1/events/transactions", content=content)
+        content = body if framing == "content-length" else chunks(MAX_BODY, body=body)
+        response = await gw.post(
+            "/v1/events/transactions", content=content, headers={"content-type": "application/json"}
+        )
 
     assert response.status_code == 200
     (seen,) = upstream.requests
-    assert seen.body == b"z" * MAX_BODY
+    assert seen.body == body
     assert seen.header_values("content-length") == [str(MAX_BODY)]
 
 

@@ -16,10 +16,10 @@ from pydantic import AnyHttpUrl
 
 from narthex.common import scopes
 from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
+from narthex.gateway.cost import InvalidBody, count_request
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
 from narthex.gateway.plans import TenantPlan
-from narthex.gateway.ratelimit import request_cost
 from narthex.gateway.settings import GatewaySettings
 from tests.support.plans import FixedPlans
 from tests.support.redis import redis_scratch
@@ -118,18 +118,31 @@ def parsed(response: httpx.Response, field: str) -> dict[str, dict[str, Any]]:
             5,
         ),
         ({"inputs": []}, "inputs", 1),
+        ({"inputs": [{"shape": [2, 3]}, {"shape": [9]}]}, "inputs", 9),  # the largest batch
+        ({"inputs": [{"shape": [True, 3]}]}, "inputs", 1),  # no dimension: refused upstream
         ({"other": [1, 2]}, "instances", 1),
         ([1, 2, 3], "instances", 1),
         ({"instances": []}, "instances", 1),
     ],
 )
 def test_a_requests_cost_is_the_items_it_carries(body: Any, field: str, cost: int) -> None:
-    assert request_cost(orjson.dumps(body), field) == cost
+    counted = count_request(
+        [(b"content-type", b"application/json")],
+        orjson.dumps(body),
+        field,
+        binary_tensors=field == "inputs",
+        limit=1 << 20,
+    )
+    assert counted.cost == cost
+    assert not counted.rewritten  # plain UTF-8 JSON goes on untouched
 
 
-def test_a_body_that_is_not_json_costs_one() -> None:
-    assert request_cost(b"\x00binary", "inputs") == 1
-    assert request_cost(b"", "instances") == 1
+def test_a_body_that_is_not_json_is_refused_not_charged_one() -> None:
+    with pytest.raises(InvalidBody):
+        count_request([], b"\x00binary", "inputs", binary_tensors=True, limit=1 << 20)
+    with pytest.raises(InvalidBody):
+        count_request([], b"instances=1", "instances", limit=1 << 20)
+    assert count_request([], b"", "instances", limit=1 << 20).cost == 1
 
 
 # -- decisions through the gateway ------------------------------------------------------------

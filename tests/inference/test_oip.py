@@ -14,6 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import triton_to_np_dtype
 
+from narthex.common.codings import decode_content
 from narthex.inference import oip
 from narthex.inference.oip import OipError, OutputTensor
 
@@ -615,43 +616,6 @@ def test_compressed_request_round_trip(encoding: str | None, compress: Any) -> N
     # What tritonclient's request_compression_algorithm does to the body.
     array = _sample("FP32", (16, 16))
     body, length = _body([_input("x", array, "FP32", binary=True)])
-    plain = oip.decode_compressed(compress(body), encoding, limit=len(body))
+    plain = decode_content(compress(body), encoding, limit=len(body))
     assert plain == body
     _assert_same(oip.decode_request(plain, length).inputs[0].data, array)
-
-
-def test_decompression_bomb_is_refused() -> None:
-    bomb = gzip.compress(b"\0" * (8 << 20))
-    assert len(bomb) < 16 << 10
-    with pytest.raises(OipError, match="decompresses to more than 1048576 bytes"):
-        oip.decode_compressed(bomb, "gzip", limit=1 << 20)
-    with pytest.raises(OipError, match="decompresses to more than"):
-        oip.decode_compressed(zlib.compress(b"\0" * (8 << 20)), "deflate", limit=1 << 20)
-    exact = gzip.compress(b"\0" * 100)
-    assert oip.decode_compressed(exact, "gzip", limit=100) == b"\0" * 100
-    with pytest.raises(OipError, match="more than 99 bytes"):
-        oip.decode_compressed(exact, "gzip", limit=99)
-
-
-def test_gzip_members_are_concatenated_and_limited_together() -> None:
-    body = gzip.compress(b"abc") + gzip.compress(b"def")
-    assert oip.decode_compressed(body, "gzip", limit=6) == b"abcdef"
-    with pytest.raises(OipError, match="more than 5 bytes"):
-        oip.decode_compressed(body, "gzip", limit=5)
-
-
-@pytest.mark.parametrize(
-    ("body", "encoding", "message"),
-    [
-        (gzip.compress(b"x" * 100)[:-5], "gzip", "gzip request body is truncated"),
-        (b"not gzip at all", "gzip", "gzip request body is corrupt"),
-        (b"", "gzip", "gzip request body is truncated"),
-        (zlib.compress(b"abc") + b"junk", "deflate", "deflate request body has data after"),
-        (b"abc", "br", "unsupported Content-Encoding 'br' \\(supported: gzip, deflate\\)"),
-        (b"abc", "gzip, br", "unsupported Content-Encoding"),
-        (b"x" * 11, "identity", "larger than 10 bytes"),
-    ],
-)
-def test_bad_compressed_bodies_are_refused(body: bytes, encoding: str, message: str) -> None:
-    with pytest.raises(OipError, match=message):
-        oip.decode_compressed(body, encoding, limit=10 if encoding == "identity" else 1000)

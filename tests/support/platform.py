@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -40,6 +41,7 @@ __all__ = [
     "PREDICT",
     "Admin",
     "Edge",
+    "Ledger",
     "PlanNumbers",
     "PrivateRedis",
     "Spec",
@@ -63,6 +65,7 @@ INFERENCE_IDENTITY = "service-inference"
 # A limited route whose cost is the number of `instances`; the trivial upstream answers 200.
 PREDICT = "/v1/models/x/predict"
 ONE_ITEM = b'{"instances":[{}]}'
+DAILY_REMAINING = re.compile(r'"daily";r=(\d+)')
 STOP_TIMEOUT_S = 10.0
 
 
@@ -272,6 +275,7 @@ class PlanNumbers:
     burst: int
     daily_quota: int = 10_000_000
     max_items: int = 100
+    allowed_models: tuple[str, ...] = ()  # empty: every model
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ class Admin:
                 "burst": numbers.burst,
                 "daily_quota": numbers.daily_quota,
                 "max_items_per_request": numbers.max_items,
-                "allowed_models": [],
+                "allowed_models": list(numbers.allowed_models),
             },
         )
         assert response.status_code == 201, response.text
@@ -325,6 +329,29 @@ class Admin:
     def set_plan(self, tenant_id: str, plan: str) -> None:
         response = self.client.patch(f"/v1/admin/tenants/{tenant_id}", json={"plan": plan})
         assert response.status_code == 200, response.text
+
+
+class Ledger:
+    """A tenant's daily quota as a gateway reports it: what each request was charged. The
+    daily quota does not refill within the day, so the differences are exact."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.remaining = self.quota()
+
+    def quota(self) -> int:
+        response = self.client.get("/v1/quota")
+        assert response.status_code == 200, response.text
+        remaining: int = response.json()["daily"]["remaining"]
+        return remaining
+
+    def charged(self, response: httpx.Response) -> int:
+        """Items this response's request was charged, and everything charged unseen before."""
+        match = DAILY_REMAINING.search(response.headers.get("ratelimit", ""))
+        assert match is not None, f"no RateLimit header on {response.status_code}"
+        remaining = int(match.group(1))
+        charged, self.remaining = self.remaining - remaining, remaining
+        return charged
 
 
 # -- a private redis-server that a test may kill and restart ----------------------------------

@@ -103,6 +103,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 limits=app_limits,
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
+                max_decoded_bytes=settings.max_decoded_body_bytes,
             )
         ],
     )

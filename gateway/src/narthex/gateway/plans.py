@@ -24,7 +24,11 @@ class TenantPlan:
     burst: int
     daily_quota: int
     max_items_per_request: int
+    # Model names (every version of each); empty means every model, as auth defines it.
     allowed_models: tuple[str, ...]
+
+    def allows_model(self, name: str) -> bool:
+        return not self.allowed_models or name in self.allowed_models
 
 
 @dataclass(frozen=True, slots=True)

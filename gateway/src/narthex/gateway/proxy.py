@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 from urllib.parse import quote, quote_from_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,16 +21,17 @@ from narthex.common.http import ServiceClient
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
+from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
+from narthex.gateway.cost import Counted, count, forwarded_headers
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
-from narthex.gateway.plans import PlanBook
+from narthex.gateway.plans import PlanBook, TenantPlan
 from narthex.gateway.ratelimit import (
     EdgeLimiter,
     TooManyItems,
     rate_limit_headers,
     refusal,
-    request_cost,
 )
 from narthex.gateway.routing import Route, RouteTable
 
@@ -82,6 +84,15 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # What a path may carry unescaped (RFC 3986 pchar, "/"; "%" of the client's own escapes):
 # a space, CR, LF or a non-ASCII byte would change or split the upstream request line.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+
+
+class _Admitted(NamedTuple):
+    """A limited request, charged: what goes upstream, and the plan and limits it ran under."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+    plan: TenantPlan
+    limit_headers: list[tuple[bytes, bytes]]
 
 
 class MethodNotAllowed(Problem):
@@ -160,6 +171,7 @@ class ProxyMiddleware:
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
+        max_decoded_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.table = table
@@ -167,6 +179,7 @@ class ProxyMiddleware:
         self.identity = identity
         self.limits = limits
         self.max_body_bytes = max_body_bytes
+        self.max_decoded_bytes = max_body_bytes if max_decoded_bytes is None else max_decoded_bytes
         self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,12 +194,30 @@ class ProxyMiddleware:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
 
     async def _admit(
-        self, scope: Scope, route: Route, principal: Principal, body: bytes
-    ) -> list[tuple[bytes, bytes]]:
-        """Charge the request to its tenant, or refuse it; the headers say where it stands."""
+        self,
+        scope: Scope,
+        route: Route,
+        principal: Principal,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> _Admitted:
+        """Count the request's items in the form it is forwarded in (narthex.gateway.cost)
+        and charge them to its tenant, or refuse it; the headers say where it stands."""
+        counted = (
+            await count(
+                scope["headers"],
+                body,
+                route.cost_field,
+                binary_tensors=route.binary_tensors,
+                limit=self.max_decoded_bytes,
+            )
+            if body and route.cost_field is not None
+            else Counted(body, 1)
+        )
         plans, limiter = self.limits(scope)
         plan = await plans.plan_of(principal)
-        cost = request_cost(body, route.cost_field)
+        check_model(route, scope["path"], counted.document, plan)
+        cost = counted.cost
         if cost > plan.max_items_per_request:
             raise TooManyItems(
                 f"the request carries {cost} items; the {plan.plan} plan allows"
@@ -195,7 +226,10 @@ class ProxyMiddleware:
         decision = await limiter.acquire(plan, cost)
         if not decision.allowed:
             raise refusal(decision, cost)
-        return rate_limit_headers(decision)
+        # The parsed document stays here: it is garbage before the upstream is called.
+        return _Admitted(
+            counted.body, forwarded_headers(headers, counted), plan, rate_limit_headers(decision)
+        )
 
     async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -223,16 +257,28 @@ class ProxyMiddleware:
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         limit_headers: list[tuple[bytes, bytes]] = []
+        plan = None
         if route.limited and principal is not None:
-            limit_headers = await self._admit(scope, route, principal, body)
+            body, headers, plan, limit_headers = await self._admit(
+                scope, route, principal, headers, body
+            )
         target = route.rewrite or upstream_path(scope)
         if query:
             target += "?" + query.decode("latin-1")
         response = await self.clients[route.upstream].forward(method, target, headers, body)
         check_upstream_status(response)
+        content = response.content
+        if (
+            plan is not None
+            and plan.allowed_models  # most plans allow every model: nothing to filter
+            and scope["path"] == MODEL_LIST
+            and method == "GET"
+            and response.status_code == 200
+        ):
+            content = visible_models(content, plan)
         headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
-        headers.append((b"content-length", b"%d" % len(response.content)))
+        headers.append((b"content-length", b"%d" % len(content)))
         headers.extend(limit_headers)
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
-        await send({"type": "http.response.body", "body": response.content})
+        await send({"type": "http.response.body", "body": content})

@@ -6,7 +6,6 @@ import math
 import time
 from typing import Literal
 
-import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
@@ -31,27 +30,6 @@ class QuotaExceeded(Problem):
 
 class TooManyItems(ValidationFailed):
     type_slug, title = "too-many-items", "Too many items in one request"
-
-
-def request_cost(body: bytes, field: str | None) -> int:
-    """Items a request carries: the length of the list at `field` of its JSON body.
-
-    A single value counts as one item, and so does a body that is not the JSON the
-    route expects: the upstream refuses those itself, and one item is what they cost.
-    """
-    if field is None or not body:
-        return 1
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 1
-    value = document.get(field) if isinstance(document, dict) else None
-    if field == "inputs" and isinstance(value, list) and value:
-        # Open Inference Protocol: the batch is the first dimension of the first input.
-        shape = value[0].get("shape") if isinstance(value[0], dict) else None
-        first = shape[0] if isinstance(shape, list) and shape else None
-        return first if isinstance(first, int) and first > 0 else 1
-    return len(value) if isinstance(value, list) and value else 1
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

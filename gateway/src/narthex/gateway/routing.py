@@ -25,9 +25,16 @@ class Route:
     # Pass the caller's own credentials through (only the token exchange needs them).
     forward_credentials: bool = False
     # Counted against the tenant's rate limit and daily quota; the cost of a request is
-    # the length of the list at `cost_field` in its JSON body (1 without one).
+    # the length of the list at `cost_field` in its JSON body (1 without one), or with
+    # `binary_tensors` (the Open Inference Protocol, whose JSON header may be followed by
+    # raw tensors) the batch dimension of its inputs (narthex.gateway.cost).
     limited: bool = False
     cost_field: str | None = None
+    binary_tensors: bool = False
+    # Where a request names its model, checked against the plan's allowed models: the
+    # path segment after `model_path`, or the JSON body's `model_field` ("name:version").
+    model_path: str | None = None
+    model_field: str | None = None
     # Unauthenticated yet worth abusing (guessing keys): counted per client IP instead.
     guarded: bool = False
 
@@ -57,9 +64,31 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/admin/signing-keys", "auth", role=scopes.ADMIN),
     Route("/v1/admin/audit", "auth", role=scopes.ADMIN),
     # inference: predictions, embeddings, the Open Inference Protocol, model admin
-    Route("/v1/models", "inference", scope=scopes.INFERENCE, limited=True, cost_field="instances"),
-    Route("/v1/embeddings", "inference", scope=scopes.INFERENCE, limited=True, cost_field="input"),
-    Route("/v2", "inference", scope=scopes.INFERENCE, limited=True, cost_field="inputs"),
+    Route(
+        "/v1/models",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="instances",
+        model_path="/v1/models/",
+    ),
+    Route(
+        "/v1/embeddings",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="input",
+        model_field="model",
+    ),
+    Route(
+        "/v2",
+        "inference",
+        scope=scopes.INFERENCE,
+        limited=True,
+        cost_field="inputs",
+        binary_tensors=True,
+        model_path="/v2/models/",
+    ),
     Route("/v1/admin/models", "inference", role=scopes.ADMIN),
     # features: event ingestion
     Route("/v1/events", "features", scope=scopes.EVENTS, limited=True, cost_field="events"),

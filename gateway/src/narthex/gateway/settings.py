@@ -29,7 +29,12 @@ class GatewaySettings(AuthClientSettings):
     analytics_url: AnyHttpUrl = Field(
         AnyHttpUrl("http://127.0.0.1:8004"), description="analytics service"
     )
-    max_body_bytes: int = Field(1 << 20, ge=1, description="request bodies above this get 413")
+    max_decoded_body_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        description="a limited request's body, decompressed, above this gets 413 (compression"
+        " saves a client bandwidth, never buys it a bigger request)",
+    )
     upstream_connect_timeout: float = Field(1.0, gt=0, description="per try, seconds")
     upstream_try_timeout: float = Field(30.0, gt=0, description="per try, seconds")
     upstream_deadline: float = Field(30.0, gt=0, description="all tries together, seconds")

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 
 from narthex.common.authn import RequireTokenMiddleware, app_verifier
+from narthex.common.body import BodyLimitMiddleware
 from narthex.common.errors import install_error_handlers
 from narthex.common.metrics import (
     CONTENT_TYPE_LATEST,
@@ -49,7 +50,8 @@ def service_app(
 
     `lifespan` opens the service's resources; it runs inside the common one, and the
     app is ready only once it has finished starting. `middleware` runs inside the
-    common request context and span, before routing (the gateway's proxy lives there).
+    common request context and span, before routing (the gateway's proxy lives there);
+    request bodies are read (`BodyLimitMiddleware`, the settings' caps) just before routing.
 
     `authenticate` makes every route but the probes and `public_paths` require a
     verified JWT (zero trust: internal services check the caller themselves). The
@@ -91,6 +93,8 @@ def service_app(
 
     install_error_handlers(app)
     # add_middleware puts each one outside the ones before it: innermost first.
+    # Bodies are read once the caller is known, within the size every service caps.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if authenticate:
         app.add_middleware(RequireTokenMiddleware, verifier=app_verifier, public_paths=public_paths)
     for inner in reversed(middleware):

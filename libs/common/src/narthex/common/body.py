@@ -1,4 +1,7 @@
-"""Request bodies under a size cap: read once, 413 past the limit, replayed to the app."""
+"""Request bodies under a size cap: read once, 413 past the limit, replayed to the app.
+
+The time a body may take is the server's to bound (`narthex.common.server`: 408 past
+`body_timeout`), for every route however it reads its body."""
 
 from __future__ import annotations
 

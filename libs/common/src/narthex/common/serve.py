@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from narthex.common.logging import configure_logging
+from narthex.common.server import ConnectionLimits, guarded_protocol
 from narthex.common.settings import ServiceSettings, SettingsError, load_settings
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -31,13 +32,22 @@ def serve(settings_cls: type[S], create_app: Callable[[S], FastAPI]) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(connection_limits(settings)),
         lifespan="on",
         access_log=False,  # RequestContextMiddleware writes the access log
         log_config=None,  # keep the JSON logging configured above
         server_header=False,
         timeout_graceful_shutdown=10,
         proxy_headers=False,  # X-Forwarded-* is believed only from trusted proxies, by us
+    )
+
+
+def connection_limits(settings: ServiceSettings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections,
     )
 
 

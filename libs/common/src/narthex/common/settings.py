@@ -45,6 +45,18 @@ class ServiceSettings(BaseSettings):
         1.0, ge=0.0, le=1.0, description="share of successful requests logged"
     )
     tracing: bool = Field(True, description="OpenTelemetry spans (exported when OTLP is set)")
+    # What a client may hold of a process (narthex.common.server, narthex.common.body).
+    max_body_bytes: int = Field(1 << 20, ge=1, description="request bodies above this get 413")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds to send a request's head (line and headers), or 408"
+    )
+    body_timeout: float = Field(30.0, gt=0, description="seconds to send a request's body, or 408")
+    max_header_bytes: int = Field(
+        64 << 10, ge=1024, description="a request's head above this many bytes gets 431"
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="open connections per process; past it a new one gets 503"
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> ServiceSettings:

@@ -6,11 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
-from narthex.common.body import BodyLimitMiddleware
 from narthex.common.readiness import CheckResult
 from narthex.features.metrics import FeatureMetrics
 from narthex.features.routes import router
@@ -83,7 +81,6 @@ def create_app(
         lifespan=lifespan,
         authenticate=True,
         verifier=verifier,
-        middleware=[Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)],
     )
     app.include_router(router)
     return app

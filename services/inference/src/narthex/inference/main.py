@@ -7,11 +7,9 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
-from narthex.common.body import BodyLimitMiddleware
 from narthex.common.credential import ServiceCredential
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.readiness import CheckResult
@@ -100,7 +98,6 @@ def create_app(
         authenticate=True,
         verifier=verifier,
         public_paths=PUBLIC_PATHS,
-        middleware=[Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)],
     )
     install_error_handlers(app)
     app.include_router(router)

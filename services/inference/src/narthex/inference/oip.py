@@ -18,7 +18,6 @@ BYTES tensors have variable-length elements and are the one per-element loop, ke
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -40,7 +39,6 @@ __all__ = [
     "RequestedOutput",
     "check_outputs",
     "datatype_of",
-    "decode_compressed",
     "decode_request",
     "encode_response",
     "parse_header_length",
@@ -197,52 +195,6 @@ def parse_header_length(value: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise OipError(f"{HEADER_LENGTH} must be a non-negative integer, got {value[:40]!r}")
     return int(text)
-
-
-def decode_compressed(body: bytes, content_encoding: str | None, *, limit: int) -> bytes:
-    """The request body with its `Content-Encoding` (gzip, deflate or identity) undone.
-
-    The decoded body may not exceed `limit` bytes: decompression stops one byte past it, so
-    a small "zip bomb" costs no more than `limit` bytes of memory.
-    """
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding == "identity":
-        if len(body) > limit:
-            raise OipError(f"the request body is larger than {limit} bytes")
-        return body
-    if encoding == "gzip":
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":
-        # HTTP's "deflate" is the zlib format (what tritonclient sends), but some clients
-        # send a raw deflate stream; a zlib header is recognisable by its checksum.
-        looks_zlib = len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
-        wbits = zlib.MAX_WBITS if looks_zlib else -zlib.MAX_WBITS
-    else:
-        raise OipError(
-            f"unsupported Content-Encoding {content_encoding!r} (supported: gzip, deflate)"
-        )
-    chunks: list[bytes] = []
-    total = 0
-    data = body
-    while True:
-        decompressor = zlib.decompressobj(wbits)
-        try:
-            chunk = decompressor.decompress(data, limit - total + 1)
-        except zlib.error:
-            raise OipError(f"the {encoding} request body is corrupt") from None
-        total += len(chunk)
-        if total > limit:
-            raise OipError(f"the request body decompresses to more than {limit} bytes")
-        if not decompressor.eof:
-            raise OipError(f"the {encoding} request body is truncated")
-        chunks.append(chunk)
-        data = decompressor.unused_data
-        if not data:
-            break
-        # gzip allows several members back to back; anything else after the end is garbage.
-        if encoding != "gzip":
-            raise OipError(f"the {encoding} request body has data after its end")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_request(
