@@ -316,7 +316,8 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["type"].endswith("/overloaded")
         metrics = (await client.get("/metrics")).text
-        assert metric(metrics, "inference_queue_rejected_total", version="2") == statuses.count(503)
+        rejected = metric(metrics, "inference_queue_rejected_total", reason="full", version="2")
+        assert rejected == statuses.count(503)
 
 
 async def test_an_expired_deadline_is_dropped_before_compute(tmp_path: Path) -> None:

@@ -132,12 +132,10 @@ class InferenceService:
             except BatcherClosed:
                 if retry:
                     raise Unavailable(f"{name} v{loaded.version} is unloading") from None
-            except QueueFull:
-                loaded.metrics.rejected.inc()
-                raise Overloaded(
-                    f"{name} v{loaded.version} has {loaded.batcher.depth} items waiting;"
-                    " retry shortly"
-                ) from None
+            except QueueFull as exc:
+                # Counted by the batcher's hooks, by reason. The message names the caller's
+                # own share at most, never anyone else's load.
+                raise Overloaded(f"{name} v{loaded.version}: {exc}; retry shortly") from None
             except DeadlineExpired:
                 raise DeadlineExceeded(
                     "the request's deadline passed before the model could run it"

@@ -1,0 +1,394 @@
+"""The queue of one batcher, fair across tenants: per-tenant lanes, fair-share admission, and
+batches formed by deficit round robin.
+
+Why. With one FIFO and one global bound, a tenant that floods fills the queue: everyone
+else is refused (503) or waits behind the flood. Here both of the queue's decisions are
+fair across the tenants that have work queued ("active" tenants), with nothing to
+configure per tenant, and both stay work-conserving: capacity no one else wants is used.
+
+Admission: a fair share of `capacity` (in items: rows, or texts). While the queue has room,
+any request is admitted: a tenant alone may use all of it. When a request does not fit,
+its tenant's share is `capacity / active` (counting itself):
+- a tenant holding its share or more is refused (`QueueFull`, reason "full"): it is the
+  one to back off;
+- a tenant below its share still gets in: the youngest requests of whichever tenant holds
+  the most are pushed out until it fits. They fail with `QueueFull` (reason "pushed_out")
+  and their callers get the same 503 with `Retry-After` as a refusal. The youngest, since
+  the oldest are next in line and have waited longest; whole requests, since half a
+  request is worth nothing to its caller. If pushing out cannot make room without taking
+  someone below their own share (the queue is evenly shared and full), the request is
+  refused instead; nothing is pushed out for it.
+A tenant below its share always gets one request in, so a share smaller than a request
+(many active tenants) still lets each tenant make progress; the queue then overshoots its
+bound by at most the pushed-out requests' difference in size, never grows without bound.
+
+Formation: deficit round robin (DRR). Active tenants sit in a ring. A visit gives the tenant
+at the head `quantum` of credit; it puts its queued chunks into the batch, oldest first,
+while its credit pays for them, then the next tenant is visited. A chunk costs its rows
+(tensors) or its tokens (text), a text at least one slot's share of the token budget,
+since a text batch is bounded by its count as much as by its tokens. Batches are cut from
+this one sequence of visits: a batch that fills mid-visit ends there, and the next batch
+resumes that visit, so batch boundaries change nobody's share. Over many batches every
+backlogged tenant is served the same (within a quantum and a chunk), whatever the size or
+rate of its requests, and a light tenant's request goes in the next batch formed after it
+arrives. The quantum is a quarter of a batch: under contention several tenants share each
+batch; alone, a tenant fills a batch in a few visits.
+
+Text keeps batches of similar lengths: the first text of a batch sets a length range and
+a visit passes over (leaves queued, uncharged) texts that would pad the batch to more
+than about twice their length or break the token budget. A visit looks at most
+`max_batch_size` chunks ahead in its tenant's lane, and a batch stops looking after
+passing over `window` chunks, or once a whole round of visits found nothing to add.
+
+What it costs. Admission is O(1) for the request's chunks; pushing out (only when the queue
+is full and a tenant below its share arrives) scans the active tenants once per request
+pushed out. Forming a batch is O(chunks examined + tenants visited), which is bounded by
+the batch, the window and the lookahead, not by the number of tenants or the queue's
+length. The oldest queued chunk (for the delay) is found in O(1) amortised. Lanes live
+only while they hold work or sit in the ring, so memory follows the active tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
+
+__all__ = ["FULL", "PUSHED_OUT", "Chunk", "FairQueue", "Job", "QueueFull"]
+
+P = TypeVar("P")  # what one chunk carries into compute
+R = TypeVar("R")  # what compute gives back per chunk
+
+# Why a request was refused: a bounded label set for metrics, never a tenant id.
+FULL = "full"
+PUSHED_OUT = "pushed_out"
+
+# Tokens of padding a short text may take on top of doubling its length (CLS/SEP and such).
+_LENGTH_SLACK = 8
+
+
+class QueueFull(Exception):
+    """The request does not fit its tenant's share of a full queue, or was pushed out."""
+
+    def __init__(self, message: str, *, reason: str = FULL) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(eq=False, slots=True)
+class Job(Generic[R]):
+    """One submitted request: its future, its tenant and deadline, its results so far."""
+
+    future: asyncio.Future[list[R]]
+    tenant: str
+    deadline: float
+    results: list[Any]
+    left: int
+
+
+@dataclass(eq=False, slots=True)
+class Chunk(Generic[P]):
+    job: Job[Any]
+    index: int
+    payload: P
+    rows: int  # >= 1
+    tokens: int  # tokens of a text chunk (unpadded); 0 for tensors
+    cost: int  # what a visit pays for it
+    enqueued: float
+    queued: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """One tenant's queued chunks, oldest first, and its DRR credit."""
+
+    tenant: str
+    chunks: deque[Chunk[Any]] = field(default_factory=deque)
+    rows: int = 0
+    credit: int = 0
+
+
+class _Visit(Enum):
+    DONE = auto()  # the lane is empty, or has nothing more to add to this batch
+    SHORT = auto()  # its next chunk costs more than its credit
+    STOP = auto()  # the batch is full (or the window spent): it ends mid-visit
+
+
+@dataclass(slots=True)
+class _Forming:
+    """The batch being formed and what limits it."""
+
+    now: float
+    chunks: list[Chunk[Any]] = field(default_factory=list)
+    rows: int = 0
+    shortest: int = 0
+    longest: int = 0
+    passed: int = 0  # texts passed over for this batch
+
+
+class FairQueue(Generic[P]):
+    """Chunks of requests, per tenant; `admit` one request's, `form` the next batch."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        max_batch_size: int,
+        max_batch_tokens: int | None = None,
+        quantum: int | None = None,
+        expire: Callable[[Job[Any]], None] = lambda job: None,
+    ) -> None:
+        self.capacity = capacity
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        if max_batch_tokens is None:
+            self._floor = 1
+            self._largest = max_batch_size  # a tensor chunk has at most a batch of rows
+        else:
+            self._floor = max(1, max_batch_tokens // max_batch_size)
+            self._largest = max(max_batch_tokens, self._floor)
+        self.quantum = quantum or max(1, self._largest // 4)
+        # A lane that keeps being passed over banks credit up to here; never so little that
+        # the dearest chunk could not be paid for.
+        self._cap = self.quantum + self._largest
+        self._lookahead = max_batch_size
+        self.window = 4 * max_batch_size
+        # Called with a job found past its deadline (dropped before compute); it must finish
+        # the job's future, so that the job's other chunks are dropped as done.
+        self._expire = expire
+        self._lanes: dict[str, _Lane] = {}  # every lane in the ring, by tenant
+        self._ring: deque[_Lane] = deque()
+        self._visiting = False  # the head of the ring has had this visit's quantum
+        self._arrivals: deque[Chunk[Any]] = deque()  # every queued chunk, in arrival order
+        self.rows = 0  # items queued
+        self.tokens = 0  # text tokens queued (unpadded)
+        self.active = 0  # tenants with chunks queued
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def cost(self, rows: int, tokens: int) -> int:
+        # Never above what a lane can bank: a chunk too big for one batch still goes (alone).
+        spent = rows if self.max_batch_tokens is None else max(tokens, self._floor)
+        return min(spent, self._largest)
+
+    def check(self, tenant: str, rows: int) -> None:
+        """Raise `QueueFull` if a request of `rows` items from `tenant` would be refused now
+        (a cheap look before work that only an admitted request needs, e.g. tokenizing)."""
+        if self.rows + rows > self.capacity:
+            self._room(tenant, rows)
+
+    def admit(
+        self, job: Job[Any], items: Sequence[tuple[P, int, int]], now: float
+    ) -> list[Job[Any]]:
+        """Queue the `(payload, rows, tokens)` chunks of `job`; returns the jobs pushed out
+        to make room (their chunks are gone; failing them is the caller's). Raises
+        `QueueFull` if `job` does not fit its tenant's share."""
+        rows = sum(item[1] for item in items)
+        pushed = self._make_room(job.tenant, rows) if self.rows + rows > self.capacity else []
+        lane = self._lanes.get(job.tenant)
+        if lane is None:
+            lane = self._lanes[job.tenant] = _Lane(job.tenant)
+            self._ring.append(lane)
+        if not lane.rows:
+            self.active += 1
+        tokens = 0
+        for index, (payload, n, length) in enumerate(items):
+            chunk = Chunk(job, index, payload, n, length, self.cost(n, length), now)
+            lane.chunks.append(chunk)
+            self._arrivals.append(chunk)
+            tokens += length
+        lane.rows += rows
+        self.rows += rows
+        self.tokens += tokens
+        return pushed
+
+    def _room(self, tenant: str, rows: int) -> tuple[_Lane | None, float]:
+        """Whether pushing out may make room for `rows` more items from `tenant`: its lane
+        and the fair share, or `QueueFull`."""
+        if rows > self.capacity:
+            raise QueueFull(f"{rows} items are more than the whole queue holds ({self.capacity})")
+        lane = self._lanes.get(tenant)
+        held = lane.rows if lane is not None else 0
+        active = self.active + (0 if held else 1)
+        if held * active >= self.capacity:
+            raise QueueFull(f"the queue is full and {held} items of yours, your share, wait in it")
+        share = self.capacity / active
+        need = self.rows + rows - self.capacity
+        excess = sum(o.rows - share for o in self._lanes.values() if o.rows > share)
+        if excess < need:
+            raise QueueFull("the queue is full, evenly shared among its tenants")
+        return lane, share
+
+    def _make_room(self, tenant: str, rows: int) -> list[Job[Any]]:
+        lane, share = self._room(tenant, rows)
+        need = self.rows + rows - self.capacity
+        others = [o for o in self._lanes.values() if o is not lane and o.rows > share]
+        pushed: list[Job[Any]] = []
+        while need > 0:
+            victim = max(others, key=attrgetter("rows"))
+            job = victim.chunks[-1].job
+            while victim.chunks and victim.chunks[-1].job is job:
+                chunk = victim.chunks.pop()
+                self._forget(victim, chunk)
+                need -= chunk.rows
+            if not job.future.done():
+                pushed.append(job)
+        return pushed
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _forget(self, lane: _Lane, chunk: Chunk[Any]) -> None:
+        """Count out a chunk that has left `lane` (into a batch, dropped, or pushed out)."""
+        chunk.queued = False
+        lane.rows -= chunk.rows
+        self.rows -= chunk.rows
+        self.tokens -= chunk.tokens
+        if not lane.rows:
+            self.active -= 1
+            if not self.rows:
+                self._arrivals.clear()
+
+    def oldest(self) -> float:
+        """When the oldest queued chunk arrived (the queue must not be empty)."""
+        arrivals = self._arrivals
+        while not arrivals[0].queued:
+            arrivals.popleft()
+        return arrivals[0].enqueued
+
+    def full(self, early: int = 0) -> bool:
+        """Enough is queued for a whole batch (or for the preferred size `early`)."""
+        rows = self.rows
+        if rows >= self.max_batch_size or (early and rows >= early):
+            return True
+        return self.max_batch_tokens is not None and self.tokens >= self.max_batch_tokens
+
+    def clear(self) -> list[Job[Any]]:
+        """Empty the queue; the jobs that had chunks in it."""
+        jobs = {id(c.job): c.job for lane in self._ring for c in lane.chunks}
+        self._lanes.clear()
+        self._ring.clear()
+        self._arrivals.clear()
+        self._visiting = False
+        self.rows = self.tokens = self.active = 0
+        return list(jobs.values())
+
+    # -- formation ------------------------------------------------------------------------
+
+    def form(self, now: float) -> list[Chunk[P]]:
+        """The next batch, by deficit round robin over the tenants' lanes. Chunks of jobs
+        that are done (cancelled, failed) or past their deadline at `now` are dropped."""
+        forming = _Forming(now)
+        ring = self._ring
+        visit = self._visit_text if self.max_batch_tokens is not None else self._visit_rows
+        fruitless = 0  # visits in a row that found nothing they could add
+        while ring:
+            lane = ring[0]
+            if not lane.chunks:  # emptied by pushing out while it waited for its turn
+                self._retire()
+                continue
+            if not self._visiting:
+                lane.credit = min(lane.credit + self.quantum, self._cap)
+                self._visiting = True
+            took = len(forming.chunks)
+            outcome = visit(lane, forming)
+            if outcome is _Visit.STOP:
+                break  # this visit goes on in the next batch
+            # A lane short of credit gets more on its next visit: it pays in the end.
+            progressed = outcome is _Visit.SHORT or len(forming.chunks) > took
+            if not lane.chunks:
+                self._retire()
+            else:
+                self._visiting = False
+                ring.rotate(-1)
+            if progressed:
+                fruitless = 0
+            elif lane.chunks:  # (text) it had only texts that do not fit this batch
+                fruitless += 1
+                if fruitless >= len(ring):
+                    break  # a whole round added nothing: no fitting text is left
+        return forming.chunks
+
+    def _retire(self) -> None:
+        lane = self._ring.popleft()
+        lane.credit = 0  # a lane that empties keeps no credit, as in DRR
+        del self._lanes[lane.tenant]
+        self._visiting = False
+
+    def _live(self, chunk: Chunk[Any], now: float) -> bool:
+        job = chunk.job
+        if job.future.done():  # cancelled by its caller, or failed in another chunk
+            return False
+        if now > job.deadline:
+            self._expire(job)
+            return False
+        return True
+
+    def _visit_rows(self, lane: _Lane, forming: _Forming) -> _Visit:
+        """Tensors: the lane's chunks in order while its credit pays and the batch has room."""
+        chunks = lane.chunks
+        while chunks:
+            chunk = chunks[0]
+            if not self._live(chunk, forming.now):
+                chunks.popleft()
+                self._forget(lane, chunk)
+                continue
+            if chunk.cost > lane.credit:
+                return _Visit.SHORT
+            if forming.chunks and forming.rows + chunk.rows > self.max_batch_size:
+                return _Visit.STOP
+            chunks.popleft()
+            self._forget(lane, chunk)
+            lane.credit -= chunk.cost
+            forming.chunks.append(chunk)
+            forming.rows += chunk.rows
+            if forming.rows >= self.max_batch_size:
+                return _Visit.STOP
+        return _Visit.DONE
+
+    def _visit_text(self, lane: _Lane, forming: _Forming) -> _Visit:
+        """Text: the lane's texts that fit the batch's length range and budget, in order,
+        looking a little ahead past those that do not."""
+        assert self.max_batch_tokens is not None
+        budget, limit = self.max_batch_tokens, self.max_batch_size
+        chunks = lane.chunks
+        kept: list[Chunk[Any]] = []  # looked at, left queued
+        outcome = _Visit.DONE
+        while chunks and len(kept) < self._lookahead:
+            chunk = chunks.popleft()
+            if not self._live(chunk, forming.now):
+                self._forget(lane, chunk)
+                continue
+            count = len(forming.chunks)
+            if count:
+                longest = max(forming.longest, chunk.tokens, 1)
+                shortest = min(forming.shortest, chunk.tokens)
+                # Padding a text to more than about twice its length costs more than
+                # running it in a batch of its own.
+                if (count + 1) * longest > budget or longest > 2 * shortest + _LENGTH_SLACK:
+                    kept.append(chunk)
+                    forming.passed += 1
+                    if forming.passed >= self.window:
+                        outcome = _Visit.STOP
+                        break
+                    continue
+            else:
+                longest = shortest = chunk.tokens
+            if chunk.cost > lane.credit:
+                kept.append(chunk)
+                outcome = _Visit.SHORT
+                break
+            self._forget(lane, chunk)
+            lane.credit -= chunk.cost
+            forming.chunks.append(chunk)
+            forming.rows += chunk.rows
+            forming.longest, forming.shortest = max(longest, 1), shortest
+            count += 1
+            if count >= limit or (count + 1) * forming.longest > budget:
+                outcome = _Visit.STOP
+                break
+        chunks.extendleft(reversed(kept))
+        return outcome
