@@ -321,19 +321,29 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
 
 
 async def test_an_expired_deadline_is_dropped_before_compute(tmp_path: Path) -> None:
-    # Every batch waits 200 ms for company; a request with 20 ms left expires meanwhile.
+    # With other requests waiting, a batch waits 200 ms for company; a request with 20 ms
+    # left expires meanwhile.
     root = tiny_repository(tmp_path, max_queue_delay_ms=200)
-    async with serving(root) as (_, client):
+    async with serving(root) as (app, client):
+        loaded = app.state.registry.resolve("affine")
+        row = {"x": np.ones((1, 3), dtype=np.float32)}
+        # Two requests queued before the batcher runs: it has company, so it waits.
+        company = [
+            asyncio.ensure_future(loaded.infer(row, tenant="other", deadline=float("inf")))
+            for _ in range(2)
+        ]
         response = await client.post(
             "/v1/models/affine/predict",
             json={"instances": [[1, 2, 3]]},
             headers={"x-request-timeout-ms": "20"},
         )
         assert response.status_code == 504
+        await asyncio.gather(*company)
         metrics = (await client.get("/metrics")).text
         assert metric(metrics, "inference_deadline_dropped_total", version="2") == 1
-        assert metric(metrics, "inference_batch_size_count", model="affine", version="2") == 1
-        # ...that one batch being the warm-up: nothing was computed for the dropped request.
+        assert metric(metrics, "inference_batch_size_count", model="affine", version="2") == 2
+        assert metric(metrics, "inference_batch_size_sum", model="affine", version="2") == 3
+        # ...the warm-up and the company's: nothing was computed for the dropped request.
 
 
 # -- versions: load, default swap under load, unload --------------------------------------------

@@ -1,5 +1,5 @@
 """The dynamic batcher: batching, bounds, deadlines, cancellation, isolation, token budgets,
-fairness across tenants (the queue's own rules are in test_fair_queue.py)."""
+fairness across tenants (the queue's own rules are in test_fair_queue.py), low-load latency."""
 
 from __future__ import annotations
 
@@ -112,6 +112,18 @@ async def test_a_lone_request_is_sent_after_the_delay_without_waiting_for_compan
     async with running(compute, max_delay_s=0.02) as batcher:
         assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
     assert compute.batches == [["alone"]]
+
+
+async def test_a_lone_request_goes_at_once_when_nothing_else_waits() -> None:
+    compute = Recorder()
+    # A delay far beyond the test's timeout: the request must not wait for company.
+    async with running(compute, max_delay_s=3600) as batcher:
+        assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
+        assert await batcher.submit([("next", 1, 0)]) == [("done", "next")]
+        # A request of several chunks is still one request: it does not wait for itself.
+        chunks = [(i, 1, 0) for i in range(20)]
+        assert await batcher.submit(chunks) == [("done", i) for i in range(20)]
+    assert compute.batches[:2] == [["alone"], ["next"]]
 
 
 async def test_a_preferred_size_sends_early() -> None:

@@ -6,7 +6,8 @@ chunk per text for text models), and chunks from many requests form a batch. Whi
 are queued and which chunks make the next batch is decided by the tenant-fair queue
 (`fair_queue`: fair-share admission, deficit round robin). A batch goes to the session when
 enough is queued for a whole batch or a preferred size, `max_delay` after the oldest queued
-chunk arrived. Text batches keep to a token budget and to
+chunk arrived, or at once when the session is idle and nothing else waits: a lone request
+does not wait for company that is not coming. Text batches keep to a token budget and to
 texts of similar length, so that padding stays small. Before compute, chunks of requests
 that were cancelled, failed, or are past their deadline are dropped. If a batch fails, each
 request in it is run alone, so that one bad input fails only its own request.
@@ -211,7 +212,10 @@ class Batcher(Generic[P, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._fill()
+            # The session is idle here (batches run one at a time). With one request in
+            # flight, nothing else waits: it goes now rather than after the delay.
+            if self.in_flight > 1:
+                await self._fill()
             batch = self._form()
             if batch:
                 await self._execute(batch)
