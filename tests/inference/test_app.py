@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from narthex.inference.main import create_app
 from narthex.inference.settings import InferenceSettings
+from narthex.inference.text import TextEncoder
 from tests.support.onnx_models import tiny_repository
 from tests.support.tokens import bearer, static_verifier, token
 
@@ -141,6 +143,30 @@ async def test_v1_predict_lists_objects_and_pins(client: httpx.AsyncClient) -> N
     )
     assert pinned.json()["version"] == "1"
     assert pinned.json()["predictions"][0]["total"] == 9.0
+
+
+async def test_a_large_text_request_is_tokenized_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tiny_repository(tmp_path)) as (app, client):
+        encoder: TextEncoder = app.state.registry.resolve("words").encoder
+        encode = encoder.encode
+        on_loop: list[bool] = []
+        loop_thread = threading.get_ident()
+
+        def recording(texts: list[str]) -> list[list[int]]:
+            on_loop.append(threading.get_ident() == loop_thread)
+            return encode(texts)
+
+        monkeypatch.setattr(encoder, "encode", recording)
+        small = await client.post("/v1/embeddings", json={"model": "words", "input": "w1 w2"})
+        texts = ["w1 w2 w3 " * 20] * 10  # 1800 characters in all
+        large = await client.post("/v1/embeddings", json={"model": "words", "input": texts})
+        assert (small.status_code, large.status_code) == (200, 200), large.text
+        assert len(large.json()["data"]) == 10
+    # One short text is cheaper to tokenize than a thread hop; many long ones would stall
+    # every other request on the loop.
+    assert on_loop == [True, False]
 
 
 async def test_embeddings_float_and_base64(client: httpx.AsyncClient) -> None:
