@@ -255,15 +255,35 @@ async def test_text_is_shared_by_tokens_not_by_requests() -> None:
     assert abs(short - long) <= tenants.queue.quantum + 80, tenants.served
 
 
-async def test_a_light_tenant_s_text_goes_in_the_next_batch_of_similar_lengths() -> None:
-    tenants = Tenants(text_queue())
+async def test_a_light_tenant_s_text_goes_first_in_a_short_next_batch() -> None:
+    tenants = Tenants(text_queue())  # quantum 20 tokens
     for _ in range(300):
         tenants.send("flood", tokens=12)
-    tenants.form()
+    assert len(tenants.form()) == 6  # the flood alone: whole batches, 6 x 12 <= 80
     tenants.send("quiet", tokens=14)
-    batch = tenants.form()
-    assert "quiet" in owners(batch)
-    assert len(batch) == 5  # and the flood fills the rest of the budget: 5 x 14 <= 80 < 6 x 14
+    # The quiet tenant first, then what is left of the flood's visit (at most a quantum of
+    # 20 tokens: one text), not a whole batch's worth.
+    batch = owners(tenants.form())
+    assert batch[0] == "quiet"
+    assert batch.count("flood") <= 1
+    assert len(tenants.form()) == 6  # and whole batches again
+
+
+async def test_an_idle_tenant_goes_first_and_the_backlogged_get_one_round() -> None:
+    tenants = Tenants(rows_queue(max_batch_size=16))  # quantum 4 rows
+    for tenant in ("a", "b"):
+        for _ in range(100):
+            tenants.send(tenant, 1)
+    tenants.form()
+    tenants.form()  # both are backlogged now
+    tenants.send("quiet", 1, chunks=2)
+    batch = owners(tenants.form())
+    assert batch[:2] == ["quiet", "quiet"]
+    # a and b: one visit each, a quantum at most, instead of 14 rows more of the flood.
+    assert 0 < len(batch[2:]) <= 2 * tenants.queue.quantum
+    assert set(batch[2:]) <= {"a", "b"}
+    assert max(Counter(batch[2:]).values()) <= tenants.queue.quantum
+    assert len(tenants.form()) == 16
 
 
 async def test_a_text_too_long_for_any_batch_still_goes_alone() -> None:

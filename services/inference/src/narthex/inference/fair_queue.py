@@ -30,9 +30,17 @@ since a text batch is bounded by its count as much as by its tokens. Batches are
 this one sequence of visits: a batch that fills mid-visit ends there, and the next batch
 resumes that visit, so batch boundaries change nobody's share. Over many batches every
 backlogged tenant is served the same (within a quantum and a chunk), whatever the size or
-rate of its requests, and a light tenant's request goes in the next batch formed after it
-arrives. The quantum is a quarter of a batch: under contention several tenants share each
-batch; alone, a tenant fills a batch in a few visits.
+rate of its requests. The quantum is a quarter of a batch: under contention several
+tenants share each batch; alone, a tenant fills a batch in a few visits.
+
+Light tenants' latency. A tenant whose lane was empty goes first in the next batch, for one
+visit, before the ring (FQ-CoDel's "new flows"; only an empty lane qualifies, so a
+backlogged tenant cannot claim it). And a batch carrying such work while others are
+backlogged gives those one round of visits and goes: it is small, so it computes quickly.
+A light tenant's request then waits for the batch in compute plus a short one of its own,
+not for a full batch of the flood's work; the backlogged tenants lose one short batch per
+light request, and never starve (they get their round in every batch). With nobody else
+backlogged (one busy tenant), batches are whole as before.
 
 Text keeps batches of similar lengths: the first text of a batch sets a length range and
 a visit passes over (leaves queued, uncharged) texts that would pad the batch to more
@@ -110,6 +118,7 @@ class _Lane:
     chunks: deque[Chunk[Any]] = field(default_factory=deque)
     rows: int = 0
     credit: int = 0
+    visiting: bool = False  # has had this visit's quantum (a batch ended mid-visit)
 
 
 class _Visit(Enum):
@@ -160,9 +169,9 @@ class FairQueue(Generic[P]):
         # Called with a job found past its deadline (dropped before compute); it must finish
         # the job's future, so that the job's other chunks are dropped as done.
         self._expire = expire
-        self._lanes: dict[str, _Lane] = {}  # every lane in the ring, by tenant
-        self._ring: deque[_Lane] = deque()
-        self._visiting = False  # the head of the ring has had this visit's quantum
+        self._lanes: dict[str, _Lane] = {}  # every listed lane, by tenant
+        self._new: deque[_Lane] = deque()  # lanes that were idle, first served first
+        self._ring: deque[_Lane] = deque()  # lanes that have had a visit and still have work
         self._arrivals: deque[Chunk[Any]] = deque()  # every queued chunk, in arrival order
         self.rows = 0  # items queued
         self.tokens = 0  # text tokens queued (unpadded)
@@ -192,7 +201,7 @@ class FairQueue(Generic[P]):
         lane = self._lanes.get(job.tenant)
         if lane is None:
             lane = self._lanes[job.tenant] = _Lane(job.tenant)
-            self._ring.append(lane)
+            self._new.append(lane)
         if not lane.rows:
             self.active += 1
         tokens = 0
@@ -268,11 +277,11 @@ class FairQueue(Generic[P]):
 
     def clear(self) -> list[Job[Any]]:
         """Empty the queue; the jobs that had chunks in it."""
-        jobs = {id(c.job): c.job for lane in self._ring for c in lane.chunks}
+        jobs = {id(c.job): c.job for lane in self._lanes.values() for c in lane.chunks}
         self._lanes.clear()
+        self._new.clear()
         self._ring.clear()
         self._arrivals.clear()
-        self._visiting = False
         self.rows = self.tokens = self.active = 0
         return list(jobs.values())
 
@@ -283,28 +292,28 @@ class FairQueue(Generic[P]):
         that are done (cancelled, failed) or past their deadline at `now` are dropped."""
         forming = _Forming(now)
         ring = self._ring
-        visit = self._visit_text if self.max_batch_tokens is not None else self._visit_rows
+        backlogged = len(ring)
+        # Tenants that were idle go first, one visit each, as FQ-CoDel serves new flows:
+        # a tenant with little to do does not wait for the backlogged ones' turns.
+        while self._new:
+            turn = self._turn(self._new, forming)
+            if turn is _Visit.STOP:
+                return forming.chunks
+        # If this batch carries such a tenant's work while others are backlogged, these get
+        # one round and the batch goes: a small batch, computed soon, is what keeps a light
+        # tenant's latency near its unloaded latency under a flood. Otherwise, a whole batch.
+        visits = backlogged if forming.chunks and backlogged else -1
         fruitless = 0  # visits in a row that found nothing they could add
-        while ring:
-            lane = ring[0]
-            if not lane.chunks:  # emptied by pushing out while it waited for its turn
-                self._retire()
-                continue
-            if not self._visiting:
-                lane.credit = min(lane.credit + self.quantum, self._cap)
-                self._visiting = True
-            took = len(forming.chunks)
-            outcome = visit(lane, forming)
-            if outcome is _Visit.STOP:
+        while ring and visits:
+            lane, took = ring[0], len(forming.chunks)
+            turn = self._turn(ring, forming)
+            if turn is None:
+                continue  # an empty lane left the ring
+            if turn is _Visit.STOP:
                 break  # this visit goes on in the next batch
+            visits -= 1
             # A lane short of credit gets more on its next visit: it pays in the end.
-            progressed = outcome is _Visit.SHORT or len(forming.chunks) > took
-            if not lane.chunks:
-                self._retire()
-            else:
-                self._visiting = False
-                ring.rotate(-1)
-            if progressed:
+            if turn is _Visit.SHORT or len(forming.chunks) > took:
                 fruitless = 0
             elif lane.chunks:  # (text) it had only texts that do not fit this batch
                 fruitless += 1
@@ -312,11 +321,35 @@ class FairQueue(Generic[P]):
                     break  # a whole round added nothing: no fitting text is left
         return forming.chunks
 
-    def _retire(self) -> None:
-        lane = self._ring.popleft()
+    def _turn(self, lanes: deque[_Lane], forming: _Forming) -> _Visit | None:
+        """Visit `lanes[0]`; then it goes to the back of the ring, or leaves if it is empty.
+        None if it was empty already (pushed out while it waited)."""
+        lane = lanes[0]
+        if not lane.chunks:
+            self._retire(lanes)
+            return None
+        if not lane.visiting:
+            lane.credit = min(lane.credit + self.quantum, self._cap)
+            lane.visiting = True
+        if self.max_batch_tokens is None:
+            outcome = self._visit_rows(lane, forming)
+        else:
+            outcome = self._visit_text(lane, forming)
+        if outcome is _Visit.STOP:
+            return outcome
+        lane.visiting = False
+        if lane.chunks:
+            lanes.popleft()
+            self._ring.append(lane)
+        else:
+            self._retire(lanes)
+        return outcome
+
+    def _retire(self, lanes: deque[_Lane]) -> None:
+        lane = lanes.popleft()
         lane.credit = 0  # a lane that empties keeps no credit, as in DRR
+        lane.visiting = False
         del self._lanes[lane.tenant]
-        self._visiting = False
 
     def _live(self, chunk: Chunk[Any], now: float) -> bool:
         job = chunk.job
