@@ -346,6 +346,42 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         assert rejected == statuses.count(503)
 
 
+async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
+    root = tiny_repository(tmp_path, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
+    async with serving(root, refusal_hold=0.25) as (app, client):
+        holds: list[float] = []
+
+        async def hold(seconds: float) -> None:  # as asyncio.sleep, without the wait
+            holds.append(seconds)
+
+        app.state.service.wait = hold
+        payload = {"instances": [[1, 2, 3]]}
+        responses = await asyncio.gather(
+            *(client.post("/v1/models/affine/predict", json=payload) for _ in range(20))
+        )
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused
+        # Every refusal waited the hold (its deadline, 30 s away, did not cut it short).
+        assert holds == [0.25] * len(refused)
+        # Never past the caller's own deadline.
+        app.state.service.refusal_hold = 3600.0
+        holds.clear()
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/models/affine/predict",
+                    json=payload,
+                    headers={"x-request-timeout-ms": "10000"},
+                )
+                for _ in range(20)
+            )
+        )
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused
+        assert len(holds) == len(refused)
+        assert all(0 < seconds <= 10.0 for seconds in holds), holds
+
+
 async def test_an_expired_deadline_is_dropped_before_compute(tmp_path: Path) -> None:
     # With other requests waiting, a batch waits 200 ms for company; a request with 20 ms
     # left expires meanwhile.

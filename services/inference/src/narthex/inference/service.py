@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from narthex.common.deadline import deadline_at
-from narthex.inference.batcher import BatcherClosed, ComputeFailed, DeadlineExpired, QueueFull
+from narthex.inference.batcher import (
+    FULL,
+    BatcherClosed,
+    ComputeFailed,
+    DeadlineExpired,
+    QueueFull,
+)
 from narthex.inference.errors import (
     ComputeError,
     DeadlineExceeded,
@@ -57,11 +63,18 @@ class Embeddings:
 
 class InferenceService:
     def __init__(
-        self, registry: ModelRegistry, *, request_timeout: float, max_text_bytes: int
+        self,
+        registry: ModelRegistry,
+        *,
+        request_timeout: float,
+        max_text_bytes: int,
+        refusal_hold: float = 0.0,
     ) -> None:
         self.registry = registry
         self.request_timeout = request_timeout
         self.max_text_bytes = max_text_bytes
+        self.refusal_hold = refusal_hold
+        self.wait: Callable[[float], Awaitable[None]] = asyncio.sleep  # a seam for tests
 
     def _deadline(self) -> float:
         return min(deadline_at(), time.monotonic() + self.request_timeout)
@@ -140,6 +153,8 @@ class InferenceService:
             except QueueFull as exc:
                 # Counted by the batcher's hooks, by reason. The message names the caller's
                 # own share at most, never anyone else's load.
+                if exc.reason == FULL:
+                    await self._hold_refusal()
                 raise Overloaded(f"{name} v{loaded.version}: {exc}; retry shortly") from None
             except DeadlineExpired:
                 raise DeadlineExceeded(
@@ -148,6 +163,16 @@ class InferenceService:
             except ComputeFailed as exc:
                 raise ComputeError(str(exc)) from None
         raise AssertionError("unreachable")
+
+    async def _hold_refusal(self) -> None:
+        """Answer a refusal only after `refusal_hold` seconds (never past the caller's
+        deadline). A refusal costs the service a request's parsing and checks; a client that
+        retries at once instead of honouring Retry-After would otherwise turn refusals into
+        a storm that takes the CPU from every tenant's inference. Held, a refused request
+        costs an idle coroutine; a client that honours Retry-After loses nothing."""
+        hold = min(self.refusal_hold, self._deadline() - time.monotonic())
+        if hold > 0:
+            await self.wait(hold)
 
     async def _embed(self, loaded: LoadedVersion, texts: Sequence[Any], tenant: str) -> Embeddings:
         assert loaded.encoder is not None
