@@ -18,9 +18,9 @@ its tenant's share is `capacity / active` (counting itself):
   request is worth nothing to its caller. If pushing out cannot make room without taking
   someone below their own share (the queue is evenly shared and full), the request is
   refused instead; nothing is pushed out for it.
-A tenant below its share always gets one request in, so a share smaller than a request
-(many active tenants) still lets each tenant make progress; the queue then overshoots its
-bound by at most the pushed-out requests' difference in size, never grows without bound.
+The queue never holds more than `capacity` items. Refusals and pushing out go by items
+held, not by requests or rates, so a tenant cannot buy a bigger share by sending bigger,
+smaller or more frequent requests.
 
 Formation: deficit round robin (DRR). Active tenants sit in a ring. A visit gives the tenant
 at the head `quantum` of credit; it puts its queued chunks into the batch, oldest first,
@@ -48,12 +48,13 @@ than about twice their length or break the token budget. A visit looks at most
 `max_batch_size` chunks ahead in its tenant's lane, and a batch stops looking after
 passing over `window` chunks, or once a whole round of visits found nothing to add.
 
-What it costs. Admission is O(1) for the request's chunks; pushing out (only when the queue
-is full and a tenant below its share arrives) scans the active tenants once per request
-pushed out. Forming a batch is O(chunks examined + tenants visited), which is bounded by
-the batch, the window and the lookahead, not by the number of tenants or the queue's
-length. The oldest queued chunk (for the delay) is found in O(1) amortised. Lanes live
-only while they hold work or sit in the ring, so memory follows the active tenants.
+What it costs. Admitting is O(1) per chunk, and so is refusing a tenant at its share. Only
+when the queue is full and a tenant below its share arrives are the active tenants
+scanned (O(tenants) to see whether room can be made, and per request pushed out). Forming
+a batch is O(chunks examined + tenants visited), bounded by the batch, the lookahead and
+the window, not by the number of tenants or the queue's length. The oldest queued chunk
+(for the delay) is found in O(1) amortised. A lane lives only while its tenant has work
+queued, so memory follows the active tenants.
 """
 
 from __future__ import annotations
