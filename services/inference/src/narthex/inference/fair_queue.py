@@ -11,13 +11,13 @@ any request is admitted: a tenant alone may use all of it. When a request does n
 its tenant's share is `capacity / active` (counting itself):
 - a tenant holding its share or more is refused (`QueueFull`, reason "full"): it is the
   one to back off;
-- a tenant below its share still gets in: the youngest requests of whichever tenant holds
-  the most are pushed out until it fits. They fail with `QueueFull` (reason "pushed_out")
-  and their callers get the same 503 with `Retry-After` as a refusal. The youngest, since
-  the oldest are next in line and have waited longest; whole requests, since half a
-  request is worth nothing to its caller. If pushing out cannot make room without taking
-  someone below their own share (the queue is evenly shared and full), the request is
-  refused instead; nothing is pushed out for it.
+- a tenant below its share still gets in: the youngest requests of the tenant holding the
+  most are pushed out until it fits. They fail with `QueueFull` (reason "pushed_out") and
+  their callers get the same 503 with `Retry-After` as a refusal. The youngest, since the
+  oldest are next in line and have waited longest; whole requests, since half a request
+  is worth nothing to its caller. Room is taken only from what that tenant holds above
+  its own share: if that is not enough (the queue is full and about evenly shared), the
+  request is refused instead, and nothing is pushed out for it.
 The queue never holds more than `capacity` items. Refusals and pushing out go by items
 held, not by requests or rates, so a tenant cannot buy a bigger share by sending bigger,
 smaller or more frequent requests.
@@ -48,23 +48,26 @@ than about twice their length or break the token budget. A visit looks at most
 `max_batch_size` chunks ahead in its tenant's lane, and a batch stops looking after
 passing over `window` chunks, or once a whole round of visits found nothing to add.
 
-What it costs. Admitting is O(1) per chunk, and so is refusing a tenant at its share. Only
-when the queue is full and a tenant below its share arrives are the active tenants
-scanned (O(tenants) to see whether room can be made, and per request pushed out). Forming
-a batch is O(chunks examined + tenants visited), bounded by the batch, the lookahead and
-the window, not by the number of tenants or the queue's length. The oldest queued chunk
-(for the delay) is found in O(1) amortised. A lane lives only while its tenant has work
-queued, so memory follows the active tenants.
+What it costs. Admitting is O(1) per chunk plus O(log tenants) to file the tenant in a
+heap by items held; refusing a tenant at its share is O(1); finding the tenant holding the
+most (when the queue is full and a tenant below its share arrives) is O(log tenants)
+amortised: the heap is lazy, entries that fell behind are re-filed or dropped as they
+surface, and it is rebuilt once it holds twice as many entries as there are tenants.
+Forming a batch is O(chunks examined + tenants visited), bounded by the batch, the
+lookahead and the window, not by the number of tenants or the queue's length. The oldest
+queued chunk (for the delay) is found in O(1) amortised. A lane lives only while its
+tenant has work queued, so memory follows the active tenants.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 __all__ = ["FULL", "PUSHED_OUT", "Chunk", "FairQueue", "Job", "QueueFull"]
@@ -120,6 +123,7 @@ class _Lane:
     rows: int = 0
     credit: int = 0
     visiting: bool = False  # has had this visit's quantum (a batch ended mid-visit)
+    filed: int = -1  # the sequence number of its current entry in the heaviest-first heap
 
 
 class _Visit(Enum):
@@ -174,6 +178,11 @@ class FairQueue(Generic[P]):
         self._new: deque[_Lane] = deque()  # lanes that were idle, first served first
         self._ring: deque[_Lane] = deque()  # lanes that have had a visit and still have work
         self._arrivals: deque[Chunk[Any]] = deque()  # every queued chunk, in arrival order
+        # Lanes by rows held, heaviest first (negated), for pushing out. Lazy: an entry is
+        # current only if it is its lane's latest (`filed`); rows that fell since are
+        # re-filed when the entry comes to the top.
+        self._heavy: list[tuple[int, int, _Lane]] = []
+        self._filings = itertools.count()
         self.rows = 0  # items queued
         self.tokens = 0  # text tokens queued (unpadded)
         self.active = 0  # tenants with chunks queued
@@ -214,11 +223,12 @@ class FairQueue(Generic[P]):
         lane.rows += rows
         self.rows += rows
         self.tokens += tokens
+        self._file(lane)
         return pushed
 
-    def _room(self, tenant: str, rows: int) -> tuple[_Lane | None, float]:
-        """Whether pushing out may make room for `rows` more items from `tenant`: its lane
-        and the fair share, or `QueueFull`."""
+    def _room(self, tenant: str, rows: int) -> _Lane:
+        """The tenant whose youngest requests would be pushed out to make room for `rows`
+        more items from `tenant`, or `QueueFull`."""
         if rows > self.capacity:
             raise QueueFull(f"{rows} items are more than the whole queue holds ({self.capacity})")
         lane = self._lanes.get(tenant)
@@ -226,20 +236,19 @@ class FairQueue(Generic[P]):
         active = self.active + (0 if held else 1)
         if held * active >= self.capacity:
             raise QueueFull(f"the queue is full and {held} items of yours, your share, wait in it")
-        share = self.capacity / active
+        # Room comes from the tenant holding the most, and only from what it holds above
+        # its own share.
         need = self.rows + rows - self.capacity
-        excess = sum(o.rows - share for o in self._lanes.values() if o.rows > share)
-        if excess < need:
+        heaviest = self._heaviest()
+        if heaviest is lane or (heaviest.rows - need) * active < self.capacity:
             raise QueueFull("the queue is full, evenly shared among its tenants")
-        return lane, share
+        return heaviest
 
     def _make_room(self, tenant: str, rows: int) -> list[Job[Any]]:
-        lane, share = self._room(tenant, rows)
+        victim = self._room(tenant, rows)
         need = self.rows + rows - self.capacity
-        others = [o for o in self._lanes.values() if o is not lane and o.rows > share]
         pushed: list[Job[Any]] = []
-        while need > 0:
-            victim = max(others, key=attrgetter("rows"))
+        while need > 0:  # whole requests, youngest first
             job = victim.chunks[-1].job
             while victim.chunks and victim.chunks[-1].job is job:
                 chunk = victim.chunks.pop()
@@ -248,6 +257,26 @@ class FairQueue(Generic[P]):
             if not job.future.done():
                 pushed.append(job)
         return pushed
+
+    def _file(self, lane: _Lane) -> None:
+        lane.filed = next(self._filings)
+        heapq.heappush(self._heavy, (-lane.rows, lane.filed, lane))
+        if len(self._heavy) > 2 * len(self._lanes) + 64:  # drop stale entries, amortised
+            self._heavy = [(-o.rows, o.filed, o) for o in self._lanes.values() if o.rows]
+            heapq.heapify(self._heavy)
+
+    def _heaviest(self) -> _Lane:
+        """The lane holding the most (the queue is full, so some lane holds something)."""
+        heavy = self._heavy
+        while True:
+            held, filed, lane = heavy[0]
+            if filed != lane.filed or self._lanes.get(lane.tenant) is not lane or not lane.rows:
+                heapq.heappop(heavy)  # superseded, or the lane has left
+            elif -held != lane.rows:  # it holds less than when filed: file it again
+                lane.filed = next(self._filings)
+                heapq.heapreplace(heavy, (-lane.rows, lane.filed, lane))
+            else:
+                return lane
 
     # -- state ----------------------------------------------------------------------------
 
@@ -283,6 +312,7 @@ class FairQueue(Generic[P]):
         self._new.clear()
         self._ring.clear()
         self._arrivals.clear()
+        self._heavy.clear()
         self.rows = self.tokens = self.active = 0
         return list(jobs.values())
 
