@@ -345,6 +345,25 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         rejected = metric(metrics, "inference_queue_rejected_total", reason="full", version="2")
         assert rejected == statuses.count(503)
 
+        # Text is refused before it is tokenized, and counted the same way.
+        body = {"model": "words", "input": ["w1 w2"]}
+        responses = await asyncio.gather(
+            *(client.post("/v1/embeddings", json=body) for _ in range(20))
+        )
+        statuses = [r.status_code for r in responses]
+        assert 503 in statuses, statuses
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1"
+        metrics = (await client.get("/metrics")).text
+        # (labels in the exposition's alphabetical order)
+        rejected = metric(
+            metrics, "inference_queue_rejected_total", model="words", reason="full", version="1"
+        )
+        failed = metric(
+            metrics, "inference_requests_total", model="words", outcome="failed", version="1"
+        )
+        assert rejected == failed == statuses.count(503)
+
 
 async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
     root = tiny_repository(tmp_path, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)

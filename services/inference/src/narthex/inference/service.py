@@ -194,7 +194,7 @@ class InferenceService:
                 )
             size += len(text)
         # Tokenizing is the costly part: not for a request its queue would refuse anyway.
-        loaded.batcher.check(len(texts), tenant=tenant)
+        loaded.check(len(texts), tenant=tenant)
         try:
             if size <= INLINE_TOKENIZE_CHARS:
                 ids = loaded.encoder.encode(texts)
