@@ -42,11 +42,11 @@ not for a full batch of the flood's work; the backlogged tenants lose one short 
 light request, and never starve (they get their round in every batch). With nobody else
 backlogged (one busy tenant), batches are whole as before.
 
-Text keeps batches of similar lengths: the first text of a batch sets a length range and
-a visit passes over (leaves queued, uncharged) texts that would pad the batch to more
-than about twice their length or break the token budget. A visit looks at most
-`max_batch_size` chunks ahead in its tenant's lane, and a batch stops looking after
-passing over `window` chunks, or once a whole round of visits found nothing to add.
+Text keeps batches of similar lengths: a batch grows around its first text, and a visit
+takes, of the first `window` texts in its tenant's lane, those nearest in length to it
+first; it passes over (leaves queued, uncharged) texts that would pad the batch to more
+than about twice their length or break the token budget. A batch stops looking after
+passing over `window` texts, or once a whole round of visits found nothing to add.
 
 What it costs. Admitting is O(1) per chunk plus O(log tenants) to file the tenant in a
 heap by items held; refusing a tenant at its share is O(1); finding the tenant holding the
@@ -169,8 +169,7 @@ class FairQueue(Generic[P]):
         # A lane that keeps being passed over banks credit up to here; never so little that
         # the dearest chunk could not be paid for.
         self._cap = self.quantum + self._largest
-        self._lookahead = max_batch_size
-        self.window = 4 * max_batch_size
+        self.window = 4 * max_batch_size  # texts a visit looks at, and may pass over
         # Called with a job found past its deadline (dropped before compute); it must finish
         # the job's future, so that the job's other chunks are dropped as done.
         self._expire = expire
@@ -414,45 +413,52 @@ class FairQueue(Generic[P]):
         return _Visit.DONE
 
     def _visit_text(self, lane: _Lane, forming: _Forming) -> _Visit:
-        """Text: the lane's texts that fit the batch's length range and budget, in order,
-        looking a little ahead past those that do not."""
+        """Text: of the first `window` texts in the lane, those that fit the batch (its
+        length range and token budget), closest in length to the batch's first text first,
+        while the lane's credit pays for them."""
         assert self.max_batch_tokens is not None
         budget, limit = self.max_batch_tokens, self.max_batch_size
         chunks = lane.chunks
-        kept: list[Chunk[Any]] = []  # looked at, left queued
-        outcome = _Visit.DONE
-        while chunks and len(kept) < self._lookahead:
-            chunk = chunks.popleft()
-            if not self._live(chunk, forming.now):
-                self._forget(lane, chunk)
-                continue
-            count = len(forming.chunks)
-            if count:
-                longest = max(forming.longest, chunk.tokens, 1)
-                shortest = min(forming.shortest, chunk.tokens)
-                # Padding a text to more than about twice its length costs more than
-                # running it in a batch of its own.
-                if (count + 1) * longest > budget or longest > 2 * shortest + _LENGTH_SLACK:
-                    kept.append(chunk)
-                    forming.passed += 1
-                    if forming.passed >= self.window:
-                        outcome = _Visit.STOP
-                        break
-                    continue
+        window = list(itertools.islice(chunks, self.window))
+        gone: list[int] = []  # positions in the lane to delete: taken, or dropped
+        live: list[int] = []
+        for position, chunk in enumerate(window):
+            if self._live(chunk, forming.now):
+                live.append(position)
             else:
-                longest = shortest = chunk.tokens
+                gone.append(position)
+                self._forget(lane, chunk)
+        outcome = _Visit.DONE
+        if live:
+            # The batch grows around its first text (this lane's oldest, if the batch is
+            # empty): the texts nearest to it in length, the older first among equals.
+            anchor = forming.chunks[0].tokens if forming.chunks else window[live[0]].tokens
+            live.sort(key=lambda p: abs(window[p].tokens - anchor))
+        for position in live:
+            chunk = window[position]
+            count = len(forming.chunks)
+            longest = max(forming.longest, chunk.tokens, 1)
+            shortest = min(forming.shortest, chunk.tokens) if count else chunk.tokens
+            # Padding a text to more than about twice its length costs more than running
+            # it in a batch of its own.
+            if count and ((count + 1) * longest > budget or longest > 2 * shortest + _LENGTH_SLACK):
+                forming.passed += 1
+                if forming.passed >= self.window:
+                    outcome = _Visit.STOP
+                    break
+                continue
             if chunk.cost > lane.credit:
-                kept.append(chunk)
                 outcome = _Visit.SHORT
                 break
+            gone.append(position)
             self._forget(lane, chunk)
             lane.credit -= chunk.cost
             forming.chunks.append(chunk)
             forming.rows += chunk.rows
-            forming.longest, forming.shortest = max(longest, 1), shortest
-            count += 1
-            if count >= limit or (count + 1) * forming.longest > budget:
+            forming.longest, forming.shortest = longest, shortest
+            if count + 1 >= limit or (count + 2) * longest > budget:
                 outcome = _Visit.STOP
                 break
-        chunks.extendleft(reversed(kept))
+        for position in sorted(gone, reverse=True):
+            del chunks[position]
         return outcome
