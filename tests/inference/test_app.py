@@ -380,8 +380,10 @@ async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
         )
         refused = [r for r in responses if r.status_code == 503]
         assert refused
-        # Every refusal waited the hold (its deadline, 30 s away, did not cut it short).
-        assert holds == [0.25] * len(refused)
+        # Every refusal waited the hold, spread +-50% (its deadline, 30 s away, did not cut
+        # it short).
+        assert len(holds) == len(refused)
+        assert all(0.125 <= seconds <= 0.375 for seconds in holds), holds
         # Never past the caller's own deadline.
         app.state.service.refusal_hold = 3600.0
         holds.clear()

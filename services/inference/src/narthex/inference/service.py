@@ -7,6 +7,7 @@ and encode the answer. Every check that can refuse a request runs before it is q
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,12 +166,15 @@ class InferenceService:
         raise AssertionError("unreachable")
 
     async def _hold_refusal(self) -> None:
-        """Answer a refusal only after `refusal_hold` seconds (never past the caller's
+        """Answer a refusal only after about `refusal_hold` seconds (never past the caller's
         deadline). A refusal costs the service a request's parsing and checks; a client that
         retries at once instead of honouring Retry-After would otherwise turn refusals into
         a storm that takes the CPU from every tenant's inference. Held, a refused request
-        costs an idle coroutine; a client that honours Retry-After loses nothing."""
-        hold = min(self.refusal_hold, self._deadline() - time.monotonic())
+        costs an idle coroutine; a client that honours Retry-After loses nothing. The hold
+        is spread over +-50%, so that refused clients do not all come back at once: a burst
+        of refusals to parse is a stall for everyone else's requests on the event loop."""
+        spread = self.refusal_hold * random.uniform(0.5, 1.5)
+        hold = min(spread, self._deadline() - time.monotonic())
         if hold > 0:
             await self.wait(hold)
 

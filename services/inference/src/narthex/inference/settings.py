@@ -45,8 +45,8 @@ class InferenceSettings(AuthClientSettings):
         0.5,
         ge=0,
         description="a request refused because its tenant holds its share of a full queue"
-        " gets its 503 after this many seconds (at most its deadline): clients that ignore"
-        " Retry-After cannot make refusals a CPU storm",
+        " gets its 503 after about this many seconds (+-50%, at most its deadline): clients"
+        " that ignore Retry-After cannot make refusals a CPU storm",
     )
     features_url: AnyHttpUrl = Field(
         AnyHttpUrl("http://127.0.0.1:8002"),
