@@ -36,17 +36,19 @@ tenants share each batch; alone, a tenant fills a batch in a few visits.
 Light tenants' latency. A tenant whose lane was empty goes first in the next batch, for one
 visit, before the ring (FQ-CoDel's "new flows"; only an empty lane qualifies, so a
 backlogged tenant cannot claim it). And a batch carrying such work while others are
-backlogged gives those one round of visits and goes: it is small, so it computes quickly.
-A light tenant's request then waits for the batch in compute plus a short one of its own,
-not for a full batch of the flood's work; the backlogged tenants lose one short batch per
-light request, and never starve (they get their round in every batch). With nobody else
-backlogged (one busy tenant), batches are whole as before.
+backlogged gives each of those one visit of one chunk and goes: it is small, so it computes
+quickly. A light tenant's request then waits for the batch in compute plus a short one of
+its own, not for a full batch of the flood's work. The backlogged tenants lose a little
+batching efficiency per light request, no share (what a visit did not spend stays as
+credit, up to a cap), and never starve (each gets a chunk in every batch). With nobody
+else backlogged (one busy tenant), batches are whole as before.
 
 Text keeps batches of similar lengths: a batch grows around its first text, and a visit
 takes, of the first `window` texts in its tenant's lane, those nearest in length to it
 first; it passes over (leaves queued, uncharged) texts that would pad the batch to more
-than about twice their length or break the token budget. A batch stops looking after
-passing over `window` texts, or once a whole round of visits found nothing to add.
+than about twice their length or break the token budget, `max_batch_size` at most per
+visit. A batch stops looking after passing over `window` texts, or once a whole round of
+visits found nothing to add.
 
 What it costs. Admitting is O(1) per chunk plus O(log tenants) to file the tenant in a
 heap by items held; refusing a tenant at its share is O(1); finding the tenant holding the
@@ -142,6 +144,7 @@ class _Forming:
     shortest: int = 0
     longest: int = 0
     passed: int = 0  # texts passed over for this batch
+    sip: bool = False  # a visit takes one chunk at most (a batch for idle tenants' work)
 
 
 class FairQueue(Generic[P]):
@@ -330,9 +333,11 @@ class FairQueue(Generic[P]):
             if turn is _Visit.STOP:
                 return forming.chunks
         # If this batch carries such a tenant's work while others are backlogged, these get
-        # one round and the batch goes: a small batch, computed soon, is what keeps a light
-        # tenant's latency near its unloaded latency under a flood. Otherwise, a whole batch.
-        visits = backlogged if forming.chunks and backlogged else -1
+        # one visit of one chunk each (so that none starves) and the batch goes: a small
+        # batch, computed soon, is what keeps a light tenant's latency near its unloaded
+        # latency under a flood. Otherwise, a whole batch.
+        forming.sip = bool(forming.chunks and backlogged)
+        visits = backlogged if forming.sip else -1
         fruitless = 0  # visits in a row that found nothing they could add
         while ring and visits:
             lane, took = ring[0], len(forming.chunks)
@@ -410,6 +415,8 @@ class FairQueue(Generic[P]):
             forming.rows += chunk.rows
             if forming.rows >= self.max_batch_size:
                 return _Visit.STOP
+            if forming.sip:
+                break
         return _Visit.DONE
 
     def _visit_text(self, lane: _Lane, forming: _Forming) -> _Visit:
@@ -434,6 +441,7 @@ class FairQueue(Generic[P]):
             # empty): the texts nearest to it in length, the older first among equals.
             anchor = forming.chunks[0].tokens if forming.chunks else window[live[0]].tokens
             live.sort(key=lambda p: abs(window[p].tokens - anchor))
+        passed = 0
         for position in live:
             chunk = window[position]
             count = len(forming.chunks)
@@ -445,6 +453,9 @@ class FairQueue(Generic[P]):
                 forming.passed += 1
                 if forming.passed >= self.window:
                     outcome = _Visit.STOP
+                    break
+                passed += 1
+                if passed >= limit:  # the rest are farther still from the batch's lengths
                     break
                 continue
             if chunk.cost > lane.credit:
@@ -458,6 +469,8 @@ class FairQueue(Generic[P]):
             forming.longest, forming.shortest = longest, shortest
             if count + 1 >= limit or (count + 2) * longest > budget:
                 outcome = _Visit.STOP
+                break
+            if forming.sip:
                 break
         for position in sorted(gone, reverse=True):
             del chunks[position]
