@@ -44,6 +44,7 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.identity
 	$(UV) run python -m bench.limits
 	$(UV) run python -m bench.inference
+	$(UV) run python -m bench.fairness
 	$(UV) run python -m bench.features
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing

@@ -36,39 +36,12 @@ from narthex.inference.repository import CONFIG_FILE, Repository
 from narthex.inference.text import TextEncoder
 from tests.support.models import builtin_repository
 from tests.support.platform import edge, exchange, inference_spec, running
+from tests.support.texts import texts
 
 BATCH_SIZES = (1, 8, 16, 32, 64)
 CLIENTS = 64
 TARGET_VS_RAW = 0.85
 TARGET_VS_UNBATCHED = 1.3
-# ~16 tokens each with [CLS]/[SEP], all different so that nothing can be cached.
-WORDS = (
-    "fraud",
-    "scores",
-    "embeddings",
-    "gateway",
-    "tenants",
-    "quotas",
-    "batches",
-    "tokens",
-    "latency",
-    "throughput",
-    "service",
-    "replicas",
-    "models",
-    "versions",
-    "canary",
-    "traffic",
-    "requests",
-    "budgets",
-    "deadlines",
-    "queues",
-)
-
-
-def texts(count: int, words: int = 12, seed: int = 1) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=words)) for _ in range(count)]
 
 
 def raw_throughput(run: Callable[[int], None], seconds: float) -> dict[int, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from narthex.inference.main import create_app
 from narthex.inference.settings import InferenceSettings
+from narthex.inference.text import TextEncoder
 from tests.support.onnx_models import tiny_repository
 from tests.support.tokens import bearer, static_verifier, token
 
@@ -141,6 +143,30 @@ async def test_v1_predict_lists_objects_and_pins(client: httpx.AsyncClient) -> N
     )
     assert pinned.json()["version"] == "1"
     assert pinned.json()["predictions"][0]["total"] == 9.0
+
+
+async def test_a_large_text_request_is_tokenized_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tiny_repository(tmp_path)) as (app, client):
+        encoder: TextEncoder = app.state.registry.resolve("words").encoder
+        encode = encoder.encode
+        on_loop: list[bool] = []
+        loop_thread = threading.get_ident()
+
+        def recording(texts: list[str]) -> list[list[int]]:
+            on_loop.append(threading.get_ident() == loop_thread)
+            return encode(texts)
+
+        monkeypatch.setattr(encoder, "encode", recording)
+        small = await client.post("/v1/embeddings", json={"model": "words", "input": "w1 w2"})
+        texts = ["w1 w2 w3 " * 20] * 10  # 1800 characters in all
+        large = await client.post("/v1/embeddings", json={"model": "words", "input": texts})
+        assert (small.status_code, large.status_code) == (200, 200), large.text
+        assert len(large.json()["data"]) == 10
+    # One short text is cheaper to tokenize than a thread hop; many long ones would stall
+    # every other request on the loop.
+    assert on_loop == [True, False]
 
 
 async def test_embeddings_float_and_base64(client: httpx.AsyncClient) -> None:
@@ -316,23 +342,91 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["type"].endswith("/overloaded")
         metrics = (await client.get("/metrics")).text
-        assert metric(metrics, "inference_queue_rejected_total", version="2") == statuses.count(503)
+        rejected = metric(metrics, "inference_queue_rejected_total", reason="full", version="2")
+        assert rejected == statuses.count(503)
+
+        # Text is refused before it is tokenized, and counted the same way.
+        body = {"model": "words", "input": ["w1 w2"]}
+        responses = await asyncio.gather(
+            *(client.post("/v1/embeddings", json=body) for _ in range(20))
+        )
+        statuses = [r.status_code for r in responses]
+        assert 503 in statuses, statuses
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1"
+        metrics = (await client.get("/metrics")).text
+        # (labels in the exposition's alphabetical order)
+        rejected = metric(
+            metrics, "inference_queue_rejected_total", model="words", reason="full", version="1"
+        )
+        failed = metric(
+            metrics, "inference_requests_total", model="words", outcome="failed", version="1"
+        )
+        assert rejected == failed == statuses.count(503)
+
+
+async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
+    root = tiny_repository(tmp_path, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
+    async with serving(root, refusal_hold=0.25) as (app, client):
+        holds: list[float] = []
+
+        async def hold(seconds: float) -> None:  # as asyncio.sleep, without the wait
+            holds.append(seconds)
+
+        app.state.service.wait = hold
+        payload = {"instances": [[1, 2, 3]]}
+        responses = await asyncio.gather(
+            *(client.post("/v1/models/affine/predict", json=payload) for _ in range(20))
+        )
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused
+        # Every refusal waited the hold, spread +-50% (its deadline, 30 s away, did not cut
+        # it short).
+        assert len(holds) == len(refused)
+        assert all(0.125 <= seconds <= 0.375 for seconds in holds), holds
+        # Never past the caller's own deadline.
+        app.state.service.refusal_hold = 3600.0
+        holds.clear()
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/models/affine/predict",
+                    json=payload,
+                    headers={"x-request-timeout-ms": "10000"},
+                )
+                for _ in range(20)
+            )
+        )
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused
+        assert len(holds) == len(refused)
+        assert all(0 < seconds <= 10.0 for seconds in holds), holds
 
 
 async def test_an_expired_deadline_is_dropped_before_compute(tmp_path: Path) -> None:
-    # Every batch waits 200 ms for company; a request with 20 ms left expires meanwhile.
+    # With other requests waiting, a batch waits 200 ms for company; a request with 20 ms
+    # left expires meanwhile.
     root = tiny_repository(tmp_path, max_queue_delay_ms=200)
-    async with serving(root) as (_, client):
+    async with serving(root) as (app, client):
+        loaded = app.state.registry.resolve("affine")
+        row = {"x": np.ones((1, 3), dtype=np.float32)}
+        # Two requests queued before the batcher runs: it has company, so it waits.
+        company = [
+            asyncio.ensure_future(loaded.infer(row, tenant="other", deadline=float("inf")))
+            for _ in range(2)
+        ]
         response = await client.post(
             "/v1/models/affine/predict",
             json={"instances": [[1, 2, 3]]},
             headers={"x-request-timeout-ms": "20"},
         )
         assert response.status_code == 504
+        await asyncio.gather(*company)
         metrics = (await client.get("/metrics")).text
         assert metric(metrics, "inference_deadline_dropped_total", version="2") == 1
-        assert metric(metrics, "inference_batch_size_count", model="affine", version="2") == 1
-        # ...that one batch being the warm-up: nothing was computed for the dropped request.
+        assert metric(metrics, "inference_batch_size_count", model="affine", version="2") == 2
+        assert metric(metrics, "inference_batch_size_sum", model="affine", version="2") == 3
+        # ...the warm-up and the company's: nothing was computed for the dropped request.
 
 
 # -- versions: load, default swap under load, unload --------------------------------------------

@@ -1,4 +1,5 @@
-"""The dynamic batcher: batching, bounds, deadlines, cancellation, isolation, token budgets."""
+"""The dynamic batcher: batching, bounds, deadlines, cancellation, isolation, token budgets,
+fairness across tenants (the queue's own rules are in test_fair_queue.py), low-load latency."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from narthex.inference.batcher import (
+    FULL,
+    PUSHED_OUT,
     Batcher,
     BatcherClosed,
     BatchHooks,
@@ -109,6 +112,18 @@ async def test_a_lone_request_is_sent_after_the_delay_without_waiting_for_compan
     async with running(compute, max_delay_s=0.02) as batcher:
         assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
     assert compute.batches == [["alone"]]
+
+
+async def test_a_lone_request_goes_at_once_when_nothing_else_waits() -> None:
+    compute = Recorder()
+    # A delay far beyond the test's timeout: the request must not wait for company.
+    async with running(compute, max_delay_s=3600) as batcher:
+        assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
+        assert await batcher.submit([("next", 1, 0)]) == [("done", "next")]
+        # A request of several chunks is still one request: it does not wait for itself.
+        chunks = [(i, 1, 0) for i in range(20)]
+        assert await batcher.submit(chunks) == [("done", i) for i in range(20)]
+    assert compute.batches[:2] == [["alone"], ["next"]]
 
 
 async def test_a_preferred_size_sends_early() -> None:
@@ -227,3 +242,93 @@ async def test_drain_waits_for_what_was_accepted_then_refuses_new_work() -> None
         assert all(p.done() and not p.exception() for p in pending)
         with pytest.raises(BatcherClosed):
             await batcher.submit([("late", 1, 0)])
+
+
+# -- tenants -------------------------------------------------------------------------------------
+
+
+async def test_a_flooding_tenant_is_refused_and_pushed_out_while_another_is_served() -> None:
+    compute = Recorder()
+    compute.gate.clear()
+    refused: list[str] = []
+    hooks = BatchHooks(refused=refused.append)
+    async with running(compute, max_batch_size=2, max_queue_size=8, hooks=hooks) as batcher:
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 0)], tenant="flood"))
+        await queue_empty(batcher)  # in compute, held at the gate
+        flood = [
+            asyncio.ensure_future(batcher.submit([(f"f{i}", 1, 0)], tenant="flood"))
+            for i in range(8)
+        ]
+        await asyncio.sleep(0)
+        assert batcher.depth == 8
+        with pytest.raises(QueueFull) as full:
+            await batcher.submit([("f8", 1, 0)], tenant="flood")
+        assert full.value.reason == FULL
+        quiet = [
+            asyncio.ensure_future(batcher.submit([(f"q{i}", 1, 0)], tenant="quiet"))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)
+        assert (batcher.depth, batcher.tenants) == (8, 2)
+        # Each quiet request pushed out the flood's youngest, and only that one.
+        for call in flood[:-3]:
+            assert not call.done()
+        for call in flood[-3:]:
+            with pytest.raises(QueueFull) as pushed:
+                await call
+            assert pushed.value.reason == PUSHED_OUT
+        compute.gate.set()
+        assert await asyncio.gather(*quiet) == [[("done", f"q{i}")] for i in range(3)]
+        await asyncio.gather(blocker, *flood[:-3])
+    assert refused == [FULL, PUSHED_OUT, PUSHED_OUT, PUSHED_OUT]
+    # Batches alternate between the two tenants (deficit round robin), the flood's oldest
+    # first; what was pushed out never ran.
+    assert compute.batches == [
+        ["blocker"],
+        ["f0", "q0"],
+        ["f1", "q1"],
+        ["f2", "q2"],
+        ["f3", "f4"],
+    ]
+
+
+async def test_another_tenant_s_text_goes_in_the_next_batch_behind_a_text_flood() -> None:
+    compute = Recorder()
+    compute.gate.clear()
+    options = {"max_batch_size": 8, "max_batch_tokens": 200, "max_queue_size": 1000}
+    async with running(compute, **options) as batcher:
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 1)], tenant="flood"))
+        await queue_empty(batcher)
+        flood = [
+            asyncio.ensure_future(
+                batcher.submit([((r, c), 1, 20) for c in range(50)], tenant="flood")
+            )
+            for r in range(4)
+        ]
+        await asyncio.sleep(0)
+        quiet = asyncio.ensure_future(batcher.submit([("quiet", 1, 22)], tenant="quiet"))
+        await asyncio.sleep(0)
+        compute.gate.set()
+        assert await quiet == [("done", "quiet")]
+        await asyncio.gather(blocker, *flood)
+    assert "quiet" in compute.batches[1]
+    assert all(len(b) <= 8 for b in compute.batches)
+
+
+async def test_the_queue_reports_its_depth_and_how_many_tenants_wait() -> None:
+    compute = Recorder()
+    compute.gate.clear()
+    reports: list[tuple[int, int]] = []
+    hooks = BatchHooks(queued=lambda depth, tenants: reports.append((depth, tenants)))
+    async with running(compute, max_batch_size=4, hooks=hooks) as batcher:
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 0)], tenant="a"))
+        await queue_empty(batcher)
+        calls = [
+            asyncio.ensure_future(batcher.submit([(t, 2, 0)], tenant=t)) for t in ("a", "b", "c")
+        ]
+        await asyncio.sleep(0)
+        assert (batcher.depth, batcher.tenants) == (6, 3)
+        compute.gate.set()
+        await asyncio.gather(blocker, *calls)
+    assert reports[:5] == [(1, 1), (0, 0), (2, 1), (4, 2), (6, 3)]
+    assert reports[-1] == (0, 0)

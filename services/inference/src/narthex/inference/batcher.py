@@ -1,27 +1,34 @@
-"""The dynamic batcher of one loaded model version: a bounded queue, batches, compute off the loop.
+"""The dynamic batcher of one loaded model version: a bounded queue fair across tenants,
+batches, compute off the loop.
 
 A request is split into chunks (rows of a tensor request, up to `max_batch_size` each; one
-chunk per text for text models), and chunks from many requests form a batch. A batch goes
-to the session when it is full, when it reaches a preferred size, or `max_delay` after its
-oldest chunk arrived. Text batches are formed by a token budget around the oldest text,
-from texts of similar length, so that padding stays small. Before compute, chunks of
-requests that were cancelled, failed, or are past their deadline are dropped. If a batch
-fails, each request in it is run alone, so that one bad input fails only its own request.
+chunk per text for text models), and chunks from many requests form a batch. Which requests
+are queued and which chunks make the next batch is decided by the tenant-fair queue
+(`fair_queue`: fair-share admission, deficit round robin). A batch goes to the session when
+enough is queued for a whole batch or a preferred size, `max_delay` after the oldest queued
+chunk arrived, or at once when the session is idle and nothing else waits: a lone request
+does not wait for company that is not coming. Text batches keep to a token budget and to
+texts of similar length, so that padding stays small. Before compute, chunks of requests
+that were cancelled, failed, or are past their deadline are dropped. If a batch fails, each
+request in it is run alone, so that one bad input fails only its own request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
 
+from narthex.inference.fair_queue import FULL, PUSHED_OUT, Chunk, FairQueue, Job, QueueFull
+
 __all__ = [
+    "FULL",
+    "PUSHED_OUT",
     "BatchHooks",
     "Batcher",
     "BatcherClosed",
@@ -32,15 +39,8 @@ __all__ = [
 
 log = structlog.get_logger("narthex.inference.batcher")
 
-# Tokens of padding a short text may take on top of doubling its length (CLS/SEP and such).
-_LENGTH_SLACK = 8
-
 P = TypeVar("P")  # what one chunk carries into compute
 R = TypeVar("R")  # what compute gives back per chunk
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue_size` items already."""
 
 
 class DeadlineExpired(Exception):
@@ -57,31 +57,15 @@ class ComputeFailed(Exception):
 
 @dataclass(slots=True)
 class BatchHooks:
-    """Where a batcher reports what it does (metrics); every hook is optional."""
+    """Where a batcher reports what it does (metrics); every hook is optional. Nothing here
+    names a tenant: per-tenant series would be unbounded."""
 
-    queued: Callable[[int], None] = lambda depth: None  # items waiting, after a change
+    # Items waiting and tenants with work waiting, after a change.
+    queued: Callable[[int, int], None] = lambda depth, tenants: None
     batch: Callable[[int, float], None] = lambda size, seconds: None  # items, compute time
     waited: Callable[[float], None] = lambda seconds: None  # one chunk's time in the queue
     expired: Callable[[int], None] = lambda chunks: None  # dropped past their deadline
-
-
-@dataclass(eq=False, slots=True)
-class _Job(Generic[R]):
-    future: asyncio.Future[list[R]]
-    tenant: str
-    deadline: float
-    results: list[Any]
-    left: int
-
-
-@dataclass(eq=False, slots=True)
-class _Chunk(Generic[P]):
-    job: _Job[Any]
-    index: int
-    payload: P
-    rows: int
-    tokens: int  # tokens of a text chunk (unpadded); 0 for tensors
-    enqueued: float = field(default_factory=time.monotonic)
+    refused: Callable[[str], None] = lambda reason: None  # a request refused: FULL, PUSHED_OUT
 
 
 class Batcher(Generic[P, R]):
@@ -102,8 +86,10 @@ class Batcher(Generic[P, R]):
         max_queue_size: int,
         preferred_batch_sizes: Sequence[int] = (),
         max_batch_tokens: int | None = None,
+        quantum: int | None = None,
         hooks: BatchHooks | None = None,
         prepare: Callable[[list[P]], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._compute = compute
         # Async work on a formed batch before compute (one feature lookup for all of it).
@@ -117,8 +103,14 @@ class Batcher(Generic[P, R]):
         self._early = min((s for s in preferred_batch_sizes if s <= max_batch_size), default=0)
         self.max_batch_tokens = max_batch_tokens
         self._hooks = hooks or BatchHooks()
-        self._queue: deque[_Chunk[P]] = deque()
-        self._queued_rows = 0
+        self._clock = clock  # enqueue times and deadlines; waits are the event loop's
+        self._queue: FairQueue[P] = FairQueue(
+            capacity=max_queue_size,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            quantum=quantum,
+            expire=self._expire,
+        )
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -130,10 +122,26 @@ class Batcher(Generic[P, R]):
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return self._queued_rows
+        return self._queue.rows
+
+    @property
+    def tenants(self) -> int:
+        """Tenants with items waiting."""
+        return self._queue.active
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    def check(self, rows: int, *, tenant: str = "") -> None:
+        """Raise `QueueFull` (or `BatcherClosed`) if a request of `rows` items from `tenant`
+        would be refused now: for work that only an admitted request needs (tokenizing)."""
+        if self._closed:
+            raise BatcherClosed(f"{self.name} is unloading")
+        try:
+            self._queue.check(tenant, rows)
+        except QueueFull as exc:
+            self._hooks.refused(exc.reason)
+            raise
 
     async def submit(
         self,
@@ -146,21 +154,27 @@ class Batcher(Generic[P, R]):
         in order."""
         if self._closed:
             raise BatcherClosed(f"{self.name} is unloading")
-        rows = sum(c[1] for c in chunks)
-        if self._queued_rows + rows > self.max_queue_size:
-            raise QueueFull(f"{self.name}: {self._queued_rows} items already waiting")
-        job: _Job[R] = _Job(
+        job: Job[R] = Job(
             asyncio.get_running_loop().create_future(),
             tenant,
             deadline,
             [None] * len(chunks),
             len(chunks),
         )
-        now = time.monotonic()
-        for index, (payload, n, tokens) in enumerate(chunks):
-            self._queue.append(_Chunk(job, index, payload, n, tokens, now))
-        self._queued_rows += rows
-        self._hooks.queued(self._queued_rows)
+        queue = self._queue
+        try:
+            pushed = queue.admit(job, chunks, self._clock())
+        except QueueFull as exc:
+            self._hooks.refused(exc.reason)
+            raise
+        for victim in pushed:
+            victim.future.set_exception(
+                QueueFull(
+                    "pushed out of a full queue for tenants below their share", reason=PUSHED_OUT
+                )
+            )
+            self._hooks.refused(PUSHED_OUT)
+        self._hooks.queued(queue.rows, queue.active)
         self._wakeup.set()
         self.in_flight += 1
         self._idle.clear()
@@ -186,29 +200,32 @@ class Batcher(Generic[P, R]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for chunk in self._queue:
-            if not chunk.job.future.done():
-                chunk.job.future.set_exception(BatcherClosed(f"{self.name} was unloaded"))
-        self._queue.clear()
-        self._queued_rows = 0
+        for job in self._queue.clear():
+            if not job.future.done():
+                job.future.set_exception(BatcherClosed(f"{self.name} was unloaded"))
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
+        queue = self._queue
         while True:
-            if not self._queue:
+            if not queue.rows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._fill()
+            # The session is idle here (batches run one at a time). With one request in
+            # flight, nothing else waits: it goes now rather than after the delay.
+            if self.in_flight > 1:
+                await self._fill()
             batch = self._form()
             if batch:
                 await self._execute(batch)
 
     async def _fill(self) -> None:
         """Wait until a batch is worth sending, or the oldest chunk has waited long enough."""
-        due = self._queue[0].enqueued + self.max_delay_s
-        while not self._full():
-            remaining = due - time.monotonic()
+        queue = self._queue
+        due = queue.oldest() + self.max_delay_s
+        while not queue.full(self._early):
+            remaining = due - self._clock()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -217,98 +234,23 @@ class Batcher(Generic[P, R]):
                     await self._wakeup.wait()
             except TimeoutError:
                 return
+            if not queue.rows:
+                return
 
-    def _full(self) -> bool:
-        rows = self._queued_rows
-        if rows >= self.max_batch_size or (self._early and rows >= self._early):
-            return True
-        if self.max_batch_tokens is None:
-            return False
-        longest = max(c.tokens for c in self._queue)
-        return longest * len(self._queue) >= self.max_batch_tokens
+    def _expire(self, job: Job[Any]) -> None:
+        job.future.set_exception(DeadlineExpired("the request's deadline passed in the queue"))
+        self._hooks.expired(1)
 
-    def _live(self, chunk: _Chunk[P], now: float) -> bool:
-        job = chunk.job
-        if job.future.done():  # cancelled by its caller, or failed in another chunk
-            return False
-        if now > job.deadline:
-            job.future.set_exception(DeadlineExpired("the request's deadline passed in the queue"))
-            self._hooks.expired(1)
-            return False
-        return True
-
-    def _form(self) -> list[_Chunk[P]]:
-        now = time.monotonic()
-        batch = self._form_text(now) if self.max_batch_tokens is not None else self._form_rows(now)
-        self._hooks.queued(self._queued_rows)
+    def _form(self) -> list[Chunk[P]]:
+        now = self._clock()
+        queue = self._queue
+        batch = queue.form(now)
+        self._hooks.queued(queue.rows, queue.active)
         for chunk in batch:
             self._hooks.waited(now - chunk.enqueued)
         return batch
 
-    def _form_rows(self, now: float) -> list[_Chunk[P]]:
-        batch: list[_Chunk[P]] = []
-        rows = 0
-        while self._queue:
-            chunk = self._queue[0]
-            if not self._live(chunk, now):
-                self._queue.popleft()
-                self._queued_rows -= chunk.rows
-                continue
-            if batch and rows + chunk.rows > self.max_batch_size:
-                break
-            self._queue.popleft()
-            self._queued_rows -= chunk.rows
-            batch.append(chunk)
-            rows += chunk.rows
-        return batch
-
-    def _form_text(self, now: float) -> list[_Chunk[P]]:
-        assert self.max_batch_tokens is not None
-        # Only a window of the queue is considered, so forming stays cheap under load.
-        window = min(len(self._queue), 4 * self.max_batch_size)
-        candidates: list[_Chunk[P]] = []
-        for _ in range(window):
-            chunk = self._queue.popleft()
-            self._queued_rows -= chunk.rows
-            if self._live(chunk, now):
-                candidates.append(chunk)
-        if not candidates:
-            return []
-        oldest = candidates[0]
-        ordered = sorted(candidates, key=lambda c: c.tokens)
-        lo = hi = next(i for i, c in enumerate(ordered) if c is oldest)
-        budget, limit = self.max_batch_tokens, self.max_batch_size
-
-        def fits(lo: int, hi: int) -> bool:
-            count = hi - lo + 1
-            longest, shortest = max(ordered[hi].tokens, 1), ordered[lo].tokens
-            # Padding a text to more than about twice its length costs more than running
-            # it in a batch of its own.
-            similar = longest <= 2 * shortest + _LENGTH_SLACK
-            return count <= limit and count * longest <= budget and similar
-
-        # Grow around the oldest text towards whichever neighbour is closer in length.
-        while True:
-            left = lo - 1 if lo > 0 and fits(lo - 1, hi) else None
-            right = hi + 1 if hi + 1 < len(ordered) and fits(lo, hi + 1) else None
-            if left is None and right is None:
-                break
-            if right is None or (
-                left is not None
-                and oldest.tokens - ordered[left].tokens <= ordered[right].tokens - oldest.tokens
-            ):
-                lo = left  # type: ignore[assignment]
-            else:
-                hi = right
-        batch = ordered[lo : hi + 1]
-        chosen = {id(c) for c in batch}
-        # The rest go back in front, in their original order.
-        rest = [c for c in candidates if id(c) not in chosen]
-        self._queue.extendleft(reversed(rest))
-        self._queued_rows += sum(c.rows for c in rest)
-        return batch
-
-    async def _execute(self, batch: list[_Chunk[P]]) -> None:
+    async def _execute(self, batch: list[Chunk[P]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
@@ -324,7 +266,7 @@ class Batcher(Generic[P, R]):
             self._hooks.batch(sum(c.rows for c in batch), time.monotonic() - started)
         self._deliver(batch, results)
 
-    def _deliver(self, batch: list[_Chunk[P]], results: list[R]) -> None:
+    def _deliver(self, batch: list[Chunk[P]], results: list[R]) -> None:
         for chunk, result in zip(batch, results, strict=True):
             job = chunk.job
             if job.future.done():
@@ -334,8 +276,8 @@ class Batcher(Generic[P, R]):
             if job.left == 0:
                 job.future.set_result(job.results)
 
-    async def _isolate(self, batch: list[_Chunk[P]], exc: Exception) -> None:
-        jobs: dict[int, list[_Chunk[P]]] = {}
+    async def _isolate(self, batch: list[Chunk[P]], exc: Exception) -> None:
+        jobs: dict[int, list[Chunk[P]]] = {}
         for chunk in batch:
             jobs.setdefault(id(chunk.job), []).append(chunk)
         if len(jobs) == 1:
@@ -354,7 +296,7 @@ class Batcher(Generic[P, R]):
             else:
                 self._deliver(chunks, results)
 
-    def _fail(self, chunks: list[_Chunk[P]], exc: Exception) -> None:
+    def _fail(self, chunks: list[Chunk[P]], exc: Exception) -> None:
         job = chunks[0].job
         if job.future.done():
             return

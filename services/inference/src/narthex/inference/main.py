@@ -70,6 +70,7 @@ def create_app(
             registry,
             request_timeout=settings.request_timeout,
             max_text_bytes=settings.max_text_bytes,
+            refusal_hold=settings.refusal_hold,
         )
 
         async def models_warm() -> CheckResult:

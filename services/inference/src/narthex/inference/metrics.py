@@ -1,4 +1,10 @@
-"""Inference metrics: request, queue and compute time, batch sizes, queue depth, loads, provider."""
+"""Inference metrics: request, queue and compute time, batch sizes, queue depth, loads, provider.
+
+Nothing is labelled by tenant: the queues are shared by any number of tenants, and a series
+per tenant would grow without bound. Refusals are counted by reason, and the number of
+tenants with queued work is a gauge; which tenant floods is for logs and dashboards' top-k
+over the gateway's per-tenant usage, not for a label here.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,14 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from narthex.common.metrics import LATENCY_BUCKETS
-from narthex.inference.batcher import BatchHooks
+from narthex.inference.batcher import FULL, PUSHED_OUT, BatchHooks
 
 __all__ = ["InferenceMetrics", "VersionMetrics"]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _LABELS = ["model", "version"]
+REASONS = (FULL, PUSHED_OUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +35,25 @@ class VersionMetrics:
     compute_seconds: Histogram
     batch_size: Histogram
     queue_depth: Gauge
+    queue_tenants: Gauge
     expired: Counter
-    rejected: Counter
+    rejected: dict[str, Counter]  # by reason: FULL, PUSHED_OUT
 
     def hooks(self) -> BatchHooks:
         return BatchHooks(
-            queued=self.queue_depth.set,
+            queued=self._queued,
             batch=self._batch,
             waited=self.queue_seconds.observe,
             expired=self.expired.inc,
+            refused=self._refused,
         )
+
+    def _queued(self, depth: int, tenants: int) -> None:
+        self.queue_depth.set(depth)
+        self.queue_tenants.set(tenants)
+
+    def _refused(self, reason: str) -> None:
+        self.rejected[reason].inc()
 
     def _batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -92,10 +108,17 @@ class InferenceMetrics:
             _LABELS,
             registry=registry,
         )
+        self.queue_tenants = Gauge(
+            "inference_queue_tenants",
+            "Tenants with items waiting for a batch (they share the queue fairly).",
+            _LABELS,
+            registry=registry,
+        )
         self.rejected = Counter(
             "inference_queue_rejected",
-            "Requests refused because the queue was full.",
-            _LABELS,
+            "Requests refused with 503 by the queue: `full` (its tenant holds its share of a"
+            " full queue), `pushed_out` (admitted, then pushed out for a tenant below its share).",
+            [*_LABELS, "reason"],
             registry=registry,
         )
         self.load_seconds = Histogram(
@@ -129,6 +152,7 @@ class InferenceMetrics:
             compute_seconds=self.compute_seconds.labels(*labels),
             batch_size=self.batch_size.labels(*labels),
             queue_depth=self.queue_depth.labels(*labels),
+            queue_tenants=self.queue_tenants.labels(*labels),
             expired=self.expired.labels(*labels),
-            rejected=self.rejected.labels(*labels),
+            rejected={reason: self.rejected.labels(*labels, reason) for reason in REASONS},
         )

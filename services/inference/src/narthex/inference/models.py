@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from narthex.inference.batcher import Batcher
+from narthex.inference.batcher import Batcher, QueueFull
 from narthex.inference.errors import Conflict, ModelNotFound, Unavailable
 from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
@@ -196,6 +196,15 @@ class LoadedVersion:
         chunks = [(one, 1, len(one)) for one in ids]
         parts = await self._submit(chunks, len(ids), tenant, deadline)
         return _join(parts, self._output_names)
+
+    def check(self, items: int, *, tenant: str) -> None:
+        """Refuse now (`QueueFull`) what the batcher would refuse, before work that only an
+        admitted request needs; counted as a failed request, as a refusal at submit is."""
+        try:
+            self.batcher.check(items, tenant=tenant)
+        except QueueFull:
+            self.metrics.requests_failed.inc()
+            raise
 
     async def _submit(
         self, chunks: list[tuple[Any, int, int]], items: int, tenant: str, deadline: float

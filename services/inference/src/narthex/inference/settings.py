@@ -41,6 +41,13 @@ class InferenceSettings(AuthClientSettings):
     request_timeout: float = Field(
         30.0, gt=0, description="a request without a deadline header waits at most this long"
     )
+    refusal_hold: float = Field(
+        0.5,
+        ge=0,
+        description="a request refused because its tenant holds its share of a full queue"
+        " gets its 503 after about this many seconds (+-50%, at most its deadline): clients"
+        " that ignore Retry-After cannot make refusals a CPU storm",
+    )
     features_url: AnyHttpUrl = Field(
         AnyHttpUrl("http://127.0.0.1:8002"),
         description="features service (account aggregates for transaction models)",
