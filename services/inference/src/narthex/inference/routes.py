@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import CurrentPrincipal, bearer_token, require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, bearer_token, require_admin, require_scope
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
 from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
@@ -357,7 +357,7 @@ async def embeddings(
 
 # -- admin ----------------------------------------------------------------------------------
 
-admin = [require_role(scopes.ADMIN)]
+admin = [require_admin()]
 
 
 @router.post("/v1/admin/models/{name}/versions/{version}/load", tags=["admin"], dependencies=admin)
