@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import quote, quote_from_bytes
+from urllib.parse import quote, quote_from_bytes, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -16,7 +17,7 @@ from narthex.common.errors import (
     ServiceUnavailable,
     render_problem,
 )
-from narthex.common.http import ServiceClient
+from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
@@ -24,6 +25,7 @@ from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
 from narthex.gateway.plans import PlanBook
+from narthex.gateway.public import PublicAnswers
 from narthex.gateway.ratelimit import (
     EdgeLimiter,
     TooManyItems,
@@ -82,6 +84,11 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # What a path may carry unescaped (RFC 3986 pchar, "/"; "%" of the client's own escapes):
 # a space, CR, LF or a non-ASCII byte would change or split the upstream request line.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+# Bytes a query cannot carry on a request line (controls, space): escaped. Everything
+# else, non-ASCII bytes included, goes on exactly as the client sent it.
+_QUERY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
+# Response headers that may hold an upstream's own URL.
+_URL_HEADERS = frozenset({b"location", b"content-location"})
 
 
 class MethodNotAllowed(Problem):
@@ -113,6 +120,63 @@ def upstream_path(scope: Scope) -> str:
     return quote_from_bytes(raw, safe=_PATH_SAFE)
 
 
+def upstream_query(query: bytes) -> str:
+    """The raw query string byte for byte (as latin-1 text, one character per byte, which
+    the transport writes back as the same bytes); only what would break the request line
+    is escaped."""
+    if _QUERY_UNSAFE.search(query):
+        query = _QUERY_UNSAFE.sub(lambda m: b"%%%02X" % m[0][0], query)
+    return query.decode("latin-1")
+
+
+def public_location(value: bytes, upstream: ServiceClient) -> bytes | None:
+    """An upstream's `Location` as the client may see it, or None to drop it.
+
+    A relative reference carries no address and passes as it is. An absolute URL at the
+    upstream's own origin (its internal host and port) becomes the same path at the
+    gateway, which serves the upstream's paths as they are; any other absolute URL
+    could be anything internal, so it is dropped.
+    """
+    text = value.decode("latin-1").strip()
+    if not text.startswith("//") and "://" not in text.split("?", 1)[0]:
+        return value  # path-absolute or relative: no scheme, no host
+    try:
+        parts = urlsplit(text)
+        origin = upstream.base_url
+        same = (
+            parts.scheme.lower() in ("", origin.scheme)
+            and (parts.hostname or "").lower() == origin.host.lower()
+            and (parts.port or 80) == (origin.port or 80)
+        )
+    except ValueError:
+        return None
+    base = upstream.base_path
+    path = parts.path or "/"
+    if not same or not (path == base or path.startswith(base + "/")):
+        return None
+    public = path[len(base) :] or "/"
+    if parts.query:
+        public += "?" + parts.query
+    return public.encode("latin-1")
+
+
+def response_headers(response: Exchange, upstream: ServiceClient) -> list[tuple[bytes, bytes]]:
+    """The upstream's end-to-end headers for the client: hop-by-hop and this hop's own
+    ones stay behind, and no header names an internal address."""
+    headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
+    if any(name.lower() in _URL_HEADERS for name, _ in headers):
+        rewritten = []
+        for name, value in headers:
+            if name.lower() in _URL_HEADERS:
+                public = public_location(value, upstream)
+                if public is None:
+                    continue
+                value = public
+            rewritten.append((name, value))
+        headers = rewritten
+    return headers
+
+
 def _without_hop_by_hop(
     headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
@@ -123,20 +187,17 @@ def _without_hop_by_hop(
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def _retry_after(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    for name, value in headers:
-        if name.lower() == b"retry-after" and value.isdigit():
-            return {"Retry-After": value.decode()}
-    return {"Retry-After": "1"}
-
-
 def check_upstream_status(response: Exchange) -> None:
-    """An upstream's 5xx becomes the gateway's own problem; its body never leaks."""
+    """An upstream's 5xx becomes the gateway's own problem; its body never leaks.
+
+    Backpressure (429, 503 with Retry-After) is the exception: an answer our own
+    upstream shapes for clients (slow down, come back then), relayed as it was sent.
+    """
     status = response.status_code
-    if status < 500:
+    if status < 500 or is_backpressure(response):
         return
     if status == 503:
-        raise ServiceUnavailable(headers=_retry_after(response.headers))
+        raise ServiceUnavailable(headers={"Retry-After": "1"})
     if status == 504:
         raise GatewayTimeout()
     raise BadGateway()
@@ -160,6 +221,7 @@ class ProxyMiddleware:
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
+        public: PublicAnswers,
     ) -> None:
         self.app = app
         self.table = table
@@ -168,6 +230,7 @@ class ProxyMiddleware:
         self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.guard = guard
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
@@ -225,14 +288,24 @@ class ProxyMiddleware:
         limit_headers: list[tuple[bytes, bytes]] = []
         if route.limited and principal is not None:
             limit_headers = await self._admit(scope, route, principal, body)
-        target = route.rewrite or upstream_path(scope)
-        if query:
-            target += "?" + query.decode("latin-1")
-        response = await self.clients[route.upstream].forward(method, target, headers, body)
+        client = self.clients[route.upstream]
+        if route.cached:
+            # The same answer for everyone: never shaped by this caller's path, query or
+            # headers, and fetched once per cache period whatever the traffic.
+            response = await self.public.get(
+                route.prefix, lambda: client.forward("GET", route.prefix, [], b"")
+            )
+        else:
+            target = upstream_path(scope)
+            if query:
+                target += "?" + upstream_query(query)
+            response = await client.forward(method, target, headers, body)
         check_upstream_status(response)
-        headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
+        headers = response_headers(response, client)
         headers.append((b"content-length", b"%d" % len(response.content)))
         headers.extend(limit_headers)
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
-        await send({"type": "http.response.body", "body": response.content})
+        await send(
+            {"type": "http.response.body", "body": b"" if method == "HEAD" else response.content}
+        )
