@@ -142,7 +142,9 @@ async def flood(client: httpx.AsyncClient, hostile: Tenant) -> list[tuple[int, s
     connection was refused outright."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(method: str, path: str, headers: dict[str, str], timed: bool) -> Any:
+    async def one(
+        method: str, path: str, headers: dict[str, str], timed: bool
+    ) -> tuple[int, str, bool]:
         async with gate:
             try:
                 response = await client.request(method, path, headers=headers, content=ONE_ITEM)

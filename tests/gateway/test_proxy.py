@@ -1049,3 +1049,39 @@ async def test_the_signing_keys_are_fetched_once_per_period_whatever_the_traffic
     assert (fetch.method, fetch.path, fetch.query) == ("GET", "/.well-known/jwks.json", "")
     assert fetch.header_values("x-forwarded-for") == []
     assert stale.status_code == 200  # within its period: still the cached answer
+
+
+async def test_a_tenant_holds_at_most_its_share_of_the_upstream_connections(
+    upstream: UpstreamServer,
+) -> None:
+    """Against a slow upstream, one tenant's concurrency would take every pooled
+    connection; past its cap it gets 429s and another tenant is served meanwhile."""
+    upstream.behave("/v1/models/slow/predict", delay=0.3)
+    other = issue_token(
+        SIGNING_KEY,
+        issuer="narthex-auth",
+        audience="narthex",
+        subject="t_other",
+        plan="standard",
+        roles=["tenant"],
+        scopes=["inference"],
+    )
+    async with running(gateway_settings(upstream.url, tenant_max_in_flight=3)) as gw:
+        flood = [
+            asyncio.create_task(gw.post("/v1/models/slow/predict", content=b"{}")) for _ in range(8)
+        ]
+        await upstream.wait_for_calls(3)
+        bystander = await gw.post(
+            "/v1/models/fast/predict", content=b"{}", headers={"Authorization": f"Bearer {other}"}
+        )
+        answers = await asyncio.gather(*flood)
+        after = await gw.post("/v1/models/fast/predict", content=b"{}")
+
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 3 + [429] * 5
+    for refused in (a for a in answers if a.status_code == 429):
+        assert_problem(refused, 429, "too-many-in-flight")
+        assert retry_after(refused) == 1
+    assert bystander.status_code == 200
+    assert after.status_code == 200  # the slots were given back
+    assert upstream.calls("/v1/models/slow/predict") == 3

@@ -17,6 +17,7 @@ from narthex.common.readiness import CheckResult
 from narthex.common.security import JwksCache
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
+from narthex.gateway.inflight import TenantInFlight
 from narthex.gateway.limits import RedisLimiter
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
@@ -139,6 +140,7 @@ def create_app(settings: GatewaySettings | None = None, *, background: bool = Tr
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
                 public=PublicAnswers(settings.public_cache_seconds),
+                in_flight=TenantInFlight(settings.tenant_max_in_flight),
             )
         ],
     )

@@ -24,6 +24,7 @@ from narthex.common.transport import Exchange
 from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
+from narthex.gateway.inflight import TenantInFlight
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.public import PublicAnswers
 from narthex.gateway.ratelimit import (
@@ -87,6 +88,8 @@ _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 # Bytes a query cannot carry on a request line (controls, space): escaped. Everything
 # else, non-ASCII bytes included, goes on exactly as the client sent it.
 _QUERY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
+# Where the scope records the tenant whose in-flight count this request holds.
+_IN_FLIGHT_KEY = "narthex.in_flight"
 # Response headers that may hold an upstream's own URL.
 _URL_HEADERS = frozenset({b"location", b"content-location"})
 
@@ -222,6 +225,7 @@ class ProxyMiddleware:
         max_body_bytes: int,
         guard: ClientGuard,
         public: PublicAnswers,
+        in_flight: TenantInFlight,
     ) -> None:
         self.app = app
         self.table = table
@@ -231,6 +235,7 @@ class ProxyMiddleware:
         self.max_body_bytes = max_body_bytes
         self.guard = guard
         self.public = public
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
@@ -242,6 +247,10 @@ class ProxyMiddleware:
             await self._forward(route, scope, receive, send)
         except Problem as problem:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
+        finally:
+            held = scope.get(_IN_FLIGHT_KEY)
+            if held is not None:
+                self.in_flight.release(held)
 
     async def _admit(
         self, scope: Scope, route: Route, principal: Principal, body: bytes
@@ -283,6 +292,8 @@ class ProxyMiddleware:
             principal = await self.identity(scope).authenticate(scope)
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
+            self.in_flight.acquire(principal.tenant)  # released when the answer is sent
+            scope[_IN_FLIGHT_KEY] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         limit_headers: list[tuple[bytes, bytes]] = []

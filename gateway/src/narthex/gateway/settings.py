@@ -73,6 +73,12 @@ class GatewaySettings(AuthClientSettings):
     public_cache_seconds: float = Field(
         5.0, gt=0, description="public answers the same for everyone (JWKS) are kept this long"
     )
+    tenant_max_in_flight: int = Field(
+        64,
+        ge=1,
+        description="requests one tenant may have in flight through this replica (no tenant"
+        " can hold every pooled upstream connection)",
+    )
     upstream_max_response_bytes: int = Field(
         16 << 20, ge=1024, description="a larger upstream answer is a 502, never buffered whole"
     )
