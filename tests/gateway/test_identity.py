@@ -26,6 +26,7 @@ from narthex.gateway.identity import Identity, InvalidApiKey, KeyInQuery
 from narthex.gateway.ratelimit import RateLimited
 from narthex.gateway.revocations import Revocations
 from tests.support.delay import DelayProxy
+from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.scripted import Reply, ScriptedUpstream
 from tests.support.upstream import refusing_port
 
@@ -331,3 +332,20 @@ async def test_revoked_keys_and_disabled_tenants_are_refused_whatever_the_creden
         with pytest.raises(InvalidApiKey):
             await identity.authenticate(scope([("X-API-Key", API_KEY)]))
         assert len(auth.requests) == 1  # all of it decided here, from the polled list
+
+
+async def test_concurrent_first_uses_of_one_key_pass_the_guard_once(
+    auth: ScriptedUpstream,
+) -> None:
+    """200 clients of one tenant starting together with its key: one exchange, one pass
+    through the guard, however the requests interleave (the shared guard's count runs in
+    a thread, so they do)."""
+    async with redis_scratch() as scratch:
+        guard = ClientGuard("1/minute", storage_uri=REDIS_URL, prefix=scratch.prefix)
+        identity, client = await identity_for(auth.url, guard=guard)
+        async with client:
+            principals = await asyncio.gather(
+                *(identity.authenticate(scope([("X-API-Key", API_KEY)])) for _ in range(200))
+            )
+    assert {p.tenant for p in principals} == {"t_acme"}
+    assert len(auth.requests) == 1

@@ -178,16 +178,16 @@ class Identity:
         entry = self._keys.get(digest)
         now = time.monotonic()
         if entry is None or entry.fresh_until <= now:
-            if entry is None:
+            guarded = entry is None
+            if guarded:
                 refused_until = self._refused.get(digest)
                 if refused_until is not None and refused_until > now:
                     raise InvalidApiKey()
-                if self.guard is not None and not self._exchanges.pending(digest):
-                    # Never accepted here (new, or junk): it costs what a token
-                    # exchange costs this client.
-                    await self.guard.check(scope, TOKEN_EXCHANGE)
-            # One exchange per key at a time: concurrent requests wait for it.
-            entry = await self._exchanges.run(digest, lambda: self._exchange(key))
+            # One exchange per key at a time: concurrent requests wait for it (and for
+            # its one pass through the guard).
+            entry = await self._exchanges.run(
+                digest, lambda: self._exchange(key, scope if guarded else None)
+            )
             self._remember(digest, entry)
         if entry.principal is None:
             raise InvalidApiKey()
@@ -195,7 +195,11 @@ class Identity:
             raise InvalidApiKey()
         return entry.principal
 
-    async def _exchange(self, key: str) -> _Entry:
+    async def _exchange(self, key: str, guarded: Scope | None) -> _Entry:
+        if guarded is not None and self.guard is not None:
+            # Never accepted here (new, or junk): it costs what a token exchange costs
+            # this client.
+            await self.guard.check(guarded, TOKEN_EXCHANGE)
         self.exchanges += 1
         try:
             response = await self.auth.post(

@@ -30,9 +30,6 @@ class SingleFlight(Generic[V]):
     def __init__(self) -> None:
         self._calls: dict[str, asyncio.Future[V]] = {}
 
-    def pending(self, key: str) -> bool:
-        return key in self._calls
-
     async def run(self, key: str, call: Callable[[], Awaitable[V]]) -> V:
         pending = self._calls.get(key)
         if pending is None:
