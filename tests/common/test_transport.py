@@ -471,10 +471,18 @@ async def test_a_connection_dropped_mid_request_is_a_remote_protocol_error() -> 
                 await c.get(f"{server.url}/drop")
 
 
-async def test_garbage_instead_of_http_is_a_remote_protocol_error() -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\nthis is not http\r\n\r\n", id="garbage"),
+        # We never ask to switch protocols: a 101 is as wrong as garbage.
+        pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\nraw", id="101"),
+    ],
+)
+async def test_garbage_instead_of_http_is_a_remote_protocol_error(answer: bytes) -> None:
     async def garbage(conn: Conn) -> None:
         await conn.read_request()
-        await conn.send(b"SSH-2.0-OpenSSH_9.6\r\nthis is not http\r\n\r\n")
+        await conn.send(answer)
         await conn.wait_closed_by_peer()
 
     async with serving(garbage) as server, client() as c, asyncio.timeout(BOUND):
@@ -536,7 +544,9 @@ async def test_a_body_ended_by_closing_the_connection_is_read_whole() -> None:
     assert server.accepted == 2
 
 
-async def test_waiting_for_a_free_connection_is_bounded_by_the_pool_timeout() -> None:
+@pytest.mark.parametrize("via", ["exchange", "httpx"])
+async def test_waiting_for_a_free_connection_is_bounded_by_the_pool_timeout(via: str) -> None:
+    """On both paths: `exchange` (the proxy's) and httpx's (`ServiceClient.send`)."""
     release = asyncio.Event()
 
     async def handle(conn: Conn) -> None:
@@ -546,17 +556,24 @@ async def test_waiting_for_a_free_connection_is_bounded_by_the_pool_timeout() ->
 
     transport = H1Transport(max_connections=1)
     timeouts: dict[str, float | None] = {"total": 5.0, "connect": 1.0, "pool": 0.2}
+    through_httpx = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=0.2))
+
+    async def get(url: httpx.URL, target: str) -> bytes:
+        if via == "exchange":
+            return (await transport.exchange(url, "GET", target, [], b"", timeouts)).content
+        return (await through_httpx.get(url.join(target))).content
+
     try:
-        async with serving(handle) as server, asyncio.timeout(BOUND):
+        async with serving(handle) as server, through_httpx, asyncio.timeout(BOUND):
             url = httpx.URL(server.url)
-            busy = asyncio.create_task(transport.exchange(url, "GET", "/busy", [], b"", timeouts))
+            busy = asyncio.create_task(get(url, "/busy"))
             await asyncio.sleep(0.05)  # the only connection is now taken
             start = time.monotonic()
             with pytest.raises(httpx.PoolTimeout):
-                await transport.exchange(url, "GET", "/waits", [], b"", timeouts)
+                await get(url, "/waits")
             waited = time.monotonic() - start
             release.set()
-            assert (await busy).content == b"late"
+            assert await busy == b"late"
     finally:
         await transport.aclose()
     assert 0.15 <= waited <= 0.2 + SLACK
@@ -606,18 +623,6 @@ async def test_interim_responses_are_skipped_and_the_next_request_gets_its_own_a
     assert (second.status_code, second.text) == (200, "answer to /next")
     assert (exchange.status_code, exchange.content) == (200, b"answer to /interim")
     assert server.accepted == 2
-
-
-async def test_a_101_switching_protocols_is_a_protocol_error() -> None:
-    async def handle(conn: Conn) -> None:
-        await conn.read_request()
-        await conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\nraw")
-        await conn.wait_closed_by_peer()
-
-    async with serving(handle) as server, client() as c, asyncio.timeout(BOUND):
-        with pytest.raises(httpx.RemoteProtocolError):
-            await c.get(f"{server.url}/upgrade")
-        await server_saw_close(server, 0)
 
 
 # -- response size cap ---------------------------------------------------------------------------
@@ -689,34 +694,3 @@ async def test_the_target_is_written_byte_for_byte() -> None:
     finally:
         await transport.aclose()
     assert seen == [raw]
-
-
-# -- the pool timeout through httpx -------------------------------------------------------------
-
-
-async def test_httpx_callers_get_the_pool_timeout_too() -> None:
-    """The httpx path (`ServiceClient.send`) waits for a free connection no longer than
-    its pool timeout, as `exchange` does."""
-    release = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        assert await conn.read_request() is not None
-        await release.wait()
-        await conn.send(response(200, b"late"))
-
-    transport = H1Transport(max_connections=1)
-    timeout = httpx.Timeout(5.0, pool=0.2)
-    try:
-        async with (
-            serving(handle) as server,
-            httpx.AsyncClient(transport=transport, timeout=timeout) as c,
-            asyncio.timeout(BOUND),
-        ):
-            busy = asyncio.create_task(c.get(f"{server.url}/busy"))
-            await asyncio.sleep(0.05)  # the only connection is now taken
-            with pytest.raises(httpx.PoolTimeout):
-                await c.get(f"{server.url}/waits")
-            release.set()
-            assert (await busy).text == "late"
-    finally:
-        await transport.aclose()

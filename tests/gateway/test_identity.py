@@ -34,7 +34,7 @@ KEY = SigningKey.generate()
 API_KEY = str(generate_api_key("dev"))
 
 
-def token(subject: str = "t_acme", ttl: int = 900) -> str:
+def token(subject: str = "t_acme", ttl: int = 900, client_id: str | None = None) -> str:
     return issue_token(
         KEY,
         issuer="narthex-auth",
@@ -44,6 +44,7 @@ def token(subject: str = "t_acme", ttl: int = 900) -> str:
         roles=["tenant"],
         scopes=["inference"],
         ttl=ttl,
+        client_id=client_id,
     )
 
 
@@ -292,16 +293,7 @@ async def test_a_callers_deadline_cuts_its_wait_but_not_the_exchange_others_shar
 
 
 def client_token(subject: str, client_id: str | None) -> str:
-    return issue_token(
-        KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject=subject,
-        plan="standard",
-        roles=["tenant"],
-        scopes=["inference"],
-        client_id=client_id,
-    )
+    return token(subject, client_id=client_id)
 
 
 async def test_revoked_keys_and_disabled_tenants_are_refused_whatever_the_credential(

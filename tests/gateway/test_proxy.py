@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,16 +92,26 @@ def gateway_settings(urls: str | Mapping[str, str], **overrides: Any) -> Gateway
 # test_identity.py and tests/e2e do that against a real auth service): the gateway
 # trusts a local test key, and the client sends a token that may call every route.
 SIGNING_KEY = SigningKey.generate()
-TOKEN = issue_token(
-    SIGNING_KEY,
-    issuer="narthex-auth",
-    audience="narthex",
-    subject="t_proxytests",
-    plan="standard",
-    roles=[scopes.ADMIN],
-    scopes=scopes.scopes_for({scopes.ADMIN}),
-    ttl=3600,
-)
+
+
+def token_for(
+    subject: str = "t_proxytests",
+    roles: Sequence[str] = (scopes.ADMIN,),
+    granted: Iterable[str] = scopes.scopes_for({scopes.ADMIN}),
+) -> str:
+    return issue_token(
+        SIGNING_KEY,
+        issuer="narthex-auth",
+        audience="narthex",
+        subject=subject,
+        plan="standard",
+        roles=roles,
+        scopes=granted,
+        ttl=3600,
+    )
+
+
+TOKEN = token_for()
 
 
 # Limits are not under test here either (tests/gateway/test_ratelimit.py): a plan no test
@@ -282,23 +292,6 @@ async def test_status_route_answers_from_the_last_probe_and_never_calls_upstream
         assert [(r.method, r.path) for r in server.requests] == [("GET", "/readyz")]
 
 
-async def test_status_route_reports_a_down_upstream_with_503(
-    upstreams: dict[str, UpstreamServer],
-) -> None:
-    with refusing_port() as port:
-        urls = {**urls_of(upstreams), "features": f"http://127.0.0.1:{port}"}
-        async with running(gateway_settings(urls)) as gw:
-            await gw.app.state.upstreams.poll()
-            down = await gw.get("/v1/status/features")
-            up = await gw.get("/v1/status/analytics")
-
-    assert down.status_code == 503
-    body = down.json()
-    assert (body["status"], body["breaker"], body["error"]) == ("down", "closed", "ConnectError")
-    assert str(port) not in down.text
-    assert up.status_code == 200
-
-
 async def test_status_route_answers_405_with_allow_to_other_methods(
     upstreams: dict[str, UpstreamServer],
 ) -> None:
@@ -474,19 +467,44 @@ async def test_a_body_over_the_cap_is_413_and_never_sent(
 
 async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> None:
     """httpx will not send a bad Content-Length, so the ASGI scope is built by hand."""
+    async with running(gateway_settings(upstream.url)) as gw:
+        start, body = await call_raw(
+            gw,
+            "POST",
+            b"/v1/models/x/predict",
+            headers=[(b"content-length", b"12abc")],
+            body=b"hello",
+        )
+
+    assert start["status"] == 400
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert b"/problems/bad-request" in body["body"]
+    assert upstream.calls() == 0
+
+
+async def call_raw(
+    gw: Gateway,
+    method: str,
+    path: bytes,
+    query: bytes = b"",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+) -> list[Message]:
+    """One request with the exact raw path, query and headers (httpx would re-encode or
+    refuse them), straight into the app; the messages it sent back."""
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
-        "path": "/v1/models/x/predict",
-        "raw_path": b"/v1/models/x/predict",
-        "query_string": b"",
+        "path": path.decode("latin-1"),
+        "raw_path": path,
+        "query_string": query,
         "root_path": "",
         "headers": [
             (b"host", b"gw"),
-            (b"content-length", b"12abc"),
+            *headers,
             (b"authorization", f"Bearer {TOKEN}".encode()),
         ],
         "client": ("127.0.0.1", 50000),
@@ -495,19 +513,14 @@ async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> 
     sent: list[Message] = []
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"hello", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    async with running(gateway_settings(upstream.url)) as gw, asyncio.timeout(BOUND):
+    async with asyncio.timeout(BOUND):
         await gw.app(scope, receive, send)
-
-    start, body = sent
-    assert start["status"] == 400
-    assert (b"content-type", b"application/problem+json") in start["headers"]
-    assert b"/problems/bad-request" in body["body"]
-    assert upstream.calls() == 0
+    return sent
 
 
 # -- upstream failures ---------------------------------------------------------------------
@@ -787,7 +800,7 @@ async def test_readyz_is_200_naming_each_upstream_when_all_are_up(
     assert upstream.calls("/readyz") == 4  # the one probe round, not one per /readyz
 
 
-async def test_readyz_stays_200_when_an_upstream_is_down_and_says_so(
+async def test_an_upstream_down_is_reported_and_the_gateway_stays_ready(
     upstreams: dict[str, UpstreamServer],
 ) -> None:
     with refusing_port() as port:
@@ -795,6 +808,8 @@ async def test_readyz_stays_200_when_an_upstream_is_down_and_says_so(
         async with running(gateway_settings(urls)) as gw:
             await gw.app.state.upstreams.poll()
             response = await gw.get("/readyz")
+            down = await gw.get("/v1/status/features")
+            up = await gw.get("/v1/status/analytics")
 
     assert response.status_code == 200
     report = response.json()
@@ -807,6 +822,11 @@ async def test_readyz_stays_200_when_an_upstream_is_down_and_says_so(
     )
     for name in ("auth", "inference", "analytics"):
         assert report["checks"][name]["status"] == "up"
+    assert down.status_code == 503
+    body = down.json()
+    assert (body["status"], body["breaker"], body["error"]) == ("down", "closed", "ConnectError")
+    assert str(port) not in down.text
+    assert up.status_code == 200
 
 
 async def test_readyz_needs_the_signing_keys(upstream: UpstreamServer) -> None:
@@ -875,20 +895,6 @@ async def test_api_keys_reach_only_the_token_exchange(upstreams: dict[str, Upstr
 # -- authorization -------------------------------------------------------------------------
 
 
-def narrowed_admin_token(granted: list[str]) -> str:
-    """An admin tenant's token that the token endpoint narrowed to `granted` scopes."""
-    return issue_token(
-        SIGNING_KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject="t_proxytests",
-        plan="standard",
-        roles=[scopes.ADMIN],
-        scopes=granted,
-        ttl=3600,
-    )
-
-
 @pytest.mark.parametrize(
     "path",
     [
@@ -905,7 +911,7 @@ def narrowed_admin_token(granted: list[str]) -> str:
 async def test_an_admin_route_needs_the_admin_scope_as_well_as_the_role(
     upstreams: dict[str, UpstreamServer], path: str
 ) -> None:
-    narrowed = narrowed_admin_token(["inference", "usage"])
+    narrowed = token_for(granted=["inference", "usage"])  # narrowed by the token endpoint
     async with running(gateway_settings(urls_of(upstreams))) as gw:
         refused = await gw.get(path, headers={"Authorization": f"Bearer {narrowed}"})
         quota = await gw.get(
@@ -974,35 +980,6 @@ async def test_an_oversized_upstream_answer_is_a_502_and_counts_against_the_brea
     assert len(scripted.requests) == 2  # a GET, yet not retried: the same answer would come
 
 
-async def call_raw(gw: Gateway, method: str, path: bytes, query: bytes) -> list[Message]:
-    """One request with the exact raw path and query bytes (httpx would re-encode them)."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path.decode("latin-1"),
-        "raw_path": path,
-        "query_string": query,
-        "root_path": "",
-        "headers": [(b"host", b"gw"), (b"authorization", f"Bearer {TOKEN}".encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("gw", 80),
-    }
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async with asyncio.timeout(BOUND):
-        await gw.app(scope, receive, send)
-    return sent
-
-
 @pytest.mark.parametrize(
     "query",
     [
@@ -1057,15 +1034,7 @@ async def test_a_tenant_holds_at_most_its_share_of_the_upstream_connections(
     """Against a slow upstream, one tenant's concurrency would take every pooled
     connection; past its cap it gets 429s and another tenant is served meanwhile."""
     upstream.behave("/v1/models/slow/predict", delay=0.3)
-    other = issue_token(
-        SIGNING_KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject="t_other",
-        plan="standard",
-        roles=["tenant"],
-        scopes=["inference"],
-    )
+    other = token_for("t_other", roles=["tenant"], granted=["inference"])
     async with running(gateway_settings(upstream.url, tenant_max_in_flight=3)) as gw:
         flood = [
             asyncio.create_task(gw.post("/v1/models/slow/predict", content=b"{}")) for _ in range(8)

@@ -1,12 +1,17 @@
-"""Auth fixtures: each test gets a freshly migrated database on SQLite and on PostgreSQL."""
+"""Auth fixtures: a freshly migrated database on SQLite and on PostgreSQL for each test, and
+the auth app itself (SQLite) for the tests of its HTTP API."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from narthex.auth.main import create_app
+from narthex.auth.service import AuthService
+from narthex.auth.settings import AuthSettings
 from narthex.auth.store import AuthStore, migrate
 from tests.support.databases import BACKENDS, throwaway_database
 
@@ -22,3 +27,20 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 async def store(database_url: str) -> AsyncIterator[AuthStore]:
     async with await AuthStore.open(database_url) as store:
         yield store
+
+
+@pytest.fixture
+async def auth(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AuthService]]:
+    """The auth app, its lifespan running, and a client of it."""
+    settings = AuthSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/auth.db",
+        signing_keys_dir=tmp_path / "keys",
+        tracing=False,
+    )
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://auth") as client,
+    ):
+        yield client, app.state.auth

@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
-import pytest
 
-from narthex.auth.main import create_app
 from narthex.auth.service import AuthService
-from narthex.auth.settings import AuthSettings
-
-
-@pytest.fixture
-async def auth(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AuthService]]:
-    settings = AuthSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/auth.db",
-        signing_keys_dir=tmp_path / "keys",
-        tracing=False,
-    )
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://auth") as client,
-    ):
-        yield client, app.state.auth
 
 
 async def token_for(client: httpx.AsyncClient, key: str) -> str:

@@ -3,36 +3,15 @@ keys revoked within a token's lifetime and the tenants disabled now."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
-import pytest
 from jose import jwt
 
-from narthex.auth.main import create_app
 from narthex.auth.service import REVOCATION_LEEWAY, AuthService
 from narthex.auth.settings import AuthSettings
 
-TTL = 900
-
-
-@pytest.fixture
-async def auth(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AuthService]]:
-    settings = AuthSettings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/auth.db",
-        signing_keys_dir=tmp_path / "keys",
-        tracing=False,
-        token_ttl_seconds=TTL,
-    )
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://auth") as client,
-    ):
-        yield client, app.state.auth
+TTL = AuthSettings.model_fields["token_ttl_seconds"].default  # the app fixture's
 
 
 def claims(token: str) -> dict[str, object]:
