@@ -1032,10 +1032,12 @@ async def test_a_tenant_holds_at_most_its_share_of_the_upstream_connections(
     upstream: UpstreamServer,
 ) -> None:
     """Against a slow upstream, one tenant's concurrency would take every pooled
-    connection; past its cap it gets 429s and another tenant is served meanwhile."""
-    upstream.behave("/v1/models/slow/predict", delay=0.3)
+    connection; past its cap its requests wait briefly for a slot of its own, then get
+    429s, and another tenant is served meanwhile."""
+    upstream.behave("/v1/models/slow/predict", delay=0.8)  # within the 1 s try timeout
     other = token_for("t_other", roles=["tenant"], granted=["inference"])
-    async with running(gateway_settings(upstream.url, tenant_max_in_flight=3)) as gw:
+    settings = gateway_settings(upstream.url, tenant_max_in_flight=3, upstream_connect_timeout=0.2)
+    async with running(settings) as gw:
         flood = [
             asyncio.create_task(gw.post("/v1/models/slow/predict", content=b"{}")) for _ in range(8)
         ]
@@ -1054,3 +1056,15 @@ async def test_a_tenant_holds_at_most_its_share_of_the_upstream_connections(
     assert bystander.status_code == 200
     assert after.status_code == 200  # the slots were given back
     assert upstream.calls("/v1/models/slow/predict") == 3
+
+
+async def test_a_tenant_briefly_past_its_cap_waits_for_its_slot_rather_than_refused(
+    upstream: UpstreamServer,
+) -> None:
+    upstream.behave("/v1/models/x/predict", delay=0.05)
+    settings = gateway_settings(upstream.url, tenant_max_in_flight=1, upstream_connect_timeout=5)
+    async with running(settings) as gw:
+        answers = await asyncio.gather(
+            *(gw.post("/v1/models/x/predict", content=b"{}") for _ in range(4))
+        )
+    assert [a.status_code for a in answers] == [200] * 4

@@ -68,9 +68,6 @@ class _KeyCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._by_tenant: dict[str, OrderedDict[str, None]] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, digest: str) -> _Entry | None:
         return self._entries.get(digest)
 

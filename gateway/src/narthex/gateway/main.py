@@ -140,7 +140,11 @@ def create_app(settings: GatewaySettings | None = None, *, background: bool = Tr
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
                 public=PublicAnswers(settings.public_cache_seconds),
-                in_flight=TenantInFlight(settings.tenant_max_in_flight),
+                # A tenant past its share waits for a slot as long as any request may
+                # wait for a pooled connection.
+                in_flight=TenantInFlight(
+                    settings.tenant_max_in_flight, wait=settings.upstream_connect_timeout
+                ),
             )
         ],
     )

@@ -248,9 +248,12 @@ class ProxyMiddleware:
         except Problem as problem:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
         finally:
-            held = scope.get(_IN_FLIGHT_KEY)
-            if held is not None:
-                self.in_flight.release(held)
+            self._release(scope)
+
+    def _release(self, scope: Scope) -> None:
+        tenant = scope.pop(_IN_FLIGHT_KEY, None)
+        if tenant is not None:
+            self.in_flight.release(tenant)
 
     async def _admit(
         self, scope: Scope, route: Route, principal: Principal, body: bytes
@@ -292,7 +295,7 @@ class ProxyMiddleware:
             principal = await self.identity(scope).authenticate(scope)
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
-            self.in_flight.acquire(principal.tenant)  # released when the answer is sent
+            await self.in_flight.acquire(principal.tenant)  # released once upstream answers
             scope[_IN_FLIGHT_KEY] = principal.tenant
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
@@ -311,6 +314,9 @@ class ProxyMiddleware:
             if query:
                 target += "?" + upstream_query(query)
             response = await client.forward(method, target, headers, body)
+        # Its connection is back in the pool: the tenant's next request, which may come
+        # the moment this answer arrives, must find the slot free.
+        self._release(scope)
         check_upstream_status(response)
         headers = response_headers(response, client)
         headers.append((b"content-length", b"%d" % len(response.content)))
