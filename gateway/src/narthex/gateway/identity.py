@@ -168,7 +168,13 @@ class Identity:
         raise MissingToken()
 
     def _revoked(self, principal: Principal) -> bool:
-        return self.revocations is not None and self.revocations.refuses(principal)
+        revocations = self.revocations
+        # Two set lookups, and none while nothing is revoked (the common case).
+        return (
+            revocations is not None
+            and bool(revocations.keys or revocations.tenants)
+            and revocations.refuses(principal)
+        )
 
     async def _from_api_key(self, key: str, scope: Scope) -> Principal:
         digest = cache_key(key)

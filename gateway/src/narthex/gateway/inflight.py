@@ -4,6 +4,7 @@ every pooled connection to an upstream."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 
 from narthex.gateway.ratelimit import RateLimited
@@ -13,10 +14,12 @@ class TooManyInFlight(RateLimited):
     type_slug, title = "too-many-in-flight", "Too many requests in flight"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slots:
-    semaphore: asyncio.Semaphore
-    users: int = field(default=0)  # holders and waiters: the entry goes when none is left
+    held: int = 1
+    # Requests waiting for a slot, first come first served; a freed slot passes straight
+    # to the first of them.
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class TenantInFlight:
@@ -30,6 +33,9 @@ class TenantInFlight:
     (`wait`), then gets a 429 with Retry-After, before anything is charged. A client
     that briefly has a few more requests out than its share (reconnecting while its old
     requests finish, say) is slowed, not refused.
+
+    On the request path: `try_acquire` (a dict lookup and a count, no await), and
+    `wait_for_slot` only when the tenant is at its limit.
     """
 
     def __init__(self, limit: int, wait: float) -> None:
@@ -37,33 +43,43 @@ class TenantInFlight:
         self.wait = wait
         self._slots: dict[str, _Slots] = {}
 
-    async def acquire(self, tenant: str) -> None:
+    def try_acquire(self, tenant: str) -> bool:
         slots = self._slots.get(tenant)
         if slots is None:
-            slots = self._slots[tenant] = _Slots(asyncio.Semaphore(self.limit))
-        slots.users += 1
+            self._slots[tenant] = _Slots()
+            return True
+        if slots.held < self.limit and not slots.waiters:
+            slots.held += 1
+            return True
+        return False
+
+    async def wait_for_slot(self, tenant: str) -> None:
+        """Once `try_acquire` said no: wait for a slot, or raise `TooManyInFlight`."""
+        slots = self._slots[tenant]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        slots.waiters.append(waiter)
         try:
-            if not slots.semaphore.locked():
-                await slots.semaphore.acquire()  # free: returns at once
-                return
             async with asyncio.timeout(self.wait):
-                await slots.semaphore.acquire()
-        except TimeoutError:
-            self._leave(tenant, slots)
-            raise TooManyInFlight(
-                f"at most {self.limit} requests of a tenant in flight at once",
-                headers={"Retry-After": "1"},
-            ) from None
-        except BaseException:
-            self._leave(tenant, slots)
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release(tenant)  # handed a slot just as we gave up: pass it on
+            else:
+                slots.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise TooManyInFlight(
+                    f"at most {self.limit} requests of a tenant in flight at once",
+                    headers={"Retry-After": "1"},
+                ) from None
             raise
 
     def release(self, tenant: str) -> None:
         slots = self._slots[tenant]
-        slots.semaphore.release()
-        self._leave(tenant, slots)
-
-    def _leave(self, tenant: str, slots: _Slots) -> None:
-        slots.users -= 1
-        if slots.users == 0:
+        while slots.waiters:
+            waiter = slots.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot changes hands; the count stays
+                return
+        slots.held -= 1
+        if slots.held == 0:
             del self._slots[tenant]

@@ -164,30 +164,29 @@ def public_location(value: bytes, upstream: ServiceClient) -> bytes | None:
 
 
 def response_headers(response: Exchange, upstream: ServiceClient) -> list[tuple[bytes, bytes]]:
-    """The upstream's end-to-end headers for the client: hop-by-hop and this hop's own
-    ones stay behind, and no header names an internal address."""
-    headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
-    if any(name.lower() in _URL_HEADERS for name, _ in headers):
-        rewritten = []
-        for name, value in headers:
-            if name.lower() in _URL_HEADERS:
-                public = public_location(value, upstream)
-                if public is None:
-                    continue
-                value = public
-            rewritten.append((name, value))
-        headers = rewritten
-    return headers
-
-
-def _without_hop_by_hop(
-    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
-) -> list[tuple[bytes, bytes]]:
-    """`headers` less `drop` and whatever a `Connection` header names (RFC 9110 7.6.1)."""
-    for name, value in headers:
-        if name.lower() == b"connection":
+    """The upstream's end-to-end headers for the client: hop-by-hop ones (and whatever its
+    `Connection` header names, RFC 9110 7.6.1) and this hop's own stay behind, and no
+    header names an internal address."""
+    drop = RESPONSE_DROP
+    urls = False
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered == b"connection":
             drop = drop | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+        elif lowered in _URL_HEADERS:
+            urls = True
+    headers = [(name, value) for name, value in response.headers if name.lower() not in drop]
+    if not urls:
+        return headers
+    public = []
+    for name, value in headers:
+        if name.lower() in _URL_HEADERS:
+            rewritten = public_location(value, upstream)
+            if rewritten is None:
+                continue
+            value = rewritten
+        public.append((name, value))
+    return public
 
 
 def check_upstream_status(response: Exchange) -> None:
@@ -295,8 +294,9 @@ class ProxyMiddleware:
             principal = await self.identity(scope).authenticate(scope)
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
-            await self.in_flight.acquire(principal.tenant)  # released once upstream answers
-            scope[_IN_FLIGHT_KEY] = principal.tenant
+            if not self.in_flight.try_acquire(principal.tenant):
+                await self.in_flight.wait_for_slot(principal.tenant)
+            scope[_IN_FLIGHT_KEY] = principal.tenant  # released once the upstream answers
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         limit_headers: list[tuple[bytes, bytes]] = []

@@ -410,11 +410,9 @@ class ServiceClient:
             # Whether the caller's deadline, rather than this client's own limits, is
             # what ends this try (and its connecting, which has a shorter limit).
             own_end = min(now + policy.try_timeout, own_at)
-            by_caller = _CutBy(
-                try_=caller_at <= own_end,
-                connect=caller_at <= min(now + policy.connect_timeout, own_end),
-            )
-            return await self._breaker_call(lambda: _classify(attempt, left, by_caller))
+            cut = caller_at <= own_end
+            cut_connect = caller_at <= min(now + policy.connect_timeout, own_end)
+            return await self._breaker_call(lambda: _classify(attempt, left, cut, cut_connect))
 
         try:
             # The first try runs outside tenacity: the common case (success) should not
@@ -482,27 +480,24 @@ def _budget_ms(seconds: float) -> bytes:
     return b"%d" % max(1, int(seconds * 1000))
 
 
-@dataclass(frozen=True, slots=True)
-class _CutBy:
-    """Whether the caller's deadline is what bounds a try, and its connecting: then
-    running out of time is the caller's doing, not the upstream's."""
+async def _classify(
+    attempt: Callable[[float], Awaitable[R]], left: float, cut: bool, cut_connect: bool
+) -> R:
+    """Run one try (which must end within `left` seconds); classify its failures.
 
-    try_: bool
-    connect: bool
-
-
-async def _classify(attempt: Callable[[float], Awaitable[R]], left: float, by_caller: _CutBy) -> R:
-    """Run one try (which must end within `left` seconds); classify its failures."""
+    `cut` / `cut_connect`: the caller's deadline is what bounds the try / its connecting,
+    so running out of time there is the caller's doing, not the upstream's.
+    """
     try:
         response = await attempt(left)
     except httpx.ConnectError as exc:
         raise _Attempt("connect", sent=False) from exc
     except httpx.ConnectTimeout as exc:
-        raise _Attempt("deadline" if by_caller.connect else "connect", sent=False) from exc
+        raise _Attempt("deadline" if cut_connect else "connect", sent=False) from exc
     except httpx.PoolTimeout as exc:
         raise _Attempt("pool", sent=False) from exc
     except (httpx.TimeoutException, TimeoutError) as exc:
-        raise _Attempt("deadline" if by_caller.try_ else "timeout", sent=True) from exc
+        raise _Attempt("deadline" if cut else "timeout", sent=True) from exc
     except ResponseTooLarge as exc:
         raise _Attempt("oversized", sent=True) from exc
     except (
@@ -514,6 +509,6 @@ async def _classify(attempt: Callable[[float], Awaitable[R]], left: float, by_ca
         raise _Attempt("dropped", sent=True) from exc
     status = response.status_code
     if status >= 500 and not is_backpressure(response):
-        kind = "deadline" if by_caller.try_ and status == 504 else "status"
+        kind = "deadline" if cut and status == 504 else "status"
         raise _Attempt(kind, sent=True, response=response)
     return response

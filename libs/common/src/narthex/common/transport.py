@@ -79,11 +79,6 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     # -- httptools callbacks -------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        # Each message, interim ones included, starts afresh.
-        self._status, self._headers, self._body, self._size = 0, [], [], 0
-        self._framed, self._interim = True, False
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
@@ -122,6 +117,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._interim:
+            # The answer is still to come: its own status, headers and body, afresh.
+            self._status, self._headers, self._body, self._size = 0, [], [], 0
+            self._framed, self._interim = True, False
             return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -150,7 +148,8 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes, body: bytes, head_only: bool) -> Exchange:
         assert self.transport is not None
-        self._status, self._headers, self._body, self._framed = 0, [], [], True
+        self._status, self._headers, self._body, self._size = 0, [], [], 0
+        self._framed, self._interim = True, False
         self._head_only = head_only
         self.reusable = False
         self.waiter = asyncio.get_running_loop().create_future()
