@@ -32,13 +32,17 @@ BASELINE = "baseline"
 
 @dataclass(frozen=True)
 class Target:
-    """How to start one proxy; ``{upstream_url}`` and ``{port}`` are substituted in argv/env."""
+    """How to start one proxy; ``{upstream_url}``, ``{keys_url}`` and ``{port}`` are
+    substituted in argv/env."""
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
-    # A public route: the gateway forwards it to the inference upstream's /readyz (the
-    # trivial upstream answers every path alike), so no credentials are involved.
-    path: str = "/v1/status/inference"
+    # A route every target forwards to the trivial upstream (which answers every path
+    # alike). For the gateway it is a proxied route with a credential check: its public
+    # routes answer from cached state, without an upstream call, since nothing a client
+    # sends there may cost the upstreams anything. The caller's JWT is verified once and
+    # then found in the gateway's token cache, as a client's repeated token would be.
+    path: str = "/v1/admin/models"
 
 
 def _naive(app: str, client: str) -> Target:
@@ -57,7 +61,7 @@ TARGETS: dict[str, Target] = {
             "NARTHEX_GATEWAY_HOST": HOST,
             "NARTHEX_GATEWAY_PORT": "{port}",
             "NARTHEX_GATEWAY_ENV": "dev",
-            "NARTHEX_GATEWAY_AUTH_URL": "{upstream_url}",
+            "NARTHEX_GATEWAY_AUTH_URL": "{keys_url}",
             "NARTHEX_GATEWAY_FEATURES_URL": "{upstream_url}",
             "NARTHEX_GATEWAY_INFERENCE_URL": "{upstream_url}",
             "NARTHEX_GATEWAY_ANALYTICS_URL": "{upstream_url}",
@@ -68,6 +72,9 @@ TARGETS: dict[str, Target] = {
     "asgi-aiohttp": _naive("asgi", "aiohttp"),
 }
 UPSTREAM = Target((PY, "-m", "bench.upstream", "--host", HOST, "--port", "{port}"))
+# What the gateway needs from auth to check a token: the signing keys (and an empty list of
+# revocations), as static files. Python's own file server: it answers a handful of calls.
+KEYS = Target((PY, "-m", "http.server", "--bind", HOST, "--directory", "{keys_dir}", "{port}"))
 
 
 class BenchError(Exception):
@@ -130,9 +137,11 @@ class Proc:
 
 
 @contextmanager
-def spawn(name: str, target: Target, port: int, upstream_url: str = "") -> Iterator[Proc]:
+def spawn(
+    name: str, target: Target, port: int, upstream_url: str = "", **more: str
+) -> Iterator[Proc]:
     """Start a target process and always stop it on exit (TERM, then KILL after a grace period)."""
-    subs = {"port": str(port), "upstream_url": upstream_url}
+    subs = {"port": str(port), "upstream_url": upstream_url, "keys_url": "", **more}
     argv = [a.format(**subs) for a in target.argv]
     env = {**os.environ, **{k: v.format(**subs) for k, v in target.env.items()}}
     # Output goes to a file, not a pipe: a chatty server must never block on a full pipe buffer.
@@ -276,16 +285,61 @@ def plan(names: Sequence[str]) -> list[tuple[str, str]]:
     return [(f"{BASELINE}#1", BASELINE), *((n, n) for n in others), (f"{BASELINE}#2", BASELINE)]
 
 
-def bench_target(label: str, name: str, upstream: Proc, args: argparse.Namespace) -> WrkResult:
+@dataclass(frozen=True)
+class Keys:
+    """A signing key's JWKS served over HTTP, and an admin token it signed."""
+
+    url: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@contextmanager
+def signing_keys(directory: Path) -> Iterator[Keys]:
+    # Imported here: the other benchmarks that import this module need none of it.
+    from narthex.common import scopes
+    from narthex.common.security import SigningKey, issue_token
+
+    key = SigningKey.generate()
+    files = {
+        ".well-known/jwks.json": {"keys": [key.public_jwk()]},
+        "internal/v1/revocations": {"keys": [], "tenants": [], "window_seconds": 990},
+        "readyz": {"status": "ready"},
+    }
+    for name, document in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document))
+    token = issue_token(
+        key,
+        issuer="narthex-auth",
+        audience="narthex",
+        subject="t_bench",
+        plan="enterprise",
+        roles=[scopes.ADMIN],
+        scopes=scopes.scopes_for({scopes.ADMIN}),
+        ttl=3600,
+    )
+    with spawn("keys", KEYS, free_port(), keys_dir=str(directory)) as server:
+        wait_ready(server, "/.well-known/jwks.json")
+        yield Keys(server.url, token)
+
+
+def bench_target(
+    label: str, name: str, upstream: Proc, keys: Keys, args: argparse.Namespace
+) -> WrkResult:
     target = TARGETS[name]
     if upstream.proc.poll() is not None:
         raise upstream.died()
-    with spawn(name, target, free_port(), upstream.url) as server:
-        wait_ready(server, target.path)
+    with spawn(name, target, free_port(), upstream.url, keys_url=keys.url) as server:
+        wait_ready(server, "/healthz" if name == "gateway" else target.path)
         url = server.url + target.path
         print(f"[{label}] {' '.join(server.argv)} -> {url}", file=sys.stderr, flush=True)
-        run_wrk(url, args.warmup, args.connections)
-        result = run_wrk(url, args.duration, args.connections)
+        run_wrk(url, args.warmup, args.connections, keys.headers)
+        result = run_wrk(url, args.duration, args.connections, keys.headers)
         if server.proc.poll() is not None:
             raise server.died()
     return result
@@ -349,10 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     runs: list[Run] = []
     try:
-        with spawn("upstream", UPSTREAM, free_port()) as upstream:
+        with (
+            tempfile.TemporaryDirectory(prefix="narthex-bench-keys-") as keys_dir,
+            signing_keys(Path(keys_dir)) as keys,
+            spawn("upstream", UPSTREAM, free_port()) as upstream,
+        ):
             wait_ready(upstream, "/v1/echo")
             for label, name in plan(args.names):
-                runs.append(Run(label, name, bench_target(label, name, upstream, args)))
+                runs.append(Run(label, name, bench_target(label, name, upstream, keys, args)))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

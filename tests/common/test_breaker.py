@@ -143,7 +143,7 @@ async def test_a_failing_trial_reopens_it_for_a_fresh_reset_period() -> None:
     assert upstream.calls == 2
 
 
-async def test_a_cancelled_trial_reopens_it_instead_of_closing() -> None:
+async def test_a_cancelled_trial_leaves_it_half_open_for_the_next_caller() -> None:
     breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
     await open_it(breaker, upstream, 1)
     await asyncio.sleep(0.06)
@@ -156,10 +156,78 @@ async def test_a_cancelled_trial_reopens_it_instead_of_closing() -> None:
     with pytest.raises(asyncio.CancelledError):
         await trial
 
-    assert breaker.state == "open"
-    with pytest.raises(BreakerOpen):
+    # Neither closed (the trial proved nothing) nor re-opened for a fresh period (a
+    # caller that keeps hanging up would hold the upstream switched off).
+    assert breaker.state == "half-open"
+    upstream.gate = None
+    assert await breaker.call(upstream) == "ok"  # the next caller is the trial
+    assert upstream.calls == 3
+    assert breaker.state == "closed"
+
+
+async def test_a_neutral_trial_leaves_it_half_open_and_a_failing_one_reopens_it() -> None:
+    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
+    await open_it(breaker, upstream, 1)
+    await asyncio.sleep(0.06)
+    upstream.fail = Neutral
+    for _ in range(3):
+        with pytest.raises(Neutral):
+            await breaker.call(upstream)
+        assert breaker.state == "half-open"
+    upstream.fail = Boom
+    with pytest.raises(Boom):
         await breaker.call(upstream)
-    assert upstream.calls == 2
+    assert breaker.state == "open"
+    assert upstream.calls == 5
+
+
+async def test_a_neutral_outcome_neither_counts_nor_resets_the_count() -> None:
+    """Neutral outcomes are what a caller can cause at will (its deadline, hanging up):
+    they must not move the count either way, or a client could hold an upstream's
+    breaker shut by interleaving them with its failures."""
+    breaker, upstream = make_breaker(fail_max=3), Upstream()
+    upstream.fail = Boom
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await breaker.call(upstream)
+    upstream.fail = Neutral
+    for _ in range(5):
+        with pytest.raises(Neutral):
+            await breaker.call(upstream)
+    assert breaker.fail_counter == 2
+    gate = upstream.gate = asyncio.Event()
+    cancelled = asyncio.create_task(breaker.call(upstream))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    gate.set()
+    upstream.gate = None
+    assert breaker.fail_counter == 2
+    upstream.fail = Boom
+    with pytest.raises(Boom):
+        await breaker.call(upstream)
+    assert breaker.state == "open"
+
+
+async def test_a_neutral_outcome_keeps_failures_counted_meanwhile_by_others() -> None:
+    """The count is put back as it stood when the neutral call ended, not as it was
+    when the call began: failures of concurrent calls are not forgotten."""
+    breaker, upstream = make_breaker(fail_max=3), Upstream()
+    slow = Upstream()
+    slow.gate = asyncio.Event()
+    slow.fail = Neutral
+    pending = asyncio.create_task(breaker.call(slow))
+    await asyncio.sleep(0)
+    upstream.fail = Boom
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await breaker.call(upstream)
+    slow.gate.set()
+    with pytest.raises(Neutral):
+        await pending
+    assert breaker.fail_counter == 2
+    assert breaker.state == "closed"
 
 
 async def test_a_cancelled_call_while_closed_is_not_a_failure() -> None:
@@ -174,3 +242,4 @@ async def test_a_cancelled_call_while_closed_is_not_a_failure() -> None:
     with pytest.raises(asyncio.CancelledError):
         await call
     assert breaker.state == "closed"  # counted as a failure, it would have tripped it
+    assert breaker.fail_counter == 1  # nor did it reset the count

@@ -7,12 +7,14 @@ observed from the upstream's side: what arrived, when, and how often.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
+import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -30,10 +32,14 @@ from narthex.common.http import (
     ClientPolicy,
     RetryBudget,
     ServiceClient,
+    UpstreamBadResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
+    is_backpressure,
 )
 from narthex.common.settings import ServiceSettings
+from narthex.common.transport import Exchange
+from tests.support.scripted import Reply, ScriptedUpstream
 from tests.support.upstream import UpstreamServer, refusing_port
 
 # Timing assertions allow this much for a loaded CI machine; counts are always exact.
@@ -413,6 +419,170 @@ async def test_a_4xx_between_failures_resets_the_consecutive_count(
         assert client.breaker.state == "open"  # the third consecutive one trips it
 
 
+# -- what a caller causes, and backpressure, never count ---------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("via", ["send", "forward"])
+async def test_a_try_cut_by_the_callers_deadline_never_counts_against_the_breaker(
+    server: UpstreamServer,
+    transport: Callable[[], httpx.AsyncBaseTransport | None],
+    via: str,
+) -> None:
+    """The caller chose its budget: a try that budget cut short says nothing about the
+    upstream. Fifty of them leave the breaker (fail_max 1) closed and its count at 0."""
+    server.behave(None, delay=0.3)
+    tight = policy(try_timeout=2.0, breaker_fail_max=1)
+    async with ServiceClient("svc", server.url, tight, transport=transport()) as client:
+
+        async def call() -> object:
+            if via == "send":
+                return await client.get("/slow")
+            return await client.forward("GET", "/slow", [], b"")
+
+        for _ in range(50 if via == "forward" else 5):
+            with deadline(0.01), pytest.raises(UpstreamTimeout):
+                await call()
+        assert client.breaker.state == "closed"
+        assert client.breaker.fail_counter == 0
+        # Not retried either: the caller's budget is gone (on a busy machine a 10 ms
+        # budget can run out before a request even arrives).
+        assert server.calls() <= (50 if via == "forward" else 5)
+        # A try that its own try_timeout cuts (no caller deadline) still counts.
+        client.policy = dataclasses.replace(tight, try_timeout=0.05, max_attempts=1)
+        with pytest.raises(UpstreamTimeout):
+            await call()
+        assert client.breaker.state == "open"
+
+
+@contextlib.contextmanager
+def connects_that_hang() -> Iterator[str]:
+    """A loopback port whose accept queue is full: a new connection's SYN goes unanswered,
+    so connecting hangs until whoever connects gives up."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.socket())
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        address = server.getsockname()
+        for _ in range(4):  # never accepted: they fill the queue
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(address)
+        yield f"http://127.0.0.1:{address[1]}"
+
+
+async def test_connecting_cut_by_the_callers_deadline_is_neutral_by_its_own_limit_counts() -> None:
+    """Connecting has its own, shorter limit: a caller's deadline that is longer than
+    it does not make a connect timeout the caller's doing."""
+    tight = policy(connect_timeout=0.2, try_timeout=2.0, breaker_fail_max=1, max_attempts=1)
+    with connects_that_hang() as url:
+        async with ServiceClient("svc", url, tight) as client:
+            for _ in range(3):
+                with deadline(0.05), pytest.raises(UpstreamTimeout):
+                    await client.get("/x")
+            assert client.breaker.state == "closed"
+            with deadline(5.0), pytest.raises(UpstreamUnavailable):
+                await client.get("/x")  # the connect limit, not the caller, ended it
+            assert client.breaker.state == "open"
+
+
+async def test_an_upstream_504_for_the_callers_own_deadline_is_neutral(
+    scripted: ScriptedUpstream,
+) -> None:
+    """Inference drops work whose deadline passed with a 504: when the deadline was the
+    caller's, so is the failure."""
+    scripted.reply = Reply(504, body=b'{"type": "deadline-exceeded"}')
+    tight = policy(try_timeout=2.0, breaker_fail_max=1, max_attempts=1)
+    async with ServiceClient("svc", scripted.url, tight) as client:
+        for _ in range(5):
+            with deadline(1.0):
+                assert (await client.get("/x")).status_code == 504
+        assert client.breaker.state == "closed"
+        assert (await client.get("/x")).status_code == 504  # the upstream's own verdict
+        assert client.breaker.state == "open"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (503, [("Retry-After", "2")]),
+        (503, [("retry-after", "Wed, 21 Oct 2065 07:28:00 GMT")]),
+        (429, []),
+        (429, [("Retry-After", "1")]),
+    ],
+)
+async def test_backpressure_is_returned_at_once_and_never_counts(
+    scripted: ScriptedUpstream, status: int, headers: list[tuple[str, str]]
+) -> None:
+    scripted.reply = Reply(status, [("Content-Type", "application/json"), *headers])
+    async with ServiceClient("svc", scripted.url, policy(breaker_fail_max=1)) as client:
+        for _ in range(5):
+            response = await client.get("/busy")  # a GET: retried were it a failure
+            assert response.status_code == status
+            exchange = await client.forward("GET", "/busy", [], b"")
+            assert exchange.status_code == status
+        assert client.breaker.state == "closed"
+    assert len(scripted.requests) == 10
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after_value", "expected"),
+    [
+        (503, b"5", True),
+        (503, b"Sun, 06 Nov 1994 08:49:37 GMT", True),
+        (503, None, False),
+        (503, b"", False),
+        (503, b"soon", False),
+        (503, b"-1", False),
+        (503, b"99999999999", False),
+        (429, None, True),
+        (500, b"5", False),
+        (502, b"5", False),
+        (504, b"5", False),
+    ],
+)
+def test_what_counts_as_backpressure(
+    status: int, retry_after_value: bytes | None, expected: bool
+) -> None:
+    headers = [] if retry_after_value is None else [(b"Retry-After", retry_after_value)]
+    assert is_backpressure(Exchange(status, headers, b"")) is expected
+    as_httpx = httpx.Response(status, headers=headers)
+    assert is_backpressure(as_httpx) is expected
+
+
+async def test_an_oversized_answer_is_a_502_counted_and_not_retried(
+    scripted: ScriptedUpstream,
+) -> None:
+    scripted.reply = Reply(200, body=b"x" * 5000)
+    tight = policy(max_response_bytes=4096, breaker_fail_max=2)
+    async with ServiceClient("svc", scripted.url, tight) as client:
+        with pytest.raises(UpstreamBadResponse) as caught:
+            await client.get("/big")
+        with pytest.raises(UpstreamBadResponse):
+            await client.forward("GET", "/big", [], b"")
+        assert client.breaker.state == "open"
+    assert caught.value.status == 502
+    assert len(scripted.requests) == 2
+
+
+async def test_a_probe_goes_around_the_breaker_both_ways(server: UpstreamServer) -> None:
+    tight = policy(max_attempts=1, breaker_fail_max=2)
+    async with ServiceClient("svc", server.url, tight) as client:
+        server.behave(None, status=500)
+        for _ in range(5):
+            assert (await client.probe("/readyz", 1.0)).status_code == 500
+        assert client.breaker.fail_counter == 0  # probes never feed it
+        await _open_breaker(client, server)
+        server.behave(None)
+        assert (await client.probe("/readyz", 1.0)).status_code == 200  # nor are refused
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    async with ScriptedUpstream() as upstream:
+        yield upstream
+
+
 async def _open_breaker(client: ServiceClient, server: UpstreamServer) -> None:
     server.behave(None, status=503)
     for _ in range(client.policy.breaker_fail_max):
@@ -469,7 +639,12 @@ async def test_failing_trial_reopens_the_breaker(server: UpstreamServer) -> None
         assert server.calls() == 1
 
 
-async def test_cancelled_trial_does_not_close_the_breaker(server: UpstreamServer) -> None:
+async def test_cancelled_trial_leaves_the_breaker_half_open_for_the_next_caller(
+    server: UpstreamServer,
+) -> None:
+    """A trial whose caller hung up proved nothing either way: it neither closes the
+    breaker nor re-opens it (which would let a client that keeps winning the trial and
+    hanging up hold an upstream switched off); the next caller is the trial."""
     half_open = policy(breaker_fail_max=3, breaker_reset_timeout=0.2)
     async with ServiceClient("svc", server.url, half_open) as client:
         await _open_breaker(client, server)
@@ -483,11 +658,11 @@ async def test_cancelled_trial_does_not_close_the_breaker(server: UpstreamServer
         with pytest.raises(asyncio.CancelledError):
             await trial
 
-        assert client.breaker.state != "closed"
+        assert client.breaker.state == "half-open"
         server.behave(None)
-        with pytest.raises(CircuitOpen):
-            await client.get("/thing")
-        assert server.calls() == 1
+        assert (await client.get("/thing")).status_code == 200
+        assert server.calls() == 2
+        assert client.breaker.state == "closed"
 
 
 # -- the proxy's path: forward() ------------------------------------------------------------

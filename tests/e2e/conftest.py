@@ -15,6 +15,11 @@ from tests.support.platform import KEY_PEPPER, bootstrap, provision_inference
 from tests.support.services import Service, run_service
 
 TOKEN_TTL_SECONDS = 900
+# How often the gateway fetches revoked keys and disabled tenants: short, so the tests
+# that wait for a poll are quick (they wait for the poll itself, never for a time).
+REVOCATION_POLL_SECONDS = 0.5
+# How long the gateway keeps the JWKS it serves (one fetch per period, whatever the load).
+PUBLIC_CACHE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ def platform(
                     "NARTHEX_GATEWAY_ANALYTICS_URL": inference.url,
                     "NARTHEX_GATEWAY_API_KEY_REVALIDATE_SECONDS": "2",
                     "NARTHEX_GATEWAY_JWKS_UNKNOWN_KID_COOLDOWN": "30",
+                    "NARTHEX_GATEWAY_REVOCATION_POLL_SECONDS": str(REVOCATION_POLL_SECONDS),
+                    "NARTHEX_GATEWAY_PUBLIC_CACHE_SECONDS": str(PUBLIC_CACHE_SECONDS),
+                    # Every tenant these tests make has its key exchanged on first use,
+                    # from 127.0.0.1: the per-IP guard is not what they test.
+                    "NARTHEX_GATEWAY_TOKEN_EXCHANGE_LIMIT": "600/minute",
                 },
             )
         )

@@ -45,11 +45,6 @@ async def test_a_flood_leaves_another_tenant_served_at_inference(stack: FloodSta
     assert flooder.transport_errors == 0, flooder.errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the gateway to treat inference's 503 + Retry-After as backpressure, not as"
-    " a breaker failure (issue 10, gateway part)",
-)
 async def test_a_flood_leaves_another_tenant_served_through_the_gateway(
     stack: FloodStack,
 ) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -36,6 +35,7 @@ import pytest
 from narthex.inference.builtin import fraud
 from narthex.transactions import AccountState, Transaction, model_input
 from tests.support.delay import DelayProxy
+from tests.support.loopback import in_own_thread
 from tests.support.models import builtin_repository
 from tests.support.platform import (
     HOST,
@@ -135,26 +135,8 @@ class CountingProxy(DelayProxy):
 def proxy_thread(target_port: int) -> Iterator[CountingProxy]:
     """The proxy on an event loop of its own, so the test's loop and blocking calls in the
     test (process start-up) never stall it."""
-    loop = asyncio.new_event_loop()
-    proxy = CountingProxy(target_port)
-    started = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(proxy.start())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    started.wait(10)
-    try:
+    with in_own_thread(CountingProxy(target_port)) as proxy:
         yield proxy
-    finally:
-        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from narthex.common.security import SigningKey
-from tests.e2e.conftest import TOKEN_TTL_SECONDS, Platform
+from tests.e2e.conftest import PUBLIC_CACHE_SECONDS, TOKEN_TTL_SECONDS, Platform
 
 pytestmark = pytest.mark.slow
 
@@ -474,6 +474,93 @@ def test_revoked_key_is_refused_within_seconds(admin: httpx.Client, gateway: htt
     assert_refused(gateway.get("/v1/keys", headers=bearer(tenant.key)))
 
 
+# Revocation reaches the gateway within this (README): a key, and the tokens minted from it.
+REVOCATION_PROMISE_S = 30.0
+
+
+def revocation_polls(gateway: httpx.Client) -> int:
+    """How many times the gateway has fetched the revocation list (its /readyz says)."""
+    response = gateway.get("/readyz")
+    assert response.status_code == 200, response.text
+    return int(response.json()["checks"]["revocations"]["polls"])
+
+
+def after_a_whole_revocation_poll(gateway: httpx.Client) -> None:
+    """Return once a poll that began after this call has completed: whatever was revoked
+    before the call is then in force at the gateway. Waits for the poll, not for a time;
+    fails if none completes within the promised delay."""
+    target = revocation_polls(gateway) + 2  # the one under way may predate the call
+    assert wait_until(lambda: revocation_polls(gateway) >= target, REVOCATION_PROMISE_S)
+
+
+def test_a_revoked_key_and_the_tokens_minted_from_it_are_refused(
+    admin: httpx.Client, gateway: httpx.Client
+) -> None:
+    tenant = new_tenant(admin, "minted")
+    minted = exchange(gateway, tenant.key)  # a 15-minute JWT, verified without auth
+    response = admin.post(f"{ADMIN_ROUTE}/{tenant.id}/keys", json={"name": "second"})
+    assert response.status_code == 201, response.text
+    second = response.json()["key"]
+    for headers in (bearer(minted), key_header(tenant.key), key_header(second)):
+        assert gateway.get("/v1/keys", headers=headers).status_code == 200
+
+    response = admin.delete(f"/v1/admin/keys/{tenant.key_id}")
+    assert response.status_code == 200, response.text
+    after_a_whole_revocation_poll(gateway)
+
+    assert_refused(gateway.get("/v1/keys", headers=bearer(minted)))
+    assert_refused(gateway.get("/v1/keys", headers=key_header(tenant.key)))
+    assert_refused(gateway.get("/v1/models", headers=bearer(minted)))
+    # The tenant's other key, and tokens minted from it, are untouched.
+    assert gateway.get("/v1/keys", headers=key_header(second)).status_code == 200
+    assert gateway.get("/v1/keys", headers=bearer(exchange(gateway, second))).status_code == 200
+
+
+def test_a_disabled_tenants_keys_and_tokens_are_refused_until_it_is_enabled(
+    admin: httpx.Client, gateway: httpx.Client
+) -> None:
+    tenant, bystander = new_tenant(admin, "disabled"), new_tenant(admin, "bystander")
+    minted = exchange(gateway, tenant.key)
+    assert gateway.get("/v1/keys", headers=key_header(tenant.key)).status_code == 200
+
+    response = admin.post(f"{ADMIN_ROUTE}/{tenant.id}/disable")
+    assert response.status_code == 200, response.text
+    after_a_whole_revocation_poll(gateway)
+    assert_refused(gateway.get("/v1/keys", headers=bearer(minted)))
+    assert_refused(gateway.get("/v1/keys", headers=key_header(tenant.key)))
+    assert_refused(gateway.post("/v1/auth/token", headers=key_header(tenant.key)))
+    assert gateway.get("/v1/keys", headers=key_header(bystander.key)).status_code == 200
+
+    response = admin.post(f"{ADMIN_ROUTE}/{tenant.id}/enable")
+    assert response.status_code == 200, response.text
+    after_a_whole_revocation_poll(gateway)
+    assert gateway.get("/v1/keys", headers=bearer(minted)).status_code == 200
+
+
+def test_an_admin_token_narrowed_to_other_scopes_is_not_an_admin_token(
+    platform: Platform, gateway: httpx.Client
+) -> None:
+    response = gateway.post(
+        "/v1/auth/token",
+        headers=key_header(platform.admin_key),
+        data={"scope": "inference usage"},
+    )
+    assert response.status_code == 200, response.text
+    narrowed = response.json()["access_token"]
+    assert unverified(narrowed)[1]["roles"] == ["admin"]
+    for path in (ADMIN_ROUTE, "/v1/admin/plans", "/v1/admin/models"):
+        refused = gateway.get(path, headers=bearer(narrowed))
+        assert_refused(refused)
+        assert refused.status_code == 403
+    # Straight to auth, around the gateway: refused there too.
+    direct = httpx.get(platform.auth.url + ADMIN_ROUTE, headers=bearer(narrowed), timeout=10.0)
+    assert direct.status_code == 403
+    assert (
+        gateway.get(ADMIN_ROUTE, headers=bearer(exchange(gateway, platform.admin_key))).status_code
+        == 200
+    )
+
+
 def test_expired_key_is_refused(admin: httpx.Client, gateway: httpx.Client) -> None:
     tenant = new_tenant(admin, "expiring")
     expires_at = datetime.now(UTC) + timedelta(seconds=2)
@@ -648,8 +735,13 @@ def test_signing_key_rotation_publishes_the_new_key_before_signing_with_it(
     assert new_kid != old_kid
     assert signs_from > datetime.now(UTC)
 
-    # Published at once, next to the key that still signs.
-    assert {old_kid, new_kid} <= jwks_kids(gateway)
+    # Published at once by auth, next to the key that still signs; the gateway's shared
+    # copy shows it within its cache period, long before the new key signs anything.
+    with httpx.Client(base_url=platform.auth.url, timeout=10.0) as auth:
+        assert {old_kid, new_kid} <= jwks_kids(auth)
+    assert wait_until(
+        lambda: {old_kid, new_kid} <= jwks_kids(gateway), timeout=PUBLIC_CACHE_SECONDS + 5.0
+    )
     # Tokens are still signed by the old key until `signs_from`...
     after_rotation = exchange(gateway, platform.admin_key)
     assert unverified(after_rotation)[0]["kid"] == old_kid

@@ -19,7 +19,7 @@ from narthex.gateway.clientip import (
     forwarded_chain,
     parse_address,
 )
-from narthex.gateway.guard import ClientGuard
+from narthex.gateway.guard import ClientGuard, guard_key
 from narthex.gateway.main import create_app
 from narthex.gateway.routing import ROUTES
 from narthex.gateway.settings import GatewaySettings
@@ -194,7 +194,8 @@ async def gateway(upstream: UpstreamServer, **settings: Any) -> AsyncIterator[Co
         "trusted_proxies": PROXIES,
         **settings,
     }
-    app = create_app(GatewaySettings(**fields))
+    # No background probes: the upstream's counts are the proxied requests alone.
+    app = create_app(GatewaySettings(**fields), background=False)
     async with app.router.lifespan_context(app), contextlib.AsyncExitStack() as stack:
 
         def connect(peer: str) -> httpx.AsyncClient:
@@ -264,6 +265,32 @@ async def test_a_spoofed_xff_from_an_untrusted_peer_does_not_escape(
     assert upstream.calls(TOKEN) == 3
 
 
+@pytest.mark.parametrize(
+    ("client", "key"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # a dual-stack listener's view of an IPv4 client
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_64(client: str, key: str) -> None:
+    assert guard_key(client) == key
+
+
+async def test_addresses_of_one_ipv6_64_share_one_allowance(upstream: UpstreamServer) -> None:
+    """A subscriber holds a whole /64: a new address per request must not buy a new
+    allowance."""
+    async with gateway(upstream) as connect:
+        same = [(await exchange(connect(f"2001:db8:77:1::{n:x}"))).status_code for n in range(1, 6)]
+        neighbour = (await exchange(connect("2001:db8:77:2::1"))).status_code
+    assert same == [200, 200, 200, 429, 429]
+    assert neighbour == 200
+    assert upstream.calls(TOKEN) == 4
+
+
 async def test_unguarded_routes_are_not_counted(upstream: UpstreamServer) -> None:
     async with gateway(upstream) as connect:
         client = connect(CLIENT)
@@ -284,7 +311,9 @@ async def test_the_upstream_sees_the_resolved_forwarded_chain(upstream: Upstream
         [f"{CLIENT}, 10.1.1.1, {PROXY}"],  # the spoofed left entry is gone, the peer appended
         [OTHER],  # an untrusted peer's chain is replaced by the peer
         [PROXY],
-        [CLIENT],  # on every route, guarded or not
+        # The signing keys are one cached answer for everyone, fetched on nobody's
+        # behalf: no client's address (nor any other of its headers) goes with it.
+        [],
     ]
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from narthex.common.authn import MissingToken
-from narthex.common.errors import ServiceUnavailable
+from narthex.common.deadline import deadline
+from narthex.common.errors import GatewayTimeout, ServiceUnavailable
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.security import (
     InvalidToken,
@@ -19,7 +21,12 @@ from narthex.common.security import (
     generate_api_key,
     issue_token,
 )
+from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, InvalidApiKey, KeyInQuery
+from narthex.gateway.ratelimit import RateLimited
+from narthex.gateway.revocations import Revocations
+from tests.support.delay import DelayProxy
+from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.scripted import Reply, ScriptedUpstream
 from tests.support.upstream import refusing_port
 
@@ -27,7 +34,7 @@ KEY = SigningKey.generate()
 API_KEY = str(generate_api_key("dev"))
 
 
-def token(subject: str = "t_acme", ttl: int = 900) -> str:
+def token(subject: str = "t_acme", ttl: int = 900, client_id: str | None = None) -> str:
     return issue_token(
         KEY,
         issuer="narthex-auth",
@@ -37,6 +44,7 @@ def token(subject: str = "t_acme", ttl: int = 900) -> str:
         roles=["tenant"],
         scopes=["inference"],
         ttl=ttl,
+        client_id=client_id,
     )
 
 
@@ -64,11 +72,19 @@ async def auth() -> AsyncIterator[ScriptedUpstream]:
 
 
 async def identity_for(
-    url: str, *, revalidate_seconds: float = 30.0, refused_seconds: float = 5.0
+    url: str,
+    *,
+    revalidate_seconds: float = 30.0,
+    refused_seconds: float = 5.0,
+    **options: Any,
 ) -> tuple[Identity, ServiceClient]:
     client = ServiceClient("auth", url, ClientPolicy(try_timeout=1.0, deadline=2.0))
     identity = Identity(
-        verifier(), client, revalidate_seconds=revalidate_seconds, refused_seconds=refused_seconds
+        verifier(),
+        client,
+        revalidate_seconds=revalidate_seconds,
+        refused_seconds=refused_seconds,
+        **options,
     )
     return identity, client
 
@@ -189,3 +205,139 @@ async def test_missing_ambiguous_or_bad_credentials_are_401(
             await identity.authenticate(scope(headers))
     assert getattr(caught.value, "status", None) == 401
     assert auth.requests == []
+
+
+# -- shared state a stranger or another tenant can reach -------------------------------------
+
+
+def junk_key(i: int) -> str:
+    return f"nx_dev_{i:016d}_" + "J" * 40
+
+
+async def test_keys_new_to_the_gateway_pass_the_per_ip_guard_before_reaching_auth() -> None:
+    """Guessing keys on any protected route costs what guessing at the token endpoint
+    does: once the client's allowance is spent, junk keys never reach auth."""
+    guard = ClientGuard("3/minute")
+    async with ScriptedUpstream(Reply(status=401, body=b"{}")) as auth:
+        identity, client = await identity_for(auth.url, guard=guard)
+        async with client:
+            refused = []
+            for i in range(10):
+                try:
+                    await identity.authenticate(scope([("X-API-Key", junk_key(i))]))
+                except (InvalidApiKey, RateLimited) as exc:
+                    refused.append(type(exc))
+    assert refused == [InvalidApiKey] * 3 + [RateLimited] * 7
+    assert len(auth.requests) == 3
+
+
+async def test_a_valid_cached_key_costs_nothing_against_the_guard(auth: ScriptedUpstream) -> None:
+    guard = ClientGuard("1/minute")
+    identity, client = await identity_for(auth.url, guard=guard, revalidate_seconds=0.001)
+    async with client:
+        for _ in range(20):  # the first exchange spends the client's one allowance...
+            await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+        with pytest.raises(RateLimited):  # ...as a new key now shows
+            await identity.authenticate(scope([("X-API-Key", junk_key(1))]))
+        await asyncio.sleep(0.01)  # past the revalidation period: re-exchanged, unguarded
+        principal = await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+    assert principal.tenant == "t_acme"
+    assert len(auth.requests) >= 2
+
+
+async def test_junk_keys_never_push_out_an_accepted_key(auth: ScriptedUpstream) -> None:
+    identity, client = await identity_for(auth.url, max_refused=5)
+    async with client:
+        await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+        auth.reply = Reply(status=401, body=b"{}")
+        for i in range(100):
+            with pytest.raises(InvalidApiKey):
+                await identity.authenticate(scope([("X-API-Key", junk_key(i))]))
+        principal = await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+    assert principal.tenant == "t_acme"
+    assert len(auth.requests) == 101  # the accepted key was answered from the cache
+
+
+async def test_one_tenant_with_many_keys_pushes_out_only_its_own(auth: ScriptedUpstream) -> None:
+    identity, client = await identity_for(auth.url, max_keys_per_tenant=3)
+    async with client:
+        await identity.authenticate(scope([("X-API-Key", API_KEY)]))  # t_acme's key
+        auth.reply = token_reply(token("t_hostile"))
+        hostile = [str(generate_api_key("dev")) for _ in range(50)]
+        for key in hostile:
+            assert (await identity.authenticate(scope([("X-API-Key", key)]))).tenant == (
+                "t_hostile"
+            )
+        exchanged = len(auth.requests)
+        acme = await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+        still_cached = len(auth.requests) == exchanged
+        await identity.authenticate(scope([("X-API-Key", hostile[0])]))
+        first_hostile_evicted = len(auth.requests) == exchanged + 1
+    assert acme.tenant == "t_acme"
+    assert still_cached
+    assert first_hostile_evicted
+
+
+async def test_a_callers_deadline_cuts_its_wait_but_not_the_exchange_others_share(
+    auth: ScriptedUpstream,
+) -> None:
+    async with DelayProxy(auth.port, delay=0.3) as slow:
+        identity, client = await identity_for(slow.url)
+        async with client:
+            with deadline(0.05), pytest.raises(GatewayTimeout):
+                await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+            # The exchange went on without it, and its answer serves the next caller.
+            principal = await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+    assert principal.tenant == "t_acme"
+    assert len(auth.requests) == 1
+
+
+def client_token(subject: str, client_id: str | None) -> str:
+    return token(subject, client_id=client_id)
+
+
+async def test_revoked_keys_and_disabled_tenants_are_refused_whatever_the_credential(
+    auth: ScriptedUpstream,
+) -> None:
+    auth.reply = token_reply(client_token("t_acme", "keyofacme0000001"))
+    identity, client = await identity_for(auth.url)
+    revocations = identity.revocations = Revocations(client)
+    async with client:
+        minted = client_token("t_acme", "keyofacme0000001")
+        other_key = client_token("t_acme", "keyofacme0000002")
+        legacy = client_token("t_acme", None)  # minted before tokens named their key
+        for credential in (("X-API-Key", API_KEY), ("Authorization", f"Bearer {minted}")):
+            assert (await identity.authenticate(scope([credential]))).key_id == ("keyofacme0000001")
+
+        revocations.keys = frozenset({"keyofacme0000001"})
+        with pytest.raises(InvalidApiKey):
+            await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+        with pytest.raises(InvalidToken):
+            await identity.authenticate(scope([("Authorization", f"Bearer {minted}")]))
+        for fine in (other_key, legacy):  # the tenant's other credentials still work
+            await identity.authenticate(scope([("Authorization", f"Bearer {fine}")]))
+
+        revocations.keys, revocations.tenants = frozenset(), frozenset({"t_acme"})
+        for refused in (minted, other_key, legacy):
+            with pytest.raises(InvalidToken):
+                await identity.authenticate(scope([("Authorization", f"Bearer {refused}")]))
+        with pytest.raises(InvalidApiKey):
+            await identity.authenticate(scope([("X-API-Key", API_KEY)]))
+        assert len(auth.requests) == 1  # all of it decided here, from the polled list
+
+
+async def test_concurrent_first_uses_of_one_key_pass_the_guard_once(
+    auth: ScriptedUpstream,
+) -> None:
+    """200 clients of one tenant starting together with its key: one exchange, one pass
+    through the guard, however the requests interleave (the shared guard's count runs in
+    a thread, so they do)."""
+    async with redis_scratch() as scratch:
+        guard = ClientGuard("1/minute", storage_uri=REDIS_URL, prefix=scratch.prefix)
+        identity, client = await identity_for(auth.url, guard=guard)
+        async with client:
+            principals = await asyncio.gather(
+                *(identity.authenticate(scope([("X-API-Key", API_KEY)])) for _ in range(200))
+            )
+    assert {p.tenant for p in principals} == {"t_acme"}
+    assert len(auth.requests) == 1

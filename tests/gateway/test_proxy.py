@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,16 +92,26 @@ def gateway_settings(urls: str | Mapping[str, str], **overrides: Any) -> Gateway
 # test_identity.py and tests/e2e do that against a real auth service): the gateway
 # trusts a local test key, and the client sends a token that may call every route.
 SIGNING_KEY = SigningKey.generate()
-TOKEN = issue_token(
-    SIGNING_KEY,
-    issuer="narthex-auth",
-    audience="narthex",
-    subject="t_proxytests",
-    plan="standard",
-    roles=[scopes.ADMIN],
-    scopes=scopes.scopes_for({scopes.ADMIN}),
-    ttl=3600,
-)
+
+
+def token_for(
+    subject: str = "t_proxytests",
+    roles: Sequence[str] = (scopes.ADMIN,),
+    granted: Iterable[str] = scopes.scopes_for({scopes.ADMIN}),
+) -> str:
+    return issue_token(
+        SIGNING_KEY,
+        issuer="narthex-auth",
+        audience="narthex",
+        subject=subject,
+        plan="standard",
+        roles=roles,
+        scopes=granted,
+        ttl=3600,
+    )
+
+
+TOKEN = token_for()
 
 
 # Limits are not under test here either (tests/gateway/test_ratelimit.py): a plan no test
@@ -110,8 +120,11 @@ ROOMY_PLAN = TenantPlan("t_proxytests", "roomy", 1e6, 1_000_000, 10**12, 10_000,
 
 
 @contextlib.asynccontextmanager
-async def running(settings: GatewaySettings) -> AsyncIterator[Gateway]:
-    app = create_app(settings)
+async def running(settings: GatewaySettings, *, background: bool = False) -> AsyncIterator[Gateway]:
+    """The gateway, its lifespan started. Without `background`, no probe or poll runs on
+    its own: each upstream sees the proxied requests only, and a test that needs a
+    probe round runs it (`gw.app.state.upstreams.poll()`)."""
+    app = create_app(settings, background=background)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
@@ -246,16 +259,37 @@ async def test_an_unknown_path_is_a_404_problem_and_reaches_no_upstream(
     assert sum(server.calls() for server in upstreams.values()) == 0
 
 
-async def test_status_route_is_rewritten_to_the_upstreams_readyz(
+async def test_status_route_answers_from_the_last_probe_and_never_calls_upstream(
     upstreams: dict[str, UpstreamServer],
 ) -> None:
+    """A public route anyone may call in a loop: it reads what the background probe
+    found, so the upstream sees one probe per round, whatever the traffic and headers."""
     async with running(gateway_settings(urls_of(upstreams))) as gw:
-        response = await gw.get("/v1/status/inference")
+        before = await gw.get("/v1/status/inference")
+        await gw.app.state.upstreams.poll()
+        responses = [
+            await gw.get("/v1/status/inference", headers=headers)
+            for headers in ({}, {"x-request-timeout-ms": "1"}, {"Authorization": "Bearer junk"})
+            for _ in range(20)
+        ]
+        unknown = await gw.get("/v1/status/payments")
 
-    assert response.status_code == 200
-    (seen,) = upstreams["inference"].requests
-    assert (seen.method, seen.path, seen.query) == ("GET", "/readyz", "")
-    assert sum(s.calls() for n, s in upstreams.items() if n != "inference") == 0
+    assert before.status_code == 503
+    assert before.json() == {"upstream": "inference", "status": "unknown", "breaker": "closed"}
+    for response in responses:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body.pop("checked_seconds_ago") >= 0
+        assert body == {
+            "upstream": "inference",
+            "status": "up",
+            "breaker": "closed",
+            "http_status": 200,
+        }
+    assert_problem(unknown, 404, "not-found")
+    # One probe round: one /readyz per upstream, and not one call for the 60 requests.
+    for server in upstreams.values():
+        assert [(r.method, r.path) for r in server.requests] == [("GET", "/readyz")]
 
 
 async def test_status_route_answers_405_with_allow_to_other_methods(
@@ -441,19 +475,44 @@ async def test_a_body_over_the_cap_is_413_and_never_sent(
 
 async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> None:
     """httpx will not send a bad Content-Length, so the ASGI scope is built by hand."""
+    async with running(gateway_settings(upstream.url)) as gw:
+        start, body = await call_raw(
+            gw,
+            "POST",
+            b"/v1/models/x/predict",
+            headers=[(b"content-length", b"12abc")],
+            body=b"hello",
+        )
+
+    assert start["status"] == 400
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert b"/problems/bad-request" in body["body"]
+    assert upstream.calls() == 0
+
+
+async def call_raw(
+    gw: Gateway,
+    method: str,
+    path: bytes,
+    query: bytes = b"",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+) -> list[Message]:
+    """One request with the exact raw path, query and headers (httpx would re-encode or
+    refuse them), straight into the app; the messages it sent back."""
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
-        "path": "/v1/models/x/predict",
-        "raw_path": b"/v1/models/x/predict",
-        "query_string": b"",
+        "path": path.decode("latin-1"),
+        "raw_path": path,
+        "query_string": query,
         "root_path": "",
         "headers": [
             (b"host", b"gw"),
-            (b"content-length", b"12abc"),
+            *headers,
             (b"authorization", f"Bearer {TOKEN}".encode()),
         ],
         "client": ("127.0.0.1", 50000),
@@ -462,19 +521,14 @@ async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> 
     sent: list[Message] = []
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"hello", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    async with running(gateway_settings(upstream.url)) as gw, asyncio.timeout(BOUND):
+    async with asyncio.timeout(BOUND):
         await gw.app(scope, receive, send)
-
-    start, body = sent
-    assert start["status"] == 400
-    assert (b"content-type", b"application/problem+json") in start["headers"]
-    assert b"/problems/bad-request" in body["body"]
-    assert upstream.calls() == 0
+    return sent
 
 
 # -- upstream failures ---------------------------------------------------------------------
@@ -485,7 +539,9 @@ async def test_a_non_numeric_content_length_is_400(upstream: UpstreamServer) -> 
     [
         (500, [], 502, "bad-gateway", None),
         (502, [], 502, "bad-gateway", None),
-        (503, [("Retry-After", "7")], 503, "unavailable", 7),
+        # Without Retry-After a 503 is a failure, not backpressure: not relayed.
+        (503, [], 503, "unavailable", 1),
+        (503, [("Retry-After", "soon")], 503, "unavailable", 1),
         (504, [], 504, "upstream-timeout", None),
     ],
 )
@@ -564,16 +620,122 @@ async def test_the_breaker_opens_after_fail_max_and_spares_the_upstream(
     async with running(settings) as gw:
         failures = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(2)]
         opened = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(3)]
+        proxied = len(scripted.requests)
+        await gw.app.state.upstreams.poll()
         ready = await gw.get("/readyz")
+        status = await gw.get("/v1/status/inference")
 
     for response in failures:
         assert_problem(response, 502, "bad-gateway", absent=(SECRET,))
     for response in opened:
         assert_problem(response, 503, "circuit-open", absent=(SECRET,))
         assert retry_after(response) >= 1
-    assert len(scripted.requests) == 2  # nothing reached it once the breaker was open
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["inference"] == {"status": "down", "breaker": "open"}
+    assert proxied == 2  # nothing reached it once the breaker was open
+    # The gateway stays in rotation: its other routes still work, and every replica
+    # shares this upstream's trouble alike. The report says what is wrong.
+    assert ready.status_code == 200
+    inference = ready.json()["checks"]["inference"]
+    assert inference.pop("checked_seconds_ago") >= 0
+    assert inference == {"status": "down", "required": False, "breaker": "open", "http_status": 500}
+    assert status.status_code == 503
+    assert status.json()["breaker"] == "open"
+    assert SECRET not in status.text
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (503, [("Retry-After", "7")]),
+        (503, [("Retry-After", "Wed, 21 Oct 2065 07:28:00 GMT")]),
+        (429, [("Retry-After", "3")]),
+        (429, []),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_backpressure_passes_through_unretried_and_never_opens_the_breaker(
+    scripted: ScriptedUpstream, status: int, headers: list[tuple[str, str]], method: str
+) -> None:
+    """Inference sheds load with 503 + Retry-After (429 from a limiter): an answer shaped
+    for the client, relayed as sent. It is not a failure: a flood from one tenant must
+    not open the breaker that every tenant's requests go through."""
+    body = b'{"type": "https://narthex.dev/problems/overloaded", "status": 503}'
+    scripted.reply = Reply(
+        status,
+        [("Content-Type", "application/problem+json"), ("Connection", "keep-alive"), *headers],
+        body,
+    )
+    settings = gateway_settings(scripted.url, breaker_fail_max=1, upstream_max_attempts=3)
+    async with running(settings) as gw:
+        responses = [await gw.request(method, "/v2/models/x/infer") for _ in range(5)]
+        breaker = gw.app.state.clients["inference"].breaker.state
+
+    for response in responses:
+        assert response.status_code == status
+        assert response.content == body
+        assert response.headers["content-type"] == "application/problem+json"
+        for name, value in headers:
+            assert response.headers[name] == value
+        assert "connection" not in response.headers
+    assert len(scripted.requests) == 5  # one try each: never retried, even a GET
+    assert breaker == "closed"
+
+
+async def test_a_503_without_retry_after_still_counts_against_the_breaker(
+    scripted: ScriptedUpstream,
+) -> None:
+    scripted.reply = Reply(503, body=SECRET.encode())
+    settings = gateway_settings(scripted.url, breaker_fail_max=1, upstream_retries=False)
+    async with running(settings) as gw:
+        failed = await gw.post("/v1/models/x/predict", content=b"{}")
+        refused = await gw.post("/v1/models/x/predict", content=b"{}")
+
+    assert_problem(failed, 503, "unavailable", absent=(SECRET,))
+    assert_problem(refused, 503, "circuit-open")
+    assert len(scripted.requests) == 1
+
+
+async def test_a_callers_own_deadline_cuts_its_request_and_never_the_breaker(
+    upstream: UpstreamServer,
+) -> None:
+    """`x-request-timeout-ms: 1` from anyone, on any route: the caller gets its 504, at
+    the floor rather than at 1 ms, and the breaker every tenant shares never moves."""
+    upstream.behave(None, delay=0.4)
+    settings = gateway_settings(upstream.url, breaker_fail_max=1, deadline_floor_ms=100)
+    async with running(settings) as gw:
+        cut = [
+            await gw.request(method, path, headers={"x-request-timeout-ms": "1"})
+            for method, path in [("GET", "/v2/models"), ("POST", "/v1/models/x/predict")] * 3
+        ]
+        states = {name: c.breaker.state for name, c in gw.app.state.clients.items()}
+        failures = gw.app.state.clients["inference"].breaker.fail_counter
+        upstream.behave(None)
+        served = await gw.get("/v2/models")
+
+    for response in cut:
+        assert_problem(response, 504, "upstream-timeout")
+    assert states == dict.fromkeys(UPSTREAMS, "closed")
+    assert failures == 0
+    assert served.status_code == 200
+    # The upstream was told the floor, not the 1 ms the client asked for.
+    budgets = [int(r.header_values("x-request-timeout-ms")[0]) for r in upstream.requests]
+    assert all(50 <= budget <= 100 for budget in budgets[:-1]), budgets
+
+
+async def test_a_try_cut_by_the_upstreams_own_try_timeout_still_counts(
+    upstream: UpstreamServer,
+) -> None:
+    """The other side of the rule: no caller deadline, the gateway's own try timeout
+    ends the try, so the upstream is slow and that counts."""
+    upstream.behave(None, delay=0.4)
+    settings = gateway_settings(
+        upstream.url, breaker_fail_max=1, upstream_try_timeout=0.1, upstream_retries=False
+    )
+    async with running(settings) as gw:
+        slow = await gw.get("/v2/models")
+        refused = await gw.get("/v2/models")
+
+    assert_problem(slow, 504, "upstream-timeout")
+    assert_problem(refused, 503, "circuit-open")
 
 
 @pytest.mark.parametrize(
@@ -626,32 +788,71 @@ async def test_readyz_is_200_naming_each_upstream_when_all_are_up(
     upstream: UpstreamServer,
 ) -> None:
     async with running(gateway_settings(upstream.url)) as gw:
-        response = await gw.get("/readyz")
+        await gw.app.state.upstreams.poll()
+        responses = [await gw.get("/readyz") for _ in range(10)]
 
-    assert response.status_code == 200
-    report = response.json()
-    assert report["status"] == "ready"
-    for name in UPSTREAMS:
-        assert report["checks"][name] == {"status": "up", "breaker": "closed", "http_status": 200}
-    assert upstream.calls("/readyz") == 4
+    for response in responses:
+        assert response.status_code == 200
+        report = response.json()
+        assert report["status"] == "ready"
+        assert report["checks"]["signing_keys"] == {"status": "up", "keys": 1}
+        for name in UPSTREAMS:
+            check = report["checks"][name]
+            assert check.pop("checked_seconds_ago") >= 0
+            assert check == {
+                "status": "up",
+                "required": False,
+                "breaker": "closed",
+                "http_status": 200,
+            }
+    assert upstream.calls("/readyz") == 4  # the one probe round, not one per /readyz
 
 
-async def test_readyz_is_503_when_one_upstream_is_down(
+async def test_an_upstream_down_is_reported_and_the_gateway_stays_ready(
     upstreams: dict[str, UpstreamServer],
 ) -> None:
     with refusing_port() as port:
         urls = {**urls_of(upstreams), "features": f"http://127.0.0.1:{port}"}
         async with running(gateway_settings(urls)) as gw:
+            await gw.app.state.upstreams.poll()
             response = await gw.get("/readyz")
+            down = await gw.get("/v1/status/features")
+            up = await gw.get("/v1/status/analytics")
+
+    assert response.status_code == 200
+    report = response.json()
+    assert report["status"] == "ready"
+    features = report["checks"]["features"]
+    assert (features["status"], features["required"], features["breaker"]) == (
+        "down",
+        False,
+        "closed",
+    )
+    for name in ("auth", "inference", "analytics"):
+        assert report["checks"][name]["status"] == "up"
+    assert down.status_code == 503
+    body = down.json()
+    assert (body["status"], body["breaker"], body["error"]) == ("down", "closed", "ConnectError")
+    assert str(port) not in down.text
+    assert up.status_code == 200
+
+
+async def test_readyz_needs_the_signing_keys(upstream: UpstreamServer) -> None:
+    """Without keys no token can be checked: that replica is not ready. The background
+    round that loads them runs at start-up; here auth serves no usable JWKS."""
+    app = create_app(gateway_settings(upstream.url), background=True)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gw") as http,
+    ):
+        response = await http.get("/readyz")
 
     assert response.status_code == 503
     report = response.json()
-    assert report["status"] == "not_ready"
-    assert report["checks"]["features"]["status"] == "down"
-    assert report["checks"]["features"]["breaker"] == "closed"
-    for name in ("auth", "inference", "analytics"):
-        assert report["checks"][name]["status"] == "up"
-        assert report["checks"][name]["breaker"] == "closed"
+    assert report["checks"]["signing_keys"] == {"status": "down", "keys": 0}
+    assert report["checks"]["inference"]["status"] == "up"  # probed at start-up, too
+    assert upstream.calls("/.well-known/jwks.json") >= 1
 
 
 def request_counts(metrics_text: str) -> Iterator[tuple[dict[str, str], float]]:
@@ -697,3 +898,181 @@ async def test_api_keys_reach_only_the_token_exchange(upstreams: dict[str, Upstr
     (model_call,) = upstreams["inference"].requests
     assert model_call.header_values("x-api-key") == []
     assert model_call.header_values("authorization") == [f"Bearer {TOKEN}"]
+
+
+# -- authorization -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/admin/tenants",
+        "/v1/admin/plans",
+        "/v1/admin/keys/k1",
+        "/v1/admin/signing-keys/rotate",
+        "/v1/admin/audit",
+        "/v1/admin/models/m/load",
+        "/v1/admin/usage",
+        "/v1/admin/drift",
+    ],
+)
+async def test_an_admin_route_needs_the_admin_scope_as_well_as_the_role(
+    upstreams: dict[str, UpstreamServer], path: str
+) -> None:
+    narrowed = token_for(granted=["inference", "usage"])  # narrowed by the token endpoint
+    async with running(gateway_settings(urls_of(upstreams))) as gw:
+        refused = await gw.get(path, headers={"Authorization": f"Bearer {narrowed}"})
+        quota = await gw.get(
+            "/v1/quota?tenant=t_other", headers={"Authorization": f"Bearer {narrowed}"}
+        )
+        full = await gw.get(path)  # the client's default token: role and scope
+
+    assert_problem(refused, 403, "forbidden")
+    assert "admin scope" in refused.json()["detail"]
+    assert_problem(quota, 403, "forbidden")  # another tenant's quota is admin business too
+    assert full.status_code == 200
+    assert sum(server.calls() for server in upstreams.values()) == 1
+
+
+# -- the response side: addresses, sizes, cached public answers -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("{origin}/v2/models/x/versions/2", "/v2/models/x/versions/2"),
+        ("{origin}/v1/keys/k1?page=2", "/v1/keys/k1?page=2"),
+        ("//127.0.0.1:{port}/v1/keys/k1", "/v1/keys/k1"),
+        ("HTTP://127.0.0.1:{port}/v1/x", "/v1/x"),
+        ("/v1/keys/k1", "/v1/keys/k1"),  # relative: no address in it
+        ("versions/2", "versions/2"),
+        ("http://10.0.3.7:8003/v1/keys/k1", None),  # another internal address: dropped
+        ("http://inference.narthex.svc.cluster.local/v2", None),
+        ("https://127.0.0.1:{port}/v1/x", None),  # not the upstream's own origin
+        ("http://127.0.0.1:1/v1/x", None),
+        ("http://[::1:bad/x", None),
+    ],
+)
+async def test_an_upstream_location_never_names_an_internal_address(
+    scripted: ScriptedUpstream, location: str, expected: str | None
+) -> None:
+    value = location.format(origin=scripted.url, port=scripted.port)
+    scripted.reply = Reply(
+        201,
+        [
+            ("Content-Type", "application/json"),
+            ("Location", value),
+            ("Content-Location", value),
+        ],
+    )
+    async with running(gateway_settings(scripted.url)) as gw:
+        response = await gw.post("/v1/keys", content=b"{}")
+
+    assert response.status_code == 201
+    assert response.headers.get_list("location") == ([] if expected is None else [expected])
+    assert response.headers.get_list("content-location") == ([] if expected is None else [expected])
+    assert f":{scripted.port}" not in str(response.headers)
+
+
+async def test_an_oversized_upstream_answer_is_a_502_and_counts_against_the_breaker(
+    scripted: ScriptedUpstream,
+) -> None:
+    scripted.reply = Reply(200, body=b"[" + b"1," * 1000 + b"1]")
+    settings = gateway_settings(scripted.url, upstream_max_response_bytes=1024, breaker_fail_max=2)
+    async with running(settings) as gw:
+        answers = [await gw.get("/v2/models") for _ in range(3)]
+
+    assert_problem(answers[0], 502, "bad-gateway")
+    assert_problem(answers[1], 502, "bad-gateway")
+    assert_problem(answers[2], 503, "circuit-open")
+    assert len(scripted.requests) == 2  # a GET, yet not retried: the same answer would come
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "q=caf\u00e9".encode(),  # raw UTF-8, not escaped by the client
+        b"q=\xe9t\xe9",  # raw latin-1
+        b"name=%C3%A9&x=1&x=2",
+        b"a=b%26c&d=%2F%3F%23",
+        b"q=\xff\xfe;k=v|w^",
+    ],
+)
+async def test_a_query_string_is_forwarded_byte_for_byte(
+    upstream: UpstreamServer, query: bytes
+) -> None:
+    async with running(gateway_settings(upstream.url)) as gw:
+        start, _ = await call_raw(gw, "GET", b"/v2/models", query)
+
+    assert start["status"] == 200
+    (seen,) = upstream.requests
+    assert seen.query.encode("latin-1") == query
+
+
+async def test_the_signing_keys_are_fetched_once_per_period_whatever_the_traffic(
+    upstreams: dict[str, UpstreamServer],
+) -> None:
+    async with running(gateway_settings(urls_of(upstreams), public_cache_seconds=60)) as gw:
+        answers = await asyncio.gather(
+            *(
+                gw.get(
+                    "/.well-known/jwks.json?bust=" + str(i),
+                    headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Pad": "p" * i},
+                )
+                for i in range(30)
+            )
+        )
+        head = await gw.request("HEAD", "/.well-known/jwks.json")
+        upstreams["auth"].behave(None, status=500)
+        stale = await gw.get("/.well-known/jwks.json")
+
+    assert {a.status_code for a in answers} == {200}
+    assert {a.content for a in answers} == {answers[0].content}
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == str(len(answers[0].content))
+    (fetch,) = upstreams["auth"].requests
+    assert (fetch.method, fetch.path, fetch.query) == ("GET", "/.well-known/jwks.json", "")
+    assert fetch.header_values("x-forwarded-for") == []
+    assert stale.status_code == 200  # within its period: still the cached answer
+
+
+async def test_a_tenant_holds_at_most_its_share_of_the_upstream_connections(
+    upstream: UpstreamServer,
+) -> None:
+    """Against a slow upstream, one tenant's concurrency would take every pooled
+    connection; past its cap its requests wait briefly for a slot of its own, then get
+    429s, and another tenant is served meanwhile."""
+    upstream.behave("/v1/models/slow/predict", delay=0.8)  # within the 1 s try timeout
+    other = token_for("t_other", roles=["tenant"], granted=["inference"])
+    settings = gateway_settings(upstream.url, tenant_max_in_flight=3, upstream_connect_timeout=0.2)
+    async with running(settings) as gw:
+        flood = [
+            asyncio.create_task(gw.post("/v1/models/slow/predict", content=b"{}")) for _ in range(8)
+        ]
+        await upstream.wait_for_calls(3)
+        bystander = await gw.post(
+            "/v1/models/fast/predict", content=b"{}", headers={"Authorization": f"Bearer {other}"}
+        )
+        answers = await asyncio.gather(*flood)
+        after = await gw.post("/v1/models/fast/predict", content=b"{}")
+
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 3 + [429] * 5
+    for refused in (a for a in answers if a.status_code == 429):
+        assert_problem(refused, 429, "too-many-in-flight")
+        assert retry_after(refused) == 1
+    assert bystander.status_code == 200
+    assert after.status_code == 200  # the slots were given back
+    assert upstream.calls("/v1/models/slow/predict") == 3
+
+
+async def test_a_tenant_briefly_past_its_cap_waits_for_its_slot_rather_than_refused(
+    upstream: UpstreamServer,
+) -> None:
+    upstream.behave("/v1/models/x/predict", delay=0.05)
+    settings = gateway_settings(upstream.url, tenant_max_in_flight=1, upstream_connect_timeout=5)
+    async with running(settings) as gw:
+        answers = await asyncio.gather(
+            *(gw.post("/v1/models/x/predict", content=b"{}") for _ in range(4))
+        )
+    assert [a.status_code for a in answers] == [200] * 4

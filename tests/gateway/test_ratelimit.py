@@ -67,7 +67,8 @@ async def gateway(
             inference_url=url,
             analytics_url=url,
             **settings,
-        )
+        ),
+        background=False,  # no probes: the upstream's counts are the proxied requests
     )
     async with (
         app.router.lifespan_context(app),

@@ -27,7 +27,6 @@ def upstream_of(path: str, table: RouteTable | None = None) -> str | None:
         ("/v1/admin/tenants/t1", "auth"),
         ("/v1/admin/models/m1/versions", "inference"),
         ("/v1/admin/drift/m1", "analytics"),
-        ("/v1/status/features", "features"),
     ],
 )
 def test_the_default_table_sends_each_public_path_to_its_upstream(path: str, upstream: str) -> None:
@@ -51,7 +50,6 @@ def test_prefix_matches_whole_segments_only() -> None:
     assert upstream_of("/v2x/models", table) is None
     assert upstream_of("/v1/modelsx", table) is None
     assert upstream_of("/v1/usagex/y", table) is None
-    assert upstream_of("/v1/status/inferencex", table) is None
     # A path that only shares a prefix with a specific route falls to no route at all
     # rather than to a shorter one it does not belong under.
     assert upstream_of("/v1/admin", table) is None
@@ -62,15 +60,13 @@ def test_exact_path_and_trailing_slash_match() -> None:
     assert upstream_of("/v2", table) == "inference"
     assert upstream_of("/v2/", table) == "inference"
     assert upstream_of("/v1/usage", table) == "analytics"
-    route = table.match("/v1/status/auth")
-    assert route is not None
-    assert route.rewrite == "/readyz"
-    assert route.methods == frozenset({"GET"})
 
 
 def test_unknown_paths_match_nothing() -> None:
     table = RouteTable()
-    for path in ["/", "/v1", "/v1/nope", "/healthz", "/readyz", "/metrics", "/v3/models"]:
+    # The status routes are the gateway's own: answered from its probes, never proxied.
+    paths = ["/", "/v1", "/v1/nope", "/healthz", "/readyz", "/metrics", "/v3/models"]
+    for path in [*paths, *(f"/v1/status/{name}" for name in UPSTREAMS)]:
         assert table.match(path) is None, path
 
 
@@ -89,19 +85,6 @@ def test_every_route_names_one_of_the_four_upstreams() -> None:
         assert not route.prefix.endswith("/"), route
 
 
-def test_each_upstream_has_a_get_only_status_route_rewritten_to_readyz() -> None:
-    table = RouteTable()
-    for name in UPSTREAMS:
-        route = table.match(f"/v1/status/{name}")
-        assert route == Route(
-            f"/v1/status/{name}",
-            name,
-            rewrite="/readyz",
-            methods=frozenset({"GET"}),
-            public=True,
-        )
-
-
 def test_routes_are_tried_longest_first() -> None:
     lengths = [len(route.prefix) for route in RouteTable().routes]
     assert lengths == sorted(lengths, reverse=True)
@@ -112,16 +95,25 @@ def test_every_route_that_is_not_public_names_who_may_call_it() -> None:
         assert route.public or route.scope or route.role, route
 
 
-def test_only_the_token_endpoint_signing_keys_and_status_are_public() -> None:
+def test_only_the_token_endpoint_and_signing_keys_are_public() -> None:
     public = {route.prefix for route in RouteTable().routes if route.public}
-    assert public == {
-        "/v1/auth/token",
-        "/.well-known/jwks.json",
-        *(f"/v1/status/{name}" for name in UPSTREAMS),
-    }
+    assert public == {"/v1/auth/token", "/.well-known/jwks.json"}
 
 
-def test_every_admin_path_requires_the_admin_role() -> None:
-    for route in RouteTable().routes:
-        if route.prefix.startswith("/v1/admin/"):
-            assert route.role == "admin", route
+def test_only_the_signing_keys_are_answered_from_the_shared_cache() -> None:
+    """A cached answer is the same for every caller: only a public, caller-independent
+    GET may be one."""
+    cached = [route for route in RouteTable().routes if route.cached]
+    assert [route.prefix for route in cached] == ["/.well-known/jwks.json"]
+    for route in cached:
+        assert route.public
+        assert route.methods == frozenset({"GET", "HEAD"})
+        assert not route.limited
+        assert not route.forward_credentials
+
+
+def test_every_admin_path_requires_the_admin_role_and_the_admin_scope() -> None:
+    admin_routes = [r for r in RouteTable().routes if r.prefix.startswith("/v1/admin/")]
+    assert len(admin_routes) == 8
+    for route in admin_routes:
+        assert (route.role, route.scope) == ("admin", "admin"), route

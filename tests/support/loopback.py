@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-__all__ = ["LoopbackServer"]
+__all__ = ["LoopbackServer", "in_own_thread"]
 
 
 class LoopbackServer:
@@ -84,3 +86,31 @@ class LoopbackServer:
                 writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+
+S = TypeVar("S", bound=LoopbackServer)
+
+
+@contextlib.contextmanager
+def in_own_thread(server: S) -> Iterator[S]:
+    """`server` on an event loop of its own thread, so that the test's loop and blocking
+    calls in the test (process start-up) never stall it."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

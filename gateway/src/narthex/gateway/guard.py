@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
+from ipaddress import IPv6Address, IPv6Network
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ from slowapi import Limiter
 from starlette.requests import Request
 from starlette.types import Scope
 
-from narthex.gateway.clientip import Network, client_ip
+from narthex.gateway.clientip import Network, client_ip, parse_address
 from narthex.gateway.ratelimit import RateLimited
 
 log = structlog.get_logger("narthex.gateway.guard")
@@ -24,6 +25,7 @@ log = structlog.get_logger("narthex.gateway.guard")
 # The moving window counts the last minute exactly; a fixed window would let a client
 # spend two windows' worth in the seconds around a boundary.
 STRATEGY = "moving-window"
+IPV6_CLIENT_PREFIX = 64
 
 
 def parse_limit(text: str) -> RateLimitItem:
@@ -34,8 +36,22 @@ def parse_limit(text: str) -> RateLimitItem:
     return items[0]
 
 
+def guard_key(client: str) -> str:
+    """What one client is counted under: its IPv4 address, or its IPv6 /64.
+
+    One subscriber is given a whole /64 (RFC 6177), so counting IPv6 addresses one by
+    one would give a single client 2^64 separate allowances.
+    """
+    address = parse_address(client)
+    if address is None:
+        return client
+    if isinstance(address, IPv6Address):
+        return str(IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
+    return str(address)
+
+
 class ClientGuard:
-    """Counts requests to a guarded route per client IP (as `client_ip` resolves it) and
+    """Counts requests to a guarded route per client (`client_ip`, by `guard_key`) and
     refuses the ones over `limit` with a 429 `rate-limited` problem and `Retry-After`.
 
     With `storage_uri` (Redis) the count is shared by the replicas; when Redis fails, a
@@ -83,11 +99,11 @@ class ClientGuard:
         self._down_until = 0.0
 
     def key(self, request: Request) -> str:
-        return client_ip(request.scope, self.trusted)
+        return guard_key(client_ip(request.scope, self.trusted))
 
     async def check(self, scope: Scope, name: str) -> None:
         """Count one request to `name` from the scope's client, or raise `RateLimited`."""
-        address = client_ip(scope, self.trusted)
+        address = guard_key(client_ip(scope, self.trusted))
         if self.shared and time.monotonic() >= self._down_until:
             try:
                 # limits' Redis storage is synchronous: off the event loop with it.

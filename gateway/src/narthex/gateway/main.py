@@ -10,32 +10,26 @@ from starlette.middleware import Middleware
 
 from narthex.common.app import service_app
 from narthex.common.authn import verifier_for
+from narthex.common.background import every
 from narthex.common.http import ServiceClient
+from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
+from narthex.common.security import JwksCache
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
+from narthex.gateway.inflight import TenantInFlight
 from narthex.gateway.limits import RedisLimiter
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
+from narthex.gateway.public import PublicAnswers
 from narthex.gateway.ratelimit import EdgeLimiter, LimiterMetrics
 from narthex.gateway.resp import PipelinedRedis
+from narthex.gateway.revocations import Revocations
 from narthex.gateway.routes import router
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
 from narthex.gateway.state import app_identity, app_limits
-
-
-def upstream_check(client: ServiceClient):  # type: ignore[no-untyped-def]
-    async def check() -> CheckResult:
-        detail: dict[str, object] = {"breaker": client.breaker.state}
-        try:
-            response = await client.get("/readyz", deadline=1.0)
-        except Exception:
-            return CheckResult(False, detail)
-        detail["http_status"] = response.status_code
-        return CheckResult(response.status_code == 200, detail)
-
-    return check
+from narthex.gateway.upstreams import UpstreamHealth
 
 
 @asynccontextmanager
@@ -50,7 +44,10 @@ async def shared_redis(url: str) -> AsyncIterator[PipelinedRedis]:
         await client.aclose()
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None, *, background: bool = True) -> FastAPI:
+    """The gateway. `background=False` starts no background loop (upstream probes, the
+    revocation list, the signing keys' first load): tests then run each round themselves
+    (`app.state.upstreams.poll()`, `app.state.revocations.poll()`)."""
     settings = settings or GatewaySettings()
     clients: dict[str, ServiceClient] = {}
     guard = ClientGuard(
@@ -65,15 +62,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             policy = settings.client_policy()
             for name, url in settings.upstream_urls().items():
-                client = await stack.enter_async_context(ServiceClient(name, url, policy))
-                clients[name] = client
-                app.state.readiness.add(name, upstream_check(client))
+                clients[name] = await stack.enter_async_context(ServiceClient(name, url, policy))
             auth = clients["auth"]
 
+            revocations = Revocations(auth)
+            app.state.revocations = revocations
             app.state.identity = Identity(
                 verifier_for(auth, settings),
                 auth,
                 revalidate_seconds=settings.api_key_revalidate_seconds,
+                guard=guard,
+                revocations=revocations,
             )
             app.state.plans = PlanBook(auth, ttl=settings.plan_cache_seconds)
             shared = None
@@ -86,6 +85,43 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 failure_mode=settings.ratelimit_failure_mode,
                 replicas=settings.replicas,
             )
+
+            upstreams = UpstreamHealth(clients, timeout=settings.status_probe_timeout)
+            app.state.upstreams = upstreams
+            readiness = app.state.readiness
+
+            def jwks() -> JwksCache:
+                # Read at each use: tests put an identity of their own on app.state.
+                identity: Identity = app.state.identity
+                return identity.verifier.jwks
+
+            async def signing_keys() -> CheckResult:
+                # Without them no token can be checked: the one dependency this replica
+                # cannot serve without, and one a replica that has them keeps using
+                # while auth is away.
+                return CheckResult(bool(jwks().kids), {"keys": len(jwks().kids)})
+
+            # What the gateway needs to serve is its own state; an upstream that is
+            # down is every replica's problem alike, so it is reported, not required:
+            # taking replicas out of rotation would only add the routes that still work
+            # to the outage.
+            readiness.add("signing_keys", signing_keys)
+            for name in clients:
+                readiness.add(name, upstreams.readiness_check(name), required=False)
+            readiness.add("revocations", revocations.check, required=False)
+
+            async def probe_round() -> None:
+                await upstreams.poll()
+                if not jwks().kids:
+                    await jwks().refresh()
+
+            if background:
+                await stack.enter_async_context(
+                    every(settings.status_poll_seconds, probe_round, name="upstream-status")
+                )
+                await stack.enter_async_context(
+                    every(settings.revocation_poll_seconds, revocations.poll, name="revocations")
+                )
             yield
             clients.clear()
 
@@ -104,10 +140,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
                 max_decoded_bytes=settings.max_decoded_body_bytes,
+                public=PublicAnswers(settings.public_cache_seconds),
+                # A tenant past its share waits for a slot as long as any request may
+                # wait for a pooled connection.
+                in_flight=TenantInFlight(
+                    settings.tenant_max_in_flight, wait=settings.upstream_connect_timeout
+                ),
             )
         ],
     )
     app.state.clients = clients
     app.state.guard = guard
+    app.state.metrics_registry.register(
+        BreakerStates(lambda: {name: client.breaker for name, client in clients.items()})
+    )
     app.include_router(router)
     return app

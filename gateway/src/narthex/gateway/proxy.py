@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
-from urllib.parse import quote, quote_from_bytes
+from urllib.parse import quote, quote_from_bytes, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,7 +18,7 @@ from narthex.common.errors import (
     ServiceUnavailable,
     render_problem,
 )
-from narthex.common.http import ServiceClient
+from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.security import Principal
 from narthex.common.transport import Exchange
@@ -26,7 +27,9 @@ from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.cost import Counted, count, forwarded_headers
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
+from narthex.gateway.inflight import TenantInFlight
 from narthex.gateway.plans import PlanBook, TenantPlan
+from narthex.gateway.public import PublicAnswers
 from narthex.gateway.ratelimit import (
     EdgeLimiter,
     TooManyItems,
@@ -84,6 +87,13 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # What a path may carry unescaped (RFC 3986 pchar, "/"; "%" of the client's own escapes):
 # a space, CR, LF or a non-ASCII byte would change or split the upstream request line.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+# Bytes a query cannot carry on a request line (controls, space): escaped. Everything
+# else, non-ASCII bytes included, goes on exactly as the client sent it.
+_QUERY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
+# Where the scope records the tenant whose in-flight count this request holds.
+_IN_FLIGHT_KEY = "narthex.in_flight"
+# Response headers that may hold an upstream's own URL.
+_URL_HEADERS = frozenset({b"location", b"content-location"})
 
 
 class _Admitted(NamedTuple):
@@ -124,30 +134,83 @@ def upstream_path(scope: Scope) -> str:
     return quote_from_bytes(raw, safe=_PATH_SAFE)
 
 
-def _without_hop_by_hop(
-    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
-) -> list[tuple[bytes, bytes]]:
-    """`headers` less `drop` and whatever a `Connection` header names (RFC 9110 7.6.1)."""
-    for name, value in headers:
-        if name.lower() == b"connection":
+def upstream_query(query: bytes) -> str:
+    """The raw query string byte for byte (as latin-1 text, one character per byte, which
+    the transport writes back as the same bytes); only what would break the request line
+    is escaped."""
+    if _QUERY_UNSAFE.search(query):
+        query = _QUERY_UNSAFE.sub(lambda m: b"%%%02X" % m[0][0], query)
+    return query.decode("latin-1")
+
+
+def public_location(value: bytes, upstream: ServiceClient) -> bytes | None:
+    """An upstream's `Location` as the client may see it, or None to drop it.
+
+    A relative reference carries no address and passes as it is. An absolute URL at the
+    upstream's own origin (its internal host and port) becomes the same path at the
+    gateway, which serves the upstream's paths as they are; any other absolute URL
+    could be anything internal, so it is dropped.
+    """
+    text = value.decode("latin-1").strip()
+    if not text.startswith("//") and "://" not in text.split("?", 1)[0]:
+        return value  # path-absolute or relative: no scheme, no host
+    try:
+        parts = urlsplit(text)
+        origin = upstream.base_url
+        same = (
+            parts.scheme.lower() in ("", origin.scheme)
+            and (parts.hostname or "").lower() == origin.host.lower()
+            and (parts.port or 80) == (origin.port or 80)
+        )
+    except ValueError:
+        return None
+    base = upstream.base_path
+    path = parts.path or "/"
+    if not same or not (path == base or path.startswith(base + "/")):
+        return None
+    public = path[len(base) :] or "/"
+    if parts.query:
+        public += "?" + parts.query
+    return public.encode("latin-1")
+
+
+def response_headers(response: Exchange, upstream: ServiceClient) -> list[tuple[bytes, bytes]]:
+    """The upstream's end-to-end headers for the client: hop-by-hop ones (and whatever its
+    `Connection` header names, RFC 9110 7.6.1) and this hop's own stay behind, and no
+    header names an internal address."""
+    drop = RESPONSE_DROP
+    urls = False
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered == b"connection":
             drop = drop | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
-
-
-def _retry_after(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+        elif lowered in _URL_HEADERS:
+            urls = True
+    headers = [(name, value) for name, value in response.headers if name.lower() not in drop]
+    if not urls:
+        return headers
+    public = []
     for name, value in headers:
-        if name.lower() == b"retry-after" and value.isdigit():
-            return {"Retry-After": value.decode()}
-    return {"Retry-After": "1"}
+        if name.lower() in _URL_HEADERS:
+            rewritten = public_location(value, upstream)
+            if rewritten is None:
+                continue
+            value = rewritten
+        public.append((name, value))
+    return public
 
 
 def check_upstream_status(response: Exchange) -> None:
-    """An upstream's 5xx becomes the gateway's own problem; its body never leaks."""
+    """An upstream's 5xx becomes the gateway's own problem; its body never leaks.
+
+    Backpressure (429, 503 with Retry-After) is the exception: an answer our own
+    upstream shapes for clients (slow down, come back then), relayed as it was sent.
+    """
     status = response.status_code
-    if status < 500:
+    if status < 500 or is_backpressure(response):
         return
     if status == 503:
-        raise ServiceUnavailable(headers=_retry_after(response.headers))
+        raise ServiceUnavailable(headers={"Retry-After": "1"})
     if status == 504:
         raise GatewayTimeout()
     raise BadGateway()
@@ -171,6 +234,8 @@ class ProxyMiddleware:
         limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
+        public: PublicAnswers,
+        in_flight: TenantInFlight,
         max_decoded_bytes: int | None = None,
     ) -> None:
         self.app = app
@@ -181,6 +246,8 @@ class ProxyMiddleware:
         self.max_body_bytes = max_body_bytes
         self.max_decoded_bytes = max_body_bytes if max_decoded_bytes is None else max_decoded_bytes
         self.guard = guard
+        self.public = public
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
@@ -192,6 +259,13 @@ class ProxyMiddleware:
             await self._forward(route, scope, receive, send)
         except Problem as problem:
             await render_problem(problem, instance=scope["path"])(scope, receive, send)
+        finally:
+            self._release(scope)
+
+    def _release(self, scope: Scope) -> None:
+        tenant = scope.pop(_IN_FLIGHT_KEY, None)
+        if tenant is not None:
+            self.in_flight.release(tenant)
 
     async def _admit(
         self,
@@ -254,6 +328,9 @@ class ProxyMiddleware:
             principal = await self.identity(scope).authenticate(scope)
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
+            if not self.in_flight.try_acquire(principal.tenant):
+                await self.in_flight.wait_for_slot(principal.tenant)
+            scope[_IN_FLIGHT_KEY] = principal.tenant  # released once the upstream answers
             headers.append((b"authorization", b"Bearer " + principal.token.encode()))
         body = await read_body(scope, receive, self.max_body_bytes)
         limit_headers: list[tuple[bytes, bytes]] = []
@@ -262,10 +339,21 @@ class ProxyMiddleware:
             body, headers, plan, limit_headers = await self._admit(
                 scope, route, principal, headers, body
             )
-        target = route.rewrite or upstream_path(scope)
-        if query:
-            target += "?" + query.decode("latin-1")
-        response = await self.clients[route.upstream].forward(method, target, headers, body)
+        client = self.clients[route.upstream]
+        if route.cached:
+            # The same answer for everyone: never shaped by this caller's path, query or
+            # headers, and fetched once per cache period whatever the traffic.
+            response = await self.public.get(
+                route.prefix, lambda: client.forward("GET", route.prefix, [], b"")
+            )
+        else:
+            target = upstream_path(scope)
+            if query:
+                target += "?" + upstream_query(query)
+            response = await client.forward(method, target, headers, body)
+        # Its connection is back in the pool: the tenant's next request, which may come
+        # the moment this answer arrives, must find the slot free.
+        self._release(scope)
         check_upstream_status(response)
         content = response.content
         if (
@@ -276,9 +364,9 @@ class ProxyMiddleware:
             and response.status_code == 200
         ):
             content = visible_models(content, plan)
-        headers = _without_hop_by_hop(response.headers, RESPONSE_DROP)
+        headers = response_headers(response, client)
         headers.append((b"content-length", b"%d" % len(content)))
         headers.extend(limit_headers)
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
-        await send({"type": "http.response.body", "body": content})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else content})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
-from narthex.common.errors import Forbidden
-from narthex.common.scopes import ADMIN
+from narthex.common.errors import Forbidden, NotFound
+from narthex.common.scopes import ADMIN, ADMIN_SCOPE
 from narthex.gateway.ratelimit import rate_limit_headers
-from narthex.gateway.schemas import Bucket, Daily, Quota
-from narthex.gateway.state import app_identity, app_limits
+from narthex.gateway.schemas import Bucket, Daily, Quota, UpstreamStatus
+from narthex.gateway.state import app_identity, app_limits, app_upstreams
 
 router = APIRouter()
 
@@ -21,7 +22,7 @@ async def quota(request: Request, response: Response, tenant: str | None = None)
     plans, limiter = app_limits(request.scope)
     if tenant is None or tenant == principal.tenant:
         plan = await plans.plan_of(principal)
-    elif principal.has_role(ADMIN):
+    elif principal.has_role(ADMIN) and principal.has_scope(ADMIN_SCOPE):
         plan = await plans.plan_for(tenant, principal)
     else:
         raise Forbidden("only an admin may read another tenant's quota")
@@ -45,3 +46,21 @@ async def quota(request: Request, response: Response, tenant: str | None = None)
             seconds_until_reset=decision.quota_reset_seconds,
         ),
     )
+
+
+@router.get(
+    "/v1/status/{upstream}",
+    response_model=UpstreamStatus,
+    responses={503: {"model": UpstreamStatus, "description": "the upstream is not up"}},
+    tags=["status"],
+)
+async def upstream_status(request: Request, upstream: str) -> JSONResponse:
+    """An upstream's readiness as the gateway's background probe last found it, and the
+    state of the gateway's breaker to it. Public: answered from that probe, so asking
+    costs the upstream nothing."""
+    health = app_upstreams(request.scope)
+    if upstream not in health.clients:
+        raise NotFound("no such upstream")
+    up, report = health.status(upstream)
+    body = UpstreamStatus.model_validate(report).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=200 if up else 503)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 
 class Bucket(BaseModel):
@@ -25,3 +27,16 @@ class Quota(BaseModel):
     max_items_per_request: int
     bucket: Bucket
     daily: Daily
+
+
+class UpstreamStatus(BaseModel):
+    """An upstream as the gateway's background probe last found it."""
+
+    upstream: str
+    status: Literal["up", "down", "unknown"]
+    breaker: Literal["closed", "open", "half-open"] = Field(
+        description="the gateway's circuit breaker to this upstream (it judges traffic)"
+    )
+    http_status: int | None = Field(None, description="what the upstream's /readyz answered")
+    error: str | None = Field(None, description="why the probe got no answer")
+    checked_seconds_ago: float | None = Field(None, description="age of the last probe")

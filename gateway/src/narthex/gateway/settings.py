@@ -60,7 +60,32 @@ class GatewaySettings(AuthClientSettings):
         [], description="CIDRs (comma-separated) whose X-Forwarded-For is believed"
     )
     token_exchange_limit: str = Field(
-        "30/minute", description="token exchanges per client IP (slowapi notation)"
+        "30/minute",
+        description="token exchanges per client IP (slowapi notation); API keys new to the"
+        " gateway, presented on any route, count against it too",
+    )
+    status_poll_seconds: float = Field(
+        5.0, gt=0, description="how often each upstream's /readyz is probed (status, /readyz)"
+    )
+    status_probe_timeout: float = Field(1.0, gt=0, description="one probe, seconds")
+    revocation_poll_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=20.0,
+        description="how often revoked keys and disabled tenants are fetched from auth"
+        " (a revocation takes effect within this plus one fetch: under 30 s)",
+    )
+    public_cache_seconds: float = Field(
+        5.0, gt=0, description="public answers the same for everyone (JWKS) are kept this long"
+    )
+    tenant_max_in_flight: int = Field(
+        64,
+        ge=1,
+        description="requests one tenant may have in flight through this replica (no tenant"
+        " can hold every pooled upstream connection)",
+    )
+    upstream_max_response_bytes: int = Field(
+        16 << 20, ge=1024, description="a larger upstream answer is a 502, never buffered whole"
     )
 
     @field_validator("trusted_proxies", mode="before")
@@ -106,4 +131,5 @@ class GatewaySettings(AuthClientSettings):
             max_attempts=self.upstream_max_attempts,
             breaker_fail_max=self.breaker_fail_max,
             breaker_reset_timeout=self.breaker_reset_timeout,
+            max_response_bytes=self.upstream_max_response_bytes,
         )

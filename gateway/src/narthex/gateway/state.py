@@ -7,6 +7,7 @@ from starlette.types import Scope
 from narthex.gateway.identity import Identity
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.ratelimit import EdgeLimiter
+from narthex.gateway.upstreams import UpstreamHealth
 
 
 def app_identity(scope: Scope) -> Identity:
@@ -19,3 +20,8 @@ def app_limits(scope: Scope) -> tuple[PlanBook, EdgeLimiter]:
     plans: PlanBook = state.plans
     limiter: EdgeLimiter = state.limiter
     return plans, limiter
+
+
+def app_upstreams(scope: Scope) -> UpstreamHealth:
+    upstreams: UpstreamHealth = scope["app"].state.upstreams
+    return upstreams

@@ -103,6 +103,7 @@ def service_app(
         RequestContextMiddleware,
         metrics=HttpMetrics(registry, settings.service_name),
         access_log_sample_rate=settings.access_log_sample_rate,
+        deadline_floor_ms=settings.deadline_floor_ms,
     )
     if settings.tracing:
         app.add_middleware(TracingMiddleware, provider=setup_tracing(settings.service_name))

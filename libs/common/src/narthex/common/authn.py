@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from narthex.common import scopes
 from narthex.common.errors import Forbidden, Problem, Unauthorized, render_problem
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.security import JwksCache, JwksUnavailable, Principal, TokenVerifier
@@ -130,6 +131,17 @@ def require_role(role: str) -> Any:
 
     async def check(principal: CurrentPrincipal) -> Principal:
         check_access(principal, role=role, scope=None)
+        return principal
+
+    return Depends(check)
+
+
+def require_admin() -> Any:
+    """A dependency: the caller's Principal, which must hold the `admin` role and carry the
+    `admin` scope (a token narrowed to other scopes is not an admin token)."""
+
+    async def check(principal: CurrentPrincipal) -> Principal:
+        check_access(principal, role=scopes.ADMIN, scope=scopes.ADMIN_SCOPE)
         return principal
 
     return Depends(check)

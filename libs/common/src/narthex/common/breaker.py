@@ -31,6 +31,15 @@ class AsyncCircuitBreaker:
     the awaited call runs inside `calling()`, so every outcome goes through pybreaker's
     counters and transitions, and half-open admits exactly one trial at a time: the
     others fail fast until the trial has decided the state.
+
+    Outcomes are of three kinds. A failure (`is_failure` says so) counts; a success
+    resets the count (closes a half-open breaker). A neutral outcome (`is_failure` says
+    no, or the call was cancelled) says nothing about the upstream and changes nothing:
+    the consecutive count stays where it was, and a neutral trial leaves the breaker
+    half-open for the next caller to try. Callers decide what is neutral, so it must
+    never be something a client can choose to make happen (its own deadline, its
+    disconnect) and still move the state others depend on, either way: opening it, or
+    resetting the count or re-opening it to keep an upstream switched off.
     """
 
     def __init__(
@@ -44,11 +53,10 @@ class AsyncCircuitBreaker:
         self.name = name
         self._is_failure = is_failure or (lambda exc: True)
         self._trial_in_flight = False
-        # Set for the instant between the trial's end and pybreaker judging it.
-        self._judging_trial = False
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout,
+            # pybreaker counts an excluded exception as a success; `call` undoes that.
             exclude=[self._is_neutral],
             throw_new_error_on_trip=False,
             name=name,
@@ -77,16 +85,14 @@ class AsyncCircuitBreaker:
         return max(0.0, self._breaker.reset_timeout - elapsed)
 
     def _is_neutral(self, exc: BaseException) -> bool:
-        # pybreaker counts an excluded exception as a success. A cancelled call says
-        # nothing about the upstream: neutral while closed, but a cancelled trial must
-        # not close the circuit, so it re-opens it (conservative) instead.
-        if isinstance(exc, asyncio.CancelledError):
-            return not self._judging_trial
-        return not self._is_failure(exc)
+        return isinstance(exc, asyncio.CancelledError) or not self._is_failure(exc)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self._trial_in_flight:
             raise BreakerOpen(self.name, max(self.retry_after(), 0.1))
+        # Set, with no await in between, when a neutral outcome leaves the call:
+        # (whether it was the trial, the failure count at that instant).
+        neutral: tuple[bool, int] | None = None
         try:
             with self._breaker.calling():
                 # Entering may have moved open -> half-open: this caller is the trial.
@@ -95,10 +101,25 @@ class AsyncCircuitBreaker:
                 self._trial_in_flight = trial
                 try:
                     return await fn()
+                except BaseException as exc:
+                    if self._is_neutral(exc):
+                        neutral = (trial, self._breaker.fail_counter)
+                    raise
                 finally:
                     self._trial_in_flight = False
-                    self._judging_trial = trial
         except pybreaker.CircuitBreakerError:
             raise BreakerOpen(self.name, self.retry_after()) from None
         finally:
-            self._judging_trial = False
+            if neutral is not None:
+                self._undo_success(*neutral)
+
+    def _undo_success(self, trial: bool, fail_count: int) -> None:
+        """pybreaker has just taken a neutral outcome for a success: put back the state."""
+        if trial:
+            if self._breaker.current_state == CLOSED:
+                self._breaker.half_open()
+            return
+        storage = self._breaker._state_storage
+        storage.reset_counter()
+        for _ in range(fail_count):
+            storage.increment_counter()

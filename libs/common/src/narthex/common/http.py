@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,9 +17,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from narthex.common.breaker import AsyncCircuitBreaker, BreakerOpen
 from narthex.common.context import REQUEST_ID_HEADER, current_request_id
 from narthex.common.deadline import DEADLINE_HEADER, deadline_at
-from narthex.common.errors import GatewayTimeout, ServiceUnavailable
+from narthex.common.errors import BadGateway, GatewayTimeout, ServiceUnavailable
 from narthex.common.telemetry import instrument_client, trace_headers
-from narthex.common.transport import Exchange, H1Transport
+from narthex.common.transport import Exchange, H1Transport, ResponseTooLarge
 
 log = structlog.get_logger("narthex.http")
 
@@ -61,6 +62,51 @@ class CircuitOpen(UpstreamError):
     type_slug, title = "circuit-open", "Upstream service unavailable"
 
 
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered something this hop will not relay (an oversized answer)."""
+
+    status, type_slug, title = BadGateway.status, BadGateway.type_slug, BadGateway.title
+
+
+def _header(response: object, name: bytes) -> bytes | None:
+    """One header of an `Exchange` or an `httpx.Response`."""
+    if isinstance(response, Exchange):
+        for key, value in response.headers:
+            if key.lower() == name:
+                return value
+        return None
+    if isinstance(response, httpx.Response):
+        text = response.headers.get(name.decode())
+        return None if text is None else text.encode("latin-1")
+    return None
+
+
+def is_backpressure(response: _HasStatus) -> bool:
+    """An upstream shedding load: 429, or 503 with a valid `Retry-After`.
+
+    Both are answers meant for the client (slow down, come back then), given by an
+    upstream that is working as designed: relayed as they are, never retried, never a
+    breaker failure. A 503 without `Retry-After` is an upstream failing.
+    """
+    status = response.status_code
+    if status == 429:
+        return True
+    if status != 503:
+        return False
+    value = _header(response, b"retry-after")
+    return value is not None and _valid_retry_after(value.strip())
+
+
+def _valid_retry_after(value: bytes) -> bool:
+    # RFC 9110 10.2.3: delay-seconds, or an HTTP-date.
+    if value.isdigit():
+        return len(value) <= 10
+    try:
+        return email.utils.parsedate_to_datetime(value.decode("latin-1")) is not None
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
 @dataclass(frozen=True)
 class ClientPolicy:
     """Timeouts, retries and breaking for one upstream."""
@@ -79,6 +125,8 @@ class ClientPolicy:
     max_connections: int = 200
     # Below uvicorn's 5 s keep-alive so we never reuse a connection the server is closing.
     keepalive_expiry: float = 4.0
+    # An answer larger than this is a failure of the upstream (502), never buffered whole.
+    max_response_bytes: int = 64 << 20
 
 
 class RetryBudget:
@@ -125,14 +173,25 @@ class _Attempt(Exception):
 
     def __init__(self, kind: str, sent: bool, response: object | None = None) -> None:
         super().__init__(kind)
-        self.kind = kind  # "connect" | "timeout" | "dropped" | "status"
+        # connect | timeout | dropped | status | oversized: the upstream's failures;
+        # pool | deadline: ours or the caller's (see _NEUTRAL).
+        self.kind = kind
         self.sent = sent
         self.response = response
 
 
+# Outcomes that say nothing about the upstream's health: our own connection pool being
+# full, and a try cut short by the caller's deadline (or the caller's 504 from upstream:
+# it dropped work our caller's budget no longer covered). A client chooses its deadline,
+# so what it causes must never move a breaker that every tenant shares.
+_NEUTRAL = frozenset({"pool", "deadline"})
+# Not worth another try: the caller's budget is gone, or the upstream would only send
+# the same oversized answer again.
+_FINAL = frozenset({"deadline", "oversized"})
+
+
 def _counts_against_upstream(exc: BaseException) -> bool:
-    # Our own connection pool being full says nothing about the upstream's health.
-    return not (isinstance(exc, _Attempt) and exc.kind == "pool")
+    return not (isinstance(exc, _Attempt) and exc.kind in _NEUTRAL)
 
 
 class ServiceClient:
@@ -145,10 +204,14 @@ class ServiceClient:
       idempotent or provably never left this process (connect failures); a POST that
       was sent is never retried unless the caller marks it idempotent.
     - A retry budget bounds retries under sustained failure.
-    - 5xx, timeouts and connection failures count against the breaker; 4xx never do.
+    - 5xx, timeouts and connection failures count against the breaker; 4xx never do,
+      nor does backpressure (`is_backpressure`: 429, 503 with Retry-After), which is
+      returned at once, unretried. A try that the *caller's* deadline cut short (its
+      timeout, or the upstream's 504 for it) is neutral: the caller chose that budget.
     - Failures surface as `UpstreamTimeout` (504) / `UpstreamUnavailable` /
-      `CircuitOpen` (503), each with `Retry-After`. A 5xx that survives the retries is
-      returned as a response: the caller decides what it means.
+      `CircuitOpen` (503) / `UpstreamBadResponse` (502), each with `Retry-After`. A 5xx
+      that survives the retries is returned as a response: the caller decides what it
+      means.
     """
 
     def __init__(
@@ -175,6 +238,7 @@ class ServiceClient:
         self._transport = transport or H1Transport(
             max_connections=policy.max_connections,
             keepalive_expiry=policy.keepalive_expiry,
+            max_response_bytes=policy.max_response_bytes,
         )
         self._client = httpx.AsyncClient(
             base_url=base_url,
@@ -189,8 +253,25 @@ class ServiceClient:
     def http(self) -> httpx.AsyncClient:
         return self._client
 
+    @property
+    def base_url(self) -> httpx.URL:
+        return self._base_url
+
+    @property
+    def base_path(self) -> str:
+        """The base URL's path, without its trailing slash ("" for none)."""
+        return self._base_path
+
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def probe(self, path: str, within: float) -> httpx.Response:
+        """One GET of `path`, around the breaker, the retries and the retry budget.
+
+        For background health checks: a probe must neither be refused by an open
+        breaker (it is how we learn the upstream is back) nor move it.
+        """
+        return await self._client.get(path, timeout=within)
 
     async def __aenter__(self) -> ServiceClient:
         return self
@@ -306,22 +387,32 @@ class ServiceClient:
         idempotent: bool | None,
     ) -> R:
         policy = self.policy
-        at = min(
-            deadline_at(), time.monotonic() + (policy.deadline if deadline is None else deadline)
-        )
+        caller_at = deadline_at()
+        own_at = time.monotonic() + (policy.deadline if deadline is None else deadline)
+        at = min(caller_at, own_at)
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
         self.budget.record_request()
 
         def may_retry(exc: BaseException) -> bool:
-            return isinstance(exc, _Attempt) and (idempotent or not exc.sent)
+            return (
+                isinstance(exc, _Attempt)
+                and exc.kind not in _FINAL
+                and (idempotent or not exc.sent)
+            )
 
         async def bounded() -> R:
             # Checked before the breaker: a spent budget says nothing about the upstream.
-            left = at - time.monotonic()
+            now = time.monotonic()
+            left = at - now
             if left <= 0:
                 raise _Attempt("deadline", sent=False)
-            return await self._breaker_call(lambda: _classify(attempt, left))
+            # Whether the caller's deadline, rather than this client's own limits, is
+            # what ends this try (and its connecting, which has a shorter limit).
+            own_end = min(now + policy.try_timeout, own_at)
+            cut = caller_at <= own_end
+            cut_connect = caller_at <= min(now + policy.connect_timeout, own_end)
+            return await self._breaker_call(lambda: _classify(attempt, left, cut, cut_connect))
 
         try:
             # The first try runs outside tenacity: the common case (success) should not
@@ -379,6 +470,8 @@ class ServiceClient:
             return failure.response
         if failure.kind in ("timeout", "deadline"):
             raise UpstreamTimeout(self.name) from None
+        if failure.kind == "oversized":
+            raise UpstreamBadResponse(self.name) from None
         raise UpstreamUnavailable(self.name) from None
 
 
@@ -387,16 +480,26 @@ def _budget_ms(seconds: float) -> bytes:
     return b"%d" % max(1, int(seconds * 1000))
 
 
-async def _classify(attempt: Callable[[float], Awaitable[R]], left: float) -> R:
-    """Run one try (which must end within `left` seconds); classify its failures."""
+async def _classify(
+    attempt: Callable[[float], Awaitable[R]], left: float, cut: bool, cut_connect: bool
+) -> R:
+    """Run one try (which must end within `left` seconds); classify its failures.
+
+    `cut` / `cut_connect`: the caller's deadline is what bounds the try / its connecting,
+    so running out of time there is the caller's doing, not the upstream's.
+    """
     try:
         response = await attempt(left)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+    except httpx.ConnectError as exc:
         raise _Attempt("connect", sent=False) from exc
+    except httpx.ConnectTimeout as exc:
+        raise _Attempt("deadline" if cut_connect else "connect", sent=False) from exc
     except httpx.PoolTimeout as exc:
         raise _Attempt("pool", sent=False) from exc
     except (httpx.TimeoutException, TimeoutError) as exc:
-        raise _Attempt("timeout", sent=True) from exc
+        raise _Attempt("deadline" if cut else "timeout", sent=True) from exc
+    except ResponseTooLarge as exc:
+        raise _Attempt("oversized", sent=True) from exc
     except (
         httpx.RemoteProtocolError,
         httpx.ReadError,
@@ -404,6 +507,8 @@ async def _classify(attempt: Callable[[float], Awaitable[R]], left: float) -> R:
         httpx.NetworkError,
     ) as exc:
         raise _Attempt("dropped", sent=True) from exc
-    if response.status_code >= 500:
-        raise _Attempt("status", sent=True, response=response)
+    status = response.status_code
+    if status >= 500 and not is_backpressure(response):
+        kind = "deadline" if cut and status == 504 else "status"
+        raise _Attempt(kind, sent=True, response=response)
     return response

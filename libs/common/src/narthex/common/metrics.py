@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "generate_latest", "new_registry"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from narthex.common.breaker import CLOSED, HALF_OPEN, OPEN, AsyncCircuitBreaker
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "BreakerStates",
+    "HttpMetrics",
+    "generate_latest",
+    "new_registry",
+]
 
 # Seconds. Dense where an edge proxy lives (sub-millisecond to tens of ms), sparse
 # up to the slowest model call.
@@ -58,3 +70,30 @@ class HttpMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+
+class BreakerStates(Collector):
+    """Each breaker's state and consecutive failures, read when scraped (nothing on the
+    request path): `upstream_breaker_state{upstream, state}` is 1 for the current state."""
+
+    def __init__(self, breakers: Callable[[], Mapping[str, AsyncCircuitBreaker]]) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "upstream_breaker_state",
+            "Circuit breaker to each upstream: 1 for its current state.",
+            labels=["upstream", "state"],
+        )
+        failures = GaugeMetricFamily(
+            "upstream_breaker_consecutive_failures",
+            "Failures counted towards opening each upstream's breaker.",
+            labels=["upstream"],
+        )
+        for name, breaker in sorted(self._breakers().items()):
+            current = breaker.state
+            for each in (CLOSED, HALF_OPEN, OPEN):
+                state.add_metric([name, str(each)], 1.0 if current == each else 0.0)
+            failures.add_metric([name], float(breaker.fail_counter))
+        yield state
+        yield failures

@@ -12,7 +12,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from narthex.common.context import accept_request_id, request_id_var
-from narthex.common.deadline import deadline, parse_header
+from narthex.common.deadline import DEFAULT_FLOOR_MS, deadline, parse_header
 from narthex.common.errors import problem_body
 from narthex.common.metrics import HttpMetrics
 
@@ -40,11 +40,18 @@ class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it costs a task and a queue per request)."""
 
     def __init__(
-        self, app: ASGIApp, *, metrics: HttpMetrics, access_log_sample_rate: float = 1.0
+        self,
+        app: ASGIApp,
+        *,
+        metrics: HttpMetrics,
+        access_log_sample_rate: float = 1.0,
+        deadline_floor_ms: int = DEFAULT_FLOOR_MS,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.sample_rate = access_log_sample_rate
+        # A caller's deadline bounds its own request, never below this: see deadline.py.
+        self.deadline_floor_ms = deadline_floor_ms
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +63,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 incoming_id = value.decode("latin-1")
             elif name == b"x-request-timeout-ms":
-                budget = parse_header(value.decode("latin-1"))
+                budget = parse_header(value.decode("latin-1"), self.deadline_floor_ms)
             elif name == b"traceparent":
                 quiet = False
         request_id = accept_request_id(incoming_id)

@@ -28,6 +28,7 @@ from jose.backends.base import Key
 from jose.backends.cryptography_backend import CryptographyRSAKey
 from jose.exceptions import ExpiredSignatureError
 
+from narthex.common.deadline import unbounded_context
 from narthex.common.errors import ServiceUnavailable, Unauthorized
 
 __all__ = [
@@ -192,8 +193,13 @@ def issue_token(
     scopes: Iterable[str],
     ttl: int = DEFAULT_TTL,
     now: float | None = None,
+    client_id: str | None = None,
 ) -> str:
-    """An RS256 JWT for `subject`, valid from now for `ttl` seconds, its header naming the kid."""
+    """An RS256 JWT for `subject`, valid from now for `ttl` seconds, its header naming the kid.
+
+    `client_id` (RFC 9068) names the API key the token was exchanged for, so that a
+    verifier can refuse every token minted from a key once the key is revoked.
+    """
     if ttl <= 0:
         raise ValueError("ttl must be positive")
     scope_list = sorted(set(scopes))
@@ -213,6 +219,10 @@ def issue_token(
         "nbf": issued_at,
         "exp": issued_at + ttl,
     }
+    if client_id is not None:
+        if not client_id:
+            raise ValueError("client_id must be non-empty")
+        claims["client_id"] = client_id
     return jwt.encode(claims, key._jose_key, algorithm=ALGORITHM, headers={"kid": key.kid})
 
 
@@ -344,7 +354,10 @@ class JwksCache:
     def _start_fetch(self) -> asyncio.Task[None]:
         if self._inflight is None:
             self._attempted_at = self._clock()
-            task = asyncio.get_running_loop().create_task(self._fetch_and_load())
+            # Shared by every caller: not bounded by the deadline of the one that started it.
+            task = asyncio.get_running_loop().create_task(
+                self._fetch_and_load(), context=unbounded_context()
+            )
             self._inflight = task
             task.add_done_callback(self._fetch_done)
         return self._inflight
@@ -385,6 +398,9 @@ class Principal:
     # Kept so the token can be forwarded to internal services; out of repr so that
     # logging a Principal never logs a bearer credential.
     token: str = field(repr=False)
+    # The API key the token was minted from (its `client_id`); None for tokens that
+    # name none.
+    key_id: str | None = None
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
@@ -526,6 +542,9 @@ class TokenVerifier:
         scope = claims.get("scope")
         if not isinstance(scope, str):
             raise InvalidToken("scope is not a string")
+        client_id = claims.get("client_id")
+        if client_id is not None and (not isinstance(client_id, str) or not client_id):
+            raise InvalidToken("client_id is not a non-empty string")
         return Principal(
             tenant=_non_empty_str(claims, "sub"),
             plan=_non_empty_str(claims, "plan"),
@@ -534,6 +553,7 @@ class TokenVerifier:
             token_id=_non_empty_str(claims, "jti"),
             expires_at=expires_at,
             token=token,
+            key_id=client_id,
         )
 
 

@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from narthex.common.deadline import DEFAULT_FLOOR_MS
+
 Environment = Literal["dev", "test", "prod"]
 
 # Secrets that ship as defaults so `make run` works out of the box. Anything that
@@ -56,6 +58,12 @@ class ServiceSettings(BaseSettings):
     )
     max_connections: int = Field(
         2048, ge=1, description="open connections per process; past it a new one gets 503"
+    )
+    deadline_floor_ms: int = Field(
+        DEFAULT_FLOOR_MS,
+        ge=1,
+        le=60_000,
+        description="the least a caller's x-request-timeout-ms is taken to mean",
     )
 
     @model_validator(mode="after")

@@ -23,6 +23,11 @@ import httpx
 # Framing and connection management belong to this hop, never to the caller.
 _OWN_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _BODYLESS_STATUS = frozenset({204, 304})
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
+
+
+class ResponseTooLarge(httpx.RemoteProtocolError):
+    """The upstream's answer is larger than this transport will buffer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +42,20 @@ class Exchange:
 class _Connection(asyncio.Protocol):
     """One upstream connection: one request in flight at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Exchange] | None = None
         self.reusable = False
         self.idle_since = 0.0
+        self.max_response_bytes = max_response_bytes
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._size = 0
         self._head_only = False
         self._framed = True
+        self._interim = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,12 +64,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.transport = None
-        if self._status and not self._framed and exc is None:
+        if self._status and not self._framed and not self._interim and exc is None:
             # Neither Content-Length nor chunked: the body ends where the connection does.
             self.on_message_complete()
         self._fail(httpx.RemoteProtocolError("upstream closed the connection"))
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # failed and closed: what is still in flight is not read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -73,26 +83,58 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._status = self.parser.get_status_code()
+        status = self._status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:  # we never ask to switch protocols
+                self._refuse(httpx.RemoteProtocolError("unexpected 101 Switching Protocols"))
+                return
+            # 100 Continue, 103 Early Hints...: interim, the answer is still to come.
+            self._interim = True
+            return
         self.reusable = self.parser.should_keep_alive()
-        self._framed = any(
-            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers
-        )
-        if self._head_only or self._status in _BODYLESS_STATUS:
+        self._framed = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                self._framed = True
+            elif lowered == b"content-length":
+                self._framed = True
+                if value.strip().isdigit() and int(value) > self.max_response_bytes:
+                    self._refuse(ResponseTooLarge(self._too_large()))
+                    return
+        if self._head_only or status in _BODYLESS_STATUS:
             # httptools cannot know a HEAD answer has no body; finish here, and do not
             # reuse a connection whose parser state we cut short.
             self.reusable = self.reusable and not self._head_only
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_response_bytes:
+            self._refuse(ResponseTooLarge(self._too_large()))
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            # The answer is still to come: its own status, headers and body, afresh.
+            self._status, self._headers, self._body, self._size = 0, [], [], 0
+            self._framed, self._interim = True, False
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Exchange(self._status, self._headers, b"".join(self._body)))
 
     # -- use ------------------------------------------------------------------------------
+    def _too_large(self) -> str:
+        return f"upstream answer larger than {self.max_response_bytes} bytes"
+
+    def _refuse(self, exc: Exception) -> None:
+        """Fail the request and drop the connection: the rest of the answer is unwanted."""
+        self._fail(exc)
+        self._body = []
+        self.close()
+
     def _fail(self, exc: Exception) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -102,10 +144,12 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+            self.transport = None
 
     async def exchange(self, request: bytes, body: bytes, head_only: bool) -> Exchange:
         assert self.transport is not None
-        self._status, self._headers, self._body, self._framed = 0, [], [], True
+        self._status, self._headers, self._body, self._size = 0, [], [], 0
+        self._framed, self._interim = True, False
         self._head_only = head_only
         self.reusable = False
         self.waiter = asyncio.get_running_loop().create_future()
@@ -121,9 +165,17 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """Idle connections to one host:port, most recently used first."""
 
-    def __init__(self, host: str, port: int, max_connections: int, keepalive_expiry: float):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_connections: int,
+        keepalive_expiry: float,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ):
         self.host = host
         self.port = port
+        self.max_response_bytes = max_response_bytes
         self.authority = f"{host}:{port}".encode()
         self.keepalive_expiry = keepalive_expiry
         self.slots = asyncio.Semaphore(max_connections)
@@ -142,7 +194,9 @@ class _Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(limit):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.max_response_bytes), self.host, self.port
+                )
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
@@ -157,8 +211,11 @@ class _Pool:
         body: bytes,
         timeouts: dict[str, float | None],
     ) -> Exchange:
+        # latin-1: one character per byte, as ASGI hands over a raw query string, so
+        # the target goes out byte for byte as the caller received it.
         lines = [
-            b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), target.encode(), self.authority)
+            b"%s %s HTTP/1.1\r\nhost: %s\r\n"
+            % (method.encode(), target.encode("latin-1"), self.authority)
         ]
         lines.extend(
             name + b": " + value + b"\r\n"
@@ -216,9 +273,16 @@ class _Pool:
 class H1Transport(httpx.AsyncBaseTransport):
     """httpx transport over `_Pool`s (plain HTTP/1.1 only), with a raw `exchange()`."""
 
-    def __init__(self, *, max_connections: int = 200, keepalive_expiry: float = 4.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 200,
+        keepalive_expiry: float = 4.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
+        self._max_response_bytes = max_response_bytes
         self._pools: dict[tuple[str, int], _Pool] = {}
 
     def _pool(self, url: httpx.URL) -> _Pool:
@@ -227,7 +291,9 @@ class H1Transport(httpx.AsyncBaseTransport):
         key = (url.host, url.port or 80)
         pool = self._pools.get(key)
         if pool is None:
-            pool = _Pool(*key, self._max_connections, self._keepalive_expiry)
+            pool = _Pool(
+                *key, self._max_connections, self._keepalive_expiry, self._max_response_bytes
+            )
             self._pools[key] = pool
         return pool
 
@@ -240,10 +306,12 @@ class H1Transport(httpx.AsyncBaseTransport):
         body: bytes,
         timeouts: dict[str, float | None],
     ) -> Exchange:
-        """One request to `url`'s host, with `target` (path and query) as given.
+        """One request to `url`'s host, with `target` (path and query) as given, one
+        character per byte (latin-1).
 
-        `timeouts` has `total` (the whole try) and `connect`. Failures are httpx's
-        exceptions, so callers classify them one way.
+        `timeouts` has `total` (the whole try), `connect` and `pool` (waiting for a free
+        connection). Failures are httpx's exceptions (`ResponseTooLarge` is a
+        `RemoteProtocolError`), so callers classify them one way.
         """
         return await self._pool(url).exchange(method, target, headers, body, timeouts)
 
@@ -265,6 +333,7 @@ class H1Transport(httpx.AsyncBaseTransport):
                 {
                     "total": timeouts.get("total", timeouts.get("read")),
                     "connect": timeouts.get("connect"),
+                    "pool": timeouts.get("pool"),
                 },
             )
         except httpx.RequestError as exc:

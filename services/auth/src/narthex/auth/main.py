@@ -19,7 +19,7 @@ from narthex.common.app import service_app
 from narthex.common.readiness import CheckResult
 from narthex.common.security import JwksCache, TokenVerifier
 
-PUBLIC_PATHS = frozenset({"/v1/auth/token", "/.well-known/jwks.json"})
+PUBLIC_PATHS = frozenset({"/v1/auth/token", "/.well-known/jwks.json", "/internal/v1/revocations"})
 
 
 def create_app(settings: AuthSettings | None = None) -> FastAPI:

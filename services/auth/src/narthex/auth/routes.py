@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from narthex.auth import schemas
 from narthex.auth.service import AuthService, InvalidCredentials
 from narthex.auth.store import KeyRecord, PlanRecord, TenantRecord
-from narthex.common.authn import CurrentPrincipal, require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
-from narthex.common.scopes import ADMIN, KEYS
+from narthex.common.scopes import KEYS
 from narthex.common.security import Principal
 
 router = APIRouter()
@@ -26,7 +26,7 @@ async def _service(request: Request) -> AuthService:
 
 Service = Annotated[AuthService, Depends(_service)]
 TenantCaller = Annotated[Principal, require_scope(KEYS)]
-AdminCaller = Annotated[Principal, require_role(ADMIN)]
+AdminCaller = Annotated[Principal, require_admin()]
 
 
 def _key(record: KeyRecord) -> schemas.Key:
@@ -54,6 +54,7 @@ def _tenant(record: TenantRecord) -> schemas.Tenant:
         plan=record.plan_name,
         roles=list(record.roles),
         created_at=record.created_at,
+        disabled_at=record.disabled_at,
     )
 
 
@@ -112,6 +113,22 @@ async def token(
 @router.get("/.well-known/jwks.json", tags=["tokens"], summary="Public signing keys (JWKS)")
 async def jwks(service: Service) -> JSONResponse:
     return JSONResponse(service.keyring.jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+
+@router.get(
+    "/internal/v1/revocations",
+    response_model=schemas.RevocationList,
+    tags=["tokens"],
+    summary="Keys and tenants whose still-unexpired tokens verifiers must refuse",
+)
+async def revocations(service: Service) -> schemas.RevocationList:
+    # Unauthenticated, as JWKS is: a revoked key's id or a disabled tenant's id gives
+    # no one anything, and every verifier needs the list. The gateway does not route
+    # /internal paths, so only the mesh reaches it.
+    found = await service.revocations()
+    return schemas.RevocationList(
+        keys=found.keys, tenants=found.tenants, window_seconds=found.window_seconds
+    )
 
 
 @router.get(
@@ -185,6 +202,18 @@ async def update_tenant(
     tenant_id: str, body: schemas.TenantUpdate, service: Service, caller: AdminCaller
 ) -> schemas.Tenant:
     return _tenant(await service.set_plan(tenant_id, body.plan, caller.tenant))
+
+
+@router.post("/v1/admin/tenants/{tenant_id}/disable", response_model=schemas.Tenant, tags=["admin"])
+async def disable_tenant(tenant_id: str, service: Service, caller: AdminCaller) -> schemas.Tenant:
+    """Its keys stop exchanging at once; its tokens are refused by verifiers within their
+    revocation poll."""
+    return _tenant(await service.set_disabled(tenant_id, True, caller.tenant))
+
+
+@router.post("/v1/admin/tenants/{tenant_id}/enable", response_model=schemas.Tenant, tags=["admin"])
+async def enable_tenant(tenant_id: str, service: Service, caller: AdminCaller) -> schemas.Tenant:
+    return _tenant(await service.set_disabled(tenant_id, False, caller.tenant))
 
 
 @router.get("/v1/admin/tenants/{tenant_id}/keys", response_model=list[schemas.Key], tags=["admin"])

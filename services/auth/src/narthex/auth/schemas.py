@@ -74,6 +74,7 @@ class Tenant(BaseModel):
     plan: str
     roles: list[str]
     created_at: datetime
+    disabled_at: datetime | None = None
 
 
 class TenantCreate(Strict):
@@ -122,6 +123,17 @@ class AuditEntry(BaseModel):
     action: str
     target: str
     detail: dict[str, object]
+
+
+class RevocationList(BaseModel):
+    """What a token verifier must refuse although a token's signature checks (like a
+    certificate revocation list: public, since it only helps verifiers)."""
+
+    keys: list[str] = Field(description="ids of keys revoked within the window")
+    tenants: list[str] = Field(description="ids of the tenants disabled now")
+    window_seconds: int = Field(
+        description="how far back the key list goes: any token older has expired"
+    )
 
 
 class SigningRotation(BaseModel):

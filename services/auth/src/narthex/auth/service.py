@@ -47,6 +47,9 @@ log = structlog.get_logger("narthex.auth")
 # A service identity's plan: never used for limits (no service scope reaches the edge's
 # limited routes), but every tenant row names one.
 SERVICE_PLAN = "free"
+# Verifiers accept a token up to 30 s past its `exp`; a minute more covers clock skew
+# between this service and them.
+REVOCATION_LEEWAY = 30 + 60
 
 
 class InvalidCredentials(Unauthorized):
@@ -95,6 +98,16 @@ class IssuedToken:
     scopes: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Revocations:
+    """What verifiers must refuse although the signature checks: tokens minted from these
+    keys, and every token of these tenants."""
+
+    keys: list[str]
+    tenants: list[str]
+    window_seconds: int
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -135,6 +148,9 @@ class AuthService:
                 raise InvalidScope(f"not granted: {' '.join(sorted(requested - granted))}")
             granted = requested
         ttl = self.settings.token_ttl_seconds
+        if key.expires_at is not None:
+            # A token never outlives its key (an expiring key, a rotated key's grace).
+            ttl = min(ttl, max(1, int((key.expires_at - now).total_seconds())))
         token = issue_token(
             self.keyring.signing_key(),
             issuer=self.settings.jwt_issuer,
@@ -144,9 +160,22 @@ class AuthService:
             roles=list(tenant.roles),
             scopes=sorted(granted),
             ttl=ttl,
+            client_id=key.id,
         )
         self._last_used[key.id] = now
         return IssuedToken(token, ttl, granted)
+
+    def revocation_window(self) -> int:
+        """How far back a revocation still matters: a token minted just before it lives
+        `token_ttl_seconds`, accepted `REVOCATION_LEEWAY` more by verifiers."""
+        return self.settings.token_ttl_seconds + REVOCATION_LEEWAY
+
+    async def revocations(self) -> Revocations:
+        window = self.revocation_window()
+        since = _now() - timedelta(seconds=window)
+        keys = await self.store.revoked_key_ids(since)
+        tenants = await self.store.disabled_tenant_ids()
+        return Revocations(keys, tenants, window)
 
     async def flush_last_used(self) -> None:
         if not self._last_used:
@@ -277,6 +306,20 @@ class AuthService:
         if plan is None:  # a foreign key guarantees it; a clear error if that ever breaks
             raise NotFound("the tenant's plan is gone")
         return tenant, plan
+
+    async def set_disabled(self, tenant_id: str, disabled: bool, actor: str) -> TenantRecord:
+        """Disable a tenant (its keys stop exchanging; verifiers refuse its tokens) or
+        enable it again. Disabling a disabled tenant keeps the first time."""
+        tenant = await self.tenant(tenant_id)
+        if disabled == (tenant.disabled_at is not None):
+            return tenant
+        action = "tenant.disable" if disabled else "tenant.enable"
+        with _as_problems():
+            return await self.store.set_tenant_disabled(
+                tenant_id,
+                _now() if disabled else None,
+                audit=AuditEntry(actor, action, tenant_id),
+            )
 
     async def set_plan(self, tenant_id: str, plan: str, actor: str) -> TenantRecord:
         with _as_problems():

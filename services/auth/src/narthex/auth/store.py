@@ -330,6 +330,12 @@ class AuthStore:
             row.disabled_at = disabled_at
             return _tenant_record(row)
 
+    async def disabled_tenant_ids(self) -> list[str]:
+        """Every tenant that is disabled now (disabled from any time on)."""
+        statement = select(Tenant.id).where(Tenant.disabled_at.is_not(None)).order_by(Tenant.id)
+        async with self._sessions() as session:
+            return list(await session.scalars(statement))
+
     # -- API keys ------------------------------------------------------------------------
 
     async def add_key(
@@ -389,6 +395,12 @@ class AuthStore:
         )
         async with self._sessions() as session:
             return [_key_record(row) for row in await session.scalars(statement)]
+
+    async def revoked_key_ids(self, since: datetime) -> list[str]:
+        """Keys revoked at or after `since`."""
+        statement = select(ApiKey.id).where(ApiKey.revoked_at >= since).order_by(ApiKey.id)
+        async with self._sessions() as session:
+            return list(await session.scalars(statement))
 
     async def revoke_key(
         self, key_id: str, at: datetime, *, audit: AuditEntry | None = None

@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
-from narthex.common.authn import CurrentPrincipal, require_role, require_scope
+from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.codings import decode_content
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
@@ -354,7 +354,7 @@ async def embeddings(
 
 # -- admin ----------------------------------------------------------------------------------
 
-admin = [require_role(scopes.ADMIN)]
+admin = [require_admin()]
 
 
 @router.post("/v1/admin/models/{name}/versions/{version}/load", tags=["admin"], dependencies=admin)
