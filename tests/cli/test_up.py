@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from narthex.cli.up import live_run
+from narthex.cli.runfile import live_run
 from narthex.common.security import parse_api_key
 from tests.support.models import builtin_repository
 

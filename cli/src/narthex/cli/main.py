@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from narthex.cli.up import UpOptions, run_status, run_up
+from narthex.cli.supervisor import UpOptions
+from narthex.cli.up import run_status, run_up
 
 if TYPE_CHECKING:
     from narthex.cli.admin import Action
