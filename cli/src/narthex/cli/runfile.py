@@ -27,6 +27,7 @@ class RunInfo:
     started_at: str
     children: dict[str, int] = field(default_factory=dict)
     log_dir: str = ""
+    restarts: dict[str, int] = field(default_factory=dict)  # per service, since `up` began
 
     def url(self, service: str) -> str:
         return service_url(self.host, self.ports[service])
@@ -40,6 +41,7 @@ class RunInfo:
             "started_at": self.started_at,
             "children": self.children,
             "log_dir": self.log_dir,
+            "restarts": self.restarts,
         }
 
     @classmethod
@@ -48,6 +50,7 @@ class RunInfo:
             raise ValueError("run file is not a JSON object")
         ports = {str(k): int(v) for k, v in dict(data["ports"]).items()}
         children = {str(k): int(v) for k, v in dict(data.get("children") or {}).items()}
+        restarts = {str(k): int(v) for k, v in dict(data.get("restarts") or {}).items()}
         return cls(
             pid=int(data["pid"]),
             host=str(data["host"]),
@@ -55,6 +58,7 @@ class RunInfo:
             started_at=str(data["started_at"]),
             children=children,
             log_dir=str(data.get("log_dir") or ""),
+            restarts=restarts,
         )
 
 

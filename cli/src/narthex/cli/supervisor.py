@@ -11,16 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 import httpx
 
 from narthex.cli.models import build_models, models_dir
+from narthex.cli.restarts import CrashHistory, RestartPolicy
 from narthex.cli.runfile import RunInfo, remove_run_file, write_run_file
 from narthex.cli.stack import SERVICES, UPSTREAMS, plan_ports, service_env, service_url
 
@@ -47,6 +48,42 @@ class UpOptions:
     port_base: int = 8000
     state_dir: Path = Path(".state")
     timeout: float = 60.0
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+class Clock(Protocol):
+    """The supervisor's time: the seam that lets tests run its waits without waiting."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class ChildProcess(Protocol):
+    """What the supervisor uses of a child's `subprocess.Popen`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+# Starts service `name` with `env`, its output going to `log`.
+Launch = Callable[[str, Mapping[str, str], IO[bytes]], ChildProcess]
 
 
 def tail_lines(path: Path, offset: int, count: int = LOG_TAIL_LINES) -> list[str]:
@@ -95,22 +132,35 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class Child:
+    """One service: its current process, and its crashes and restarts so far."""
+
     name: str
     port: int
     url: str
     log_path: Path
+    # Where, in the log (appended across runs), this run's output starts, and where the
+    # current process's does (later after a restart).
+    run_offset: int
     log_offset: int
-    process: subprocess.Popen[bytes]
+    process: ChildProcess
+    crashes: CrashHistory
     last_probe: str = "no answer yet"
+    restarts: int = 0
+    restart_at: float | None = None  # crashed: when the backoff ends (monotonic seconds)
+    recovering: bool = False  # restarted, not yet answering /readyz
 
 
-class _Stop(Exception):
+class StopRequested(Exception):
+    """SIGINT or SIGTERM reached the supervisor: stop everything, cleanly."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-class _ChildFailed(Exception):
+class ChildFailed(Exception):
+    """A service exited while starting, or crashed once too often while running."""
+
     def __init__(self, child: Child, starting: bool) -> None:
         super().__init__(child.name)
         self.child = child
@@ -130,15 +180,27 @@ class _NotReady(Exception):
 class Supervisor:
     """Owns the children of one `narthex up`: start in order, wait ready, watch, stop."""
 
-    def __init__(self, options: UpOptions, out: IO[str], err: IO[str]) -> None:
+    def __init__(
+        self,
+        options: UpOptions,
+        out: IO[str],
+        err: IO[str],
+        *,
+        clock: Clock | None = None,
+        launch: Launch | None = None,
+    ) -> None:
         self.options = options
         self.out = out
         self.err = err
+        self.clock: Clock = clock or SystemClock()
+        self._launch: Launch = launch or self._popen
         self.ports = plan_ports(options.port_base)
         self.log_dir = options.state_dir / LOG_DIR
         self.children: dict[str, Child] = {}
         self.signals: list[int] = []
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        # This run's key for inference, kept for its restarts.
+        self.inference_key: str | None = None
         self._prctl = _libc_prctl()
 
     # -- output -------------------------------------------------------------------
@@ -159,6 +221,7 @@ class Supervisor:
             started_at=self.started_at,
             children={name: child.process.pid for name, child in self.children.items()},
             log_dir=str(self.log_dir),
+            restarts={name: child.restarts for name, child in self.children.items()},
         )
 
     # -- lifecycle ----------------------------------------------------------------
@@ -196,28 +259,26 @@ class Supervisor:
         except Exception as exc:  # a build that fails says why; nothing was started yet
             self.warn(f"narthex: could not build the built-in models: {exc}")
             return 1
-        deadline = time.monotonic() + self.options.timeout
+        deadline = self.clock.monotonic() + self.options.timeout
         try:
             # Straight on the auth database, before anything starts: inference needs its
             # own key in its environment.
             provisioned = self.provision()
+            self.inference_key = str(provisioned.inference_key)
             with httpx.Client(timeout=PROBE_TIMEOUT, trust_env=False) as client:
                 # Upstreams first: the gateway's readiness is theirs, and it proxies to them.
                 self.say(f"narthex: starting {', '.join(UPSTREAMS)} ...")
-                upstreams = [
-                    self.spawn(name, inference_key=str(provisioned.inference_key))
-                    for name in UPSTREAMS
-                ]
+                upstreams = [self.spawn(name) for name in UPSTREAMS]
                 self._wait_ready(client, upstreams, deadline)
                 self.say("narthex: starting gateway ...")
                 gateway = self.spawn("gateway")
                 self._wait_ready(client, [gateway], deadline)
                 self.print_summary(client, provisioned)
-            self._watch()
-        except _Stop as stop:
+                self._watch(client)
+        except StopRequested as stop:
             self.say(f"\nnarthex: {signal.Signals(stop.signum).name} received, stopping ...")
             return 0
-        except _ChildFailed as failed:
+        except ChildFailed as failed:
             self.report_failure(failed.child, failed.starting)
             self._say_stopping_rest()
             return 1
@@ -243,42 +304,53 @@ class Supervisor:
         if any(child.process.poll() is None for child in self.children.values()):
             self.warn("narthex: stopping the services still running ...")
 
-    def spawn(self, name: str, inference_key: str | None = None) -> Child:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as log:
+    def _popen(self, name: str, env: Mapping[str, str], log: IO[bytes]) -> ChildProcess:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"narthex.{name}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
+            # which then stops the children in order and reports how that went.
+            process_group=0,
+            preexec_fn=_die_with_parent(self._prctl, os.getpid()),
+        )
+
+    def _start(self, name: str) -> tuple[ChildProcess, int]:
+        """A new process for `name`, and where its output starts in the log."""
+        env = service_env(
+            name, self.options.host, self.ports, self.options.state_dir, self.inference_key
+        )
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            offset = log.tell()  # the end of what earlier runs and processes wrote
             # The child gets its own copy of the descriptor; ours can close right away.
-            process = subprocess.Popen(
-                [sys.executable, "-m", f"narthex.{name}"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=service_env(
-                    name, self.options.host, self.ports, self.options.state_dir, inference_key
-                ),
-                # Its own process group: a terminal's Ctrl-C reaches only the supervisor,
-                # which then stops the children in order and reports how that went.
-                process_group=0,
-                preexec_fn=_die_with_parent(self._prctl, os.getpid()),
-            )
-            offset = log.tell()
+            return self._launch(name, env, log), offset
+
+    def spawn(self, name: str) -> Child:
+        process, offset = self._start(name)
         child = Child(
             name=name,
             port=self.ports[name],
             url=service_url(self.options.host, self.ports[name]),
-            log_path=log_path,
+            log_path=self.log_dir / f"{name}.log",
+            run_offset=offset,
             log_offset=offset,
             process=process,
+            crashes=CrashHistory(self.options.restarts),
         )
         self.children[name] = child
         write_run_file(self.options.state_dir, self.run_info())
         return child
 
-    def _check(self, starting: bool) -> None:
+    def _check_starting(self) -> None:
+        """While starting, any exit ends the run: a service that cannot start once (a
+        refused setting, a taken port) would not start on a retry either."""
         if self.signals:
-            raise _Stop(self.signals[0])
+            raise StopRequested(self.signals[0])
         for child in self.children.values():
             if child.process.poll() is not None:
-                raise _ChildFailed(child, starting)
+                raise ChildFailed(child, starting=True)
 
     def probe(self, client: httpx.Client, child: Child) -> bool:
         try:
@@ -292,18 +364,60 @@ class Supervisor:
     def _wait_ready(self, client: httpx.Client, children: list[Child], deadline: float) -> None:
         pending = list(children)
         while True:
-            self._check(starting=True)
+            self._check_starting()
             pending = [child for child in pending if not self.probe(client, child)]
             if not pending:
                 return
-            if time.monotonic() >= deadline:
+            if self.clock.monotonic() >= deadline:
                 raise _NotReady(pending)
-            time.sleep(POLL_INTERVAL_S)
+            self.clock.sleep(POLL_INTERVAL_S)
 
-    def _watch(self) -> None:
+    def _watch(self, client: httpx.Client) -> None:
         while True:
-            self._check(starting=False)
-            time.sleep(POLL_INTERVAL_S)
+            self.watch_once(client)
+            self.clock.sleep(POLL_INTERVAL_S)
+
+    def watch_once(self, client: httpx.Client) -> None:
+        """One look at every service once all are up: a crash is scheduled for a restart
+        (or ends the run: `ChildFailed`), a restart whose backoff is over happens, and a
+        restarted service that answers /readyz again is announced. The others keep
+        serving throughout: theirs is to degrade while a dependency is away."""
+        if self.signals:
+            raise StopRequested(self.signals[0])
+        for child in self.children.values():
+            if child.restart_at is not None:
+                if self.clock.monotonic() >= child.restart_at:
+                    self._restart(child)
+                continue
+            code = child.process.poll()
+            if code is not None:
+                self._crashed(child, code)
+            elif child.recovering and self.probe(client, child):
+                child.recovering = False
+                self.say(f"narthex: {child.name} is ready again")
+
+    def _crashed(self, child: Child, code: int) -> None:
+        policy = self.options.restarts
+        delay = child.crashes.record(self.clock.monotonic())
+        # A refused configuration would be refused again: no point restarting.
+        if delay is None or code == EXIT_BAD_CONFIG:
+            raise ChildFailed(child, starting=False)
+        child.recovering = False
+        child.restart_at = self.clock.monotonic() + delay
+        self.warn(
+            f"narthex: {child.name} {describe_exit(code)}; restarting it in {delay:g} s"
+            f" ({_crashes(child.crashes.recent)} within {policy.window:g} s;"
+            f" {policy.max_crashes} stop everything)"
+        )
+
+    def _restart(self, child: Child) -> None:
+        child.process, child.log_offset = self._start(child.name)
+        child.restart_at = None
+        child.recovering = True
+        child.restarts += 1
+        child.last_probe = "no answer yet"
+        write_run_file(self.options.state_dir, self.run_info())
+        self.say(f"narthex: {child.name} restarted (pid {child.process.pid})")
 
     def provision(self) -> Provisioned:
         """The operator tenant (first run only), the demo tenant, the inference service's
@@ -363,8 +477,11 @@ class Supervisor:
         self.say("\nCtrl-C to stop.")
 
     def report_failure(self, child: Child, starting: bool) -> None:
-        code = child.process.returncode
+        code = child.process.wait()  # it has exited: this only reads its code
         when = "while starting" if starting else "while running"
+        if not starting and code != EXIT_BAD_CONFIG:
+            policy = self.options.restarts
+            when += f" ({_crashes(child.crashes.recent)} within {policy.window:g} s): giving up"
         if code == EXIT_BAD_CONFIG:
             lines = tail_lines(child.log_path, child.log_offset)
             # The refusal is the one plain line among the JSON log lines.
@@ -377,7 +494,8 @@ class Supervisor:
         self.print_log_tail(child)
 
     def print_log_tail(self, child: Child) -> None:
-        lines = tail_lines(child.log_path, child.log_offset)
+        # This run's, not just the last process's: one killed at once leaves no lines.
+        lines = tail_lines(child.log_path, child.run_offset)
         if not lines:
             self.warn(f"narthex: {child.log_path} has nothing from this run yet")
             return
@@ -394,12 +512,16 @@ class Supervisor:
         for child in running:
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(c.process.poll() is None for c in running):
-            time.sleep(0.05)
+        deadline = self.clock.monotonic() + STOP_GRACE_S
+        while self.clock.monotonic() < deadline and any(c.process.poll() is None for c in running):
+            self.clock.sleep(0.05)
         for child in running:
             if child.process.poll() is None:
                 self.warn(f"narthex: {child.name} ignored SIGTERM for {STOP_GRACE_S:g} s; killing")
                 with contextlib.suppress(ProcessLookupError):
                     child.process.kill()
                 child.process.wait()
+
+
+def _crashes(count: int) -> str:
+    return f"{count} crash" if count == 1 else f"{count} crashes"

@@ -48,7 +48,8 @@ def run_up(options: UpOptions, out: IO[str] = sys.stdout, err: IO[str] = sys.std
 
 
 def run_status(state_dir: Path, out: IO[str] = sys.stdout) -> int:
-    """`narthex status`: 0 when every service answers /readyz 200, 1 otherwise."""
+    """`narthex status`: each service's readiness and restarts; 0 when every one answers
+    /readyz 200, 1 otherwise."""
     info = live_run(state_dir)
     if info is None:
         stale = read_run_file(state_dir)
@@ -75,5 +76,9 @@ def run_status(state_dir: Path, out: IO[str] = sys.stdout) -> int:
                 status_code, state = 0, f"down ({type(exc).__name__})"
             all_ready = all_ready and status_code == 200
             pid = info.children.get(name, "-")
-            print(f"  {name:<{width}}  {url:<24}  pid {pid!s:<8}  {state}", file=out)
+            restarts = info.restarts.get(name, 0)
+            print(
+                f"  {name:<{width}}  {url:<24}  pid {pid!s:<8}  restarts {restarts:<3}  {state}",
+                file=out,
+            )
     return 0 if all_ready else 1
