@@ -1,5 +1,5 @@
 """The supervisor behind `narthex up`: start the services in order, wait until they are
-ready, watch them, and stop them all."""
+ready, watch them (restarting one that crashes, by `narthex.cli.restarts`), stop them all."""
 
 from __future__ import annotations
 
@@ -178,7 +178,8 @@ class _NotReady(Exception):
 
 
 class Supervisor:
-    """Owns the children of one `narthex up`: start in order, wait ready, watch, stop."""
+    """Owns the children of one `narthex up`: start in order, wait ready, watch and
+    restart, stop."""
 
     def __init__(
         self,
