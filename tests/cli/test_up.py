@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,15 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from narthex.cli.up import live_run
+from narthex.cli.runfile import live_run
 from narthex.common.security import parse_api_key
 from tests.support.models import builtin_repository
 
@@ -91,7 +92,13 @@ def read_run_file(state_dir: Path) -> dict[str, Any]:
 class Up:
     """One `narthex up` process; its stdout and stderr collected by a reader thread."""
 
-    def __init__(self, state_dir: Path, port_base: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        port_base: int,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.state_dir = state_dir
         self.port_base = port_base
         self.ports = [port_base + offset for offset in range(5)]
@@ -109,6 +116,7 @@ class Up:
                 str(state_dir),
                 "--timeout",
                 str(READY_TIMEOUT_S),
+                *args,
             ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -181,8 +189,10 @@ class Up:
 
 
 @contextlib.contextmanager
-def running_up(state_dir: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
-    up = Up(state_dir, free_port_base(), env)
+def running_up(
+    state_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[Up]:
+    up = Up(state_dir, free_port_base(), env, args)
     try:
         yield up
     finally:
@@ -347,8 +357,9 @@ def test_fraud_scores_read_features_with_the_identity_up_gave_inference(
         {**instance, "event_id": f"e{i}", "amount": 20.0 + i, "timestamp": now - 600 + 60 * i}
         for i in range(8)
     ]
-    posted = client.post(f"{gateway}/v1/events/transactions", json={"events": events},
-                         headers=headers)  # fmt: skip
+    posted = client.post(
+        f"{gateway}/v1/events/transactions", json={"events": events}, headers=headers
+    )
     assert posted.status_code == 200, posted.text
     assert posted.json()["accepted"] == 8
     after = score()
@@ -440,14 +451,26 @@ def test_bad_configuration_shows_the_services_refusal(tmp_path: Path) -> None:
         assert not (tmp_path / "up.json").exists()
 
 
-def test_a_child_dying_stops_the_rest(tmp_path: Path) -> None:
-    with running_up(tmp_path) as up:
+def test_a_service_that_keeps_crashing_stops_everything_with_its_log_tail(
+    tmp_path: Path,
+) -> None:
+    with running_up(tmp_path, args=("--max-crashes", "2")) as up:
         up.wait_for(SUMMARY_END, READY_TIMEOUT_S)
         up.remember_children()
-        victim = read_run_file(tmp_path)["children"]["inference"]
-        os.kill(victim, signal.SIGKILL)
+        first = read_run_file(tmp_path)["children"]["inference"]
+        os.kill(first, signal.SIGKILL)
+        up.wait_for("inference restarted", STOP_TIMEOUT_S)
+        second = read_run_file(tmp_path)["children"]["inference"]
+        assert second != first
+        up.child_pids.append(second)
+        assert up.proc.poll() is None  # the first crash is restarted, not fatal
+        os.kill(second, signal.SIGKILL)
         assert up.wait(STOP_TIMEOUT_S) == 1
-        assert "inference was killed by SIGKILL while running" in up.output
+        assert "inference was killed by SIGKILL; restarting it in 0.5 s" in up.output
+        assert (
+            "inference was killed by SIGKILL while running (2 crashes within 60 s): giving up"
+            in up.output
+        )
         assert "last " in up.output  # the tail of its log
         assert_all_stopped(up)
 
@@ -468,3 +491,217 @@ def test_concurrent_starts_one_wins_and_ctrl_c_mid_start_is_clean(tmp_path: Path
         assert winner.wait(STOP_TIMEOUT_S) == 0, winner.output
         assert "Ctrl-C to stop" not in winner.output
         assert_all_stopped(winner)
+
+
+# -- chaos: services killed under load, the platform keeps answering ----------------------------
+
+CLIENTS = 32
+# Each client's pace: 32 clients at one score per 2 s stay under the demo tenant's
+# standard plan (20/s, burst 50), so answers are scores, not 429s.
+CLIENT_PACE_S = 2.0
+# The breakers (gateway -> inference, inference -> features) stay open this long before a
+# trial call: shortened from the 10 s default so the test is about restarts, not waiting.
+BREAKER_RESET_S = 2
+PHASE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # monotonic
+    received: float
+    status: int  # 0: no HTTP answer at all (connection refused, reset, timeout)
+    degraded: bool | None = None
+    retry_after: str | None = None
+    problem: str = ""  # a refusal's problem type, its last path segment
+    error: str = ""
+
+
+@dataclass
+class Load:
+    """What 32 clients scoring fraud through the gateway got, in order of arrival."""
+
+    answers: list[Answer] = field(default_factory=list)
+
+    def since(self, start: float, end: float = float("inf")) -> list[Answer]:
+        return [a for a in self.answers if a.sent >= start and a.received <= end]
+
+
+def tally(answers: list[Answer]) -> dict[str, int]:
+    """Answers by outcome: `200 degraded`, `200 whole`, `503 upstream-unavailable
+    Retry-After`, `error ConnectError`, ..."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        if answer.status == 0:
+            key = f"error {answer.error}"
+        elif answer.status == 200:
+            key = "200 degraded" if answer.degraded else "200 whole"
+        else:
+            key = f"{answer.status} {answer.problem}"
+            if answer.retry_after is not None:
+                key += " Retry-After"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+async def score_forever(gateway: str, key: str, load: Load, stop: asyncio.Event) -> None:
+    async def client(i: int) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        instance = {
+            "account_id": f"chaos_{i % 8}",
+            "merchant_id": "m1",
+            "amount": 42.0,
+            "currency": "USD",
+        }
+        # A client of its own each: one connection per client, like 32 separate callers.
+        async with httpx.AsyncClient(base_url=gateway, timeout=10.0, trust_env=False) as http:
+            await asyncio.sleep(CLIENT_PACE_S * i / CLIENTS)  # spread out, not in lockstep
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = await http.post(
+                        "/v1/models/fraud/predict",
+                        json={"instances": [instance]},
+                        headers=headers,
+                    )
+                except httpx.HTTPError as exc:
+                    load.answers.append(Answer(sent, time.monotonic(), 0, error=type(exc).__name__))
+                else:
+                    body = response.json()
+                    ok = response.status_code == 200
+                    load.answers.append(
+                        Answer(
+                            sent,
+                            time.monotonic(),
+                            response.status_code,
+                            degraded=bool(body["predictions"][0]["degraded"]) if ok else None,
+                            retry_after=response.headers.get("retry-after"),
+                            problem="" if ok else str(body.get("type", "")).rsplit("/", 1)[-1],
+                        )
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), CLIENT_PACE_S)
+
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+
+
+async def until(check: Callable[[], bool], what: str, up: Up) -> float:
+    """Poll `check` (bounded); the monotonic time it first held."""
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while not check():
+        assert up.proc.poll() is None, f"narthex up exited while waiting for {what}:\n{up.output}"
+        assert time.monotonic() < deadline, f"no {what} within {PHASE_TIMEOUT_S} s:\n{up.output}"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+def kill(up: Up, service: str) -> float:
+    pid = read_run_file(up.state_dir)["children"][service]
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+async def chaos(up: Up) -> dict[str, list[Answer]]:
+    """The scenario, on a running `up`: the answers of each phase."""
+    match = re.search(r"demo key\s+(\S+)", up.output)
+    assert match is not None, up.output
+    gateway = f"http://127.0.0.1:{up.port_base}"
+    load, stop = Load(), asyncio.Event()
+    clients = asyncio.create_task(score_forever(gateway, match.group(1), load, stop))
+    try:
+        started = await until(
+            lambda: sum(a.status == 200 for a in load.answers) >= CLIENTS, "scores", up
+        )
+
+        # features: killed, restarted; inference scores on defaults meanwhile.
+        features_killed = kill(up, "features")
+        # Seen within ms of the new process being forked, seconds before it can listen.
+        features_restarted = await until(
+            lambda: "features restarted" in up.output, "features' restart", up
+        )
+        await until(lambda: "features is ready again" in up.output, "features ready", up)
+        features_back = time.monotonic()
+        whole = await until(
+            lambda: any(a.sent > features_back and a.degraded is False for a in load.answers),
+            "whole scores after features' restart",
+            up,
+        )
+        await asyncio.sleep(CLIENT_PACE_S)  # a round of whole scores from every client
+
+        # inference: killed, restarted; the gateway says 503 + Retry-After meanwhile.
+        inference_killed = kill(up, "inference")
+        await until(lambda: "inference restarted" in up.output, "inference's restart", up)
+        await until(lambda: "inference is ready again" in up.output, "inference ready", up)
+        inference_back = time.monotonic()
+        scored = await until(
+            lambda: any(a.sent > inference_back and a.status == 200 for a in load.answers),
+            "scores after inference's restart",
+            up,
+        )
+        await asyncio.sleep(CLIENT_PACE_S)  # one more round from every client
+    finally:
+        stop.set()
+        await clients
+    return {
+        "before": load.since(started - 3600, features_killed),
+        "features killed": load.since(features_killed, whole),
+        # From the first degraded answer until a new features process was started.
+        "features away": load.since(
+            min((a.received for a in load.answers if a.degraded), default=whole),
+            features_restarted,
+        ),
+        "features back": load.since(whole, inference_killed),
+        "inference killed": load.since(inference_killed, scored),
+        "inference back": load.since(scored),
+        "all": load.answers,
+    }
+
+
+def test_killed_services_are_restarted_while_32_clients_keep_getting_answers(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL features, then inference, under `narthex up` while 32 clients score fraud
+    through the gateway: never a dropped connection; degraded scores while features is
+    away and whole ones after its restart; 503 with Retry-After while inference is away
+    and scores again after its restart; `narthex status` counts the restarts."""
+    env = narthex_env(
+        NARTHEX_GATEWAY_BREAKER_RESET_TIMEOUT=str(BREAKER_RESET_S),
+        NARTHEX_INFERENCE_FEATURES_BREAKER_RESET_TIMEOUT=str(BREAKER_RESET_S),
+    )
+    with running_up(tmp_path, env) as up:
+        up.wait_for(SUMMARY_END, READY_TIMEOUT_S)
+        up.remember_children()
+        phases = asyncio.run(chaos(up))
+        print("\n" + "\n".join(f"{name}: {tally(got)}" for name, got in phases.items()))
+        print(up.output[up.output.index(SUMMARY_END) :])
+
+        # Never a dropped connection, whatever was down.
+        assert [a for a in phases["all"] if a.status == 0] == []
+        # features away: scores all the same, on defaults; whole again after the restart.
+        assert {a.status for a in phases["features killed"]} <= {200, 429}
+        assert any(a.degraded for a in phases["features killed"])
+        assert all(a.degraded for a in phases["features away"] if a.status == 200)
+        assert any(a.degraded is False for a in phases["features back"])
+        # inference away: each refusal a 503 with Retry-After, never a bare 5xx.
+        refused = [a for a in phases["inference killed"] if a.status not in (200, 429)]
+        assert refused, "no request met inference down"
+        assert {(a.status, a.retry_after is not None) for a in refused} == {(503, True)}
+        # A refused or dropped connection is `upstream-unavailable`; `circuit-open` once the
+        # gateway's breaker has counted enough of them (and then nothing is sent at all).
+        assert {a.problem for a in refused} <= {"upstream-unavailable", "circuit-open"}
+        assert any(a.status == 200 for a in phases["inference back"])
+
+        status = subprocess.run(
+            narthex_argv("status", "--state-dir", str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=narthex_env(),
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        restarts = dict(re.findall(r"^  (\w+) .* restarts (\d+)", status.stdout, re.MULTILINE))
+        assert restarts == {**dict.fromkeys(SERVICES, "0"), "features": "1", "inference": "1"}
+
+        up.child_pids.extend(read_run_file(tmp_path)["children"].values())
+        up.proc.send_signal(signal.SIGINT)
+        assert up.wait(STOP_TIMEOUT_S) == 0, up.output
+        assert_all_stopped(up)

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from narthex.cli.up import UpOptions, run_status, run_up
+from narthex.cli.restarts import RestartPolicy
+from narthex.cli.supervisor import UpOptions
+from narthex.cli.up import run_status, run_up
 
 if TYPE_CHECKING:
     from narthex.cli.admin import Action
@@ -46,15 +48,35 @@ def up(
     timeout: Annotated[
         float, typer.Option(min=1.0, help="Seconds to wait for every service to be ready.")
     ] = 60.0,
+    max_crashes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="A service that crashes this often within --crash-window is not restarted"
+            " again: everything stops (1: the first crash stops everything).",
+        ),
+    ] = RestartPolicy.max_crashes,
+    crash_window: Annotated[
+        float, typer.Option(min=1.0, help="Seconds over which --max-crashes counts crashes.")
+    ] = RestartPolicy.window,
 ) -> None:
-    """Start all five services, wait until they are ready, and supervise them until Ctrl-C."""
-    options = UpOptions(host=host, port_base=port_base, state_dir=state_dir, timeout=timeout)
+    """Start all five services, wait until they are ready, and supervise them until Ctrl-C:
+    a service that crashes is restarted, after a backoff that doubles with each recent crash,
+    while the others keep serving."""
+    options = UpOptions(
+        host=host,
+        port_base=port_base,
+        state_dir=state_dir,
+        timeout=timeout,
+        restarts=RestartPolicy(max_crashes=max_crashes, window=crash_window),
+    )
     raise typer.Exit(run_up(options))
 
 
 @app.command()
 def status(state_dir: StateDir = Path(".state")) -> None:
-    """Show whether each service of a running `narthex up` is ready (exit 1 if any is not)."""
+    """Show whether each service of a running `narthex up` is ready, and how often it was
+    restarted (exit 1 if any is not ready)."""
     raise typer.Exit(run_status(state_dir))
 
 
