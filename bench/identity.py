@@ -1,4 +1,9 @@
-"""Authentication cost at the gateway: pass-through vs JWT vs API key, one run, same upstream."""
+"""Authentication cost at the gateway: JWT vs API key, beside the gateway's own no-credential
+answer and the upstream alone, one run, same upstream.
+
+No public route is forwarded without a credential check any more (the status route answers
+from the gateway's cache), so the JWT row carries the proxy hop as well as the check; the
+API-key path is measured against the JWT path, which differs from it only in the check."""
 
 from __future__ import annotations
 
@@ -28,21 +33,30 @@ from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
 from narthex.auth.store import AuthStore, migrate
 
-TARGET_JWT_MS = 0.3
-TARGET_KEY_MS = 0.5
-PASS = "/v1/status/inference"  # noqa: S105 - a path; public: forwarded without any credential check
+# The API-key path over the JWT path: one cached key lookup (the exchange is cached).
+TARGET_KEY_OVER_JWT_MS = 0.2
+LOCAL = "/v1/status/inference"  # public, answered from the gateway's cache: no credential, no hop
 AUTHED = "/v1/models"  # scope `inference`: the caller must authenticate
 
 
 async def make_tenant_key(settings: AuthSettings) -> str:
-    """A tenant on the standard plan and its key, written straight into auth's database."""
+    """A tenant on a plan too large to limit the run, and its key, written straight into
+    auth's database: the limiter still runs on every request, it just never refuses."""
     await migrate(settings.database_url)
     store = await AuthStore.open(settings.database_url)
     try:
         service = AuthService(
             store, SigningKeyRing(settings.signing_keys_dir, generate=True), settings
         )
-        tenant = await service.ensure_tenant("bench", "standard", actor="bench")
+        await service.create_plan(
+            "bench",
+            name="bench-unlimited",
+            rate_per_second=100_000.0,
+            burst=1_000_000,
+            daily_quota=10**12,
+            max_items_per_request=100,
+        )
+        tenant = await service.ensure_tenant("bench", "bench-unlimited", actor="bench")
         key, _ = await service.create_key(tenant.id, "bench", None, actor="bench")
         return str(key)
     finally:
@@ -59,6 +73,7 @@ def exchange(gateway_url: str, key: str) -> str:
 
 
 def row(label: str, result: WrkResult, base: WrkResult | None) -> str:
+    """One table line; Δp50 against the row above it."""
     delta = "" if base is None else f"{result.p50_ms - base.p50_ms:+8.3f}"
     return (
         f"{label:<24}{result.rps:>10.1f}{result.p50_ms:>10.3f}{result.p99_ms:>10.3f}"
@@ -105,15 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     },
                 )
                 with spawn("gateway", gateway_target, free_port()) as gateway:
-                    wait_ready(gateway, PASS)
+                    wait_ready(gateway, LOCAL)
                     token = exchange(gateway.url, key)
                     cases = {
-                        "pass-through": (PASS, {}),
-                        "JWT": (AUTHED, {"Authorization": f"Bearer {token}"}),
-                        "API key": (AUTHED, {"X-API-Key": key}),
+                        "upstream alone": (upstream.url + AUTHED, {}),
+                        "gateway, no credential": (gateway.url + LOCAL, {}),
+                        "JWT, proxied": (
+                            gateway.url + AUTHED,
+                            {"Authorization": f"Bearer {token}"},
+                        ),
+                        "API key, proxied": (gateway.url + AUTHED, {"X-API-Key": key}),
                     }
-                    for path, headers in cases.values():  # warm: JWKS, key exchange
-                        run_wrk(gateway.url + path, 1, 1, headers)
+                    for url, headers in cases.values():  # warm: JWKS, key exchange
+                        run_wrk(url, 1, 1, headers)
                     print(f"gateway on loopback, wrk -t1, {args.duration}s a run\n")
                     for connections, what in ((1, "latency"), (64, "throughput")):
                         print(f"{what}: {connections} connection(s)")
@@ -122,20 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{'Δp50':>10}{'errors':>8}"
                         )
                         results: dict[str, WrkResult] = {}
-                        for label, (path, headers) in cases.items():
-                            results[label] = run_wrk(
-                                gateway.url + path, args.duration, connections, headers
-                            )
-                            base = None if label == "pass-through" else results["pass-through"]
+                        base: WrkResult | None = None
+                        for label, (url, headers) in cases.items():
+                            results[label] = run_wrk(url, args.duration, connections, headers)
                             print(row(label, results[label], base))
+                            base = results[label]
                         print()
                         if connections == 1:
                             latency = results
-                    jwt_delta = latency["JWT"].p50_ms - latency["pass-through"].p50_ms
-                    key_delta = latency["API key"].p50_ms - latency["pass-through"].p50_ms
-                    print(f"JWT path adds {jwt_delta:.3f} ms at p50 (target <= {TARGET_JWT_MS})")
+                    edge = latency["JWT, proxied"].p50_ms - latency["upstream alone"].p50_ms
+                    key_delta = latency["API key, proxied"].p50_ms - latency["JWT, proxied"].p50_ms
+                    print(f"the whole JWT edge adds {edge:.3f} ms at p50 over the upstream alone")
                     print(
-                        f"API-key path adds {key_delta:.3f} ms at p50 (target <= {TARGET_KEY_MS})"
+                        f"the API-key path adds {key_delta:.3f} ms at p50 over the JWT path "
+                        f"(target <= {TARGET_KEY_OVER_JWT_MS})"
                     )
                     errors = sum(r.errors for r in latency.values())
                     return 1 if errors else 0
