@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
-from narthex.inference.repository import Repository, RepositoryError, write_config
+from narthex.inference.main import create_app
+from narthex.inference.repository import Repository, RepositoryError, VersionPolicy, write_config
+from narthex.inference.settings import InferenceSettings
 from narthex.inference.traffic import Split, check_weights
 from tests.support.onnx_models import tiny_repository
+from tests.support.tokens import static_verifier
 
 
 def test_round_robin_is_exact_in_every_run_of_ten() -> None:
@@ -89,3 +92,17 @@ def test_traffic_in_config_yaml_round_trips_and_is_checked(tmp_path: Path) -> No
     config = Repository(tiny_repository(tmp_path / "other")).config("affine")
     write_config(root, config.model_copy(update={"traffic": {1: 100}}))
     assert repository.config("affine").traffic == {1: 100}
+
+
+async def test_start_up_fails_on_a_split_of_a_version_not_served(tmp_path: Path) -> None:
+    root = tiny_repository(
+        tmp_path, affine_versions={1: 2.0, 2: 3.0, 3: 4.0}, traffic={1: 90, 3: 10}
+    )
+    config = Repository(root).config("affine")
+    write_config(root, config.model_copy(update={"version_policy": VersionPolicy(specific=[1, 2])}))
+    app = create_app(
+        InferenceSettings(model_repository=root, tracing=False), verifier=static_verifier
+    )
+    with pytest.raises(RepositoryError, match=re.escape("affine: v3 not loaded (loaded: v1, v2)")):
+        async with app.router.lifespan_context(app):
+            pass

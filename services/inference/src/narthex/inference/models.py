@@ -355,7 +355,7 @@ class ModelRegistry:
                 try:
                     self.set_traffic(name, config.traffic)
                 except BadSplit as exc:
-                    raise RepositoryError(f"{name}: traffic: {exc.detail}") from None
+                    raise RepositoryError(f"traffic in config.yaml: {exc.detail}") from None
 
     def _read_config(self, name: str) -> ModelConfig:
         try:
