@@ -283,21 +283,26 @@ class ModelRegistry:
 
     # -- lookup (hot path) -----------------------------------------------------------------
 
-    def resolve(
-        self, name: str, version: int | None = None, *, tenant: str = "", key: str | None = None
+    def route(
+        self, name: str, version: int | None, *, tenant: str, key: str | None = None
     ) -> LoadedVersion:
         """The version that serves a request: the pinned `version`, else the split's choice
-        for `tenant` (by `key` when given), else the default."""
+        for `tenant` (by `key` when given), else the default. Each unpinned call is a turn of
+        the split: for requests only (metadata and readiness `resolve`)."""
+        model = self._models.get(name)
+        if version is None and model is not None and model.split is not None:
+            version = model.split.choose(tenant, key)
+        return self.resolve(name, version)
+
+    def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
+        """The pinned `version`, else the default one."""
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(f"no model named {name!r} is loaded")
         if version is None:
-            if model.split is not None:
-                version = model.split.choose(tenant, key)
-            elif model.default is None:
+            if model.default is None:
                 raise Unavailable(f"{name} has no version ready")
-            else:
-                version = model.default
+            version = model.default
         loaded = model.versions.get(version)
         if loaded is None or not loaded.ready:
             raise ModelNotFound(f"{name} has no version {version} loaded")

@@ -92,7 +92,7 @@ class InferenceService:
         """Run named input tensors through a model (text models take one BYTES tensor)
         for the caller's `tenant` (every method here takes it: queues are shared). An
         unpinned request (`version` None) goes where the model's traffic split sends it,
-        by `key` when the caller gave one (`ModelRegistry.resolve`)."""
+        by `key` when the caller gave one (`ModelRegistry.route`)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
@@ -162,7 +162,7 @@ class InferenceService:
         # A version being unloaded refuses new work; the request then goes to whatever
         # now serves it (the new default), once: that is the zero-downtime swap.
         for retry in (False, True):
-            loaded = self.registry.resolve(name, version, tenant=tenant, key=key)
+            loaded = self.registry.route(name, version, tenant=tenant, key=key)
             try:
                 return await attempt(loaded)
             except BatcherClosed:
