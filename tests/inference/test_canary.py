@@ -446,3 +446,16 @@ def test_only_an_admin_changes_a_split(stack: Stack) -> None:
     assert response.json()["weights"] is None
     assert metric(stack, "inference_traffic_weight", model=MODEL, version="2") == 100
     assert metric(stack, "inference_traffic_weight", model=MODEL, version="1") == 0
+
+
+def test_an_oversized_key_is_refused(stack: Stack) -> None:
+    headers = {**stack.bearer(stack.tenants[0]), "Content-Type": "application/json"}
+    headers[KEY_HEADER] = "k" * 257
+    predict = httpx.post(stack.inference.url + PREDICT, content=ONE_ROW, headers=headers)
+    assert predict.status_code == 422, predict.text
+    assert KEY_HEADER in predict.json()["detail"]
+    oip = httpx.post(
+        f"{stack.inference.url}/v2/models/{MODEL}/infer", content=OIP_ONE_ROW, headers=headers
+    )
+    assert oip.status_code == 400, oip.text
+    assert KEY_HEADER in oip.json()["error"]

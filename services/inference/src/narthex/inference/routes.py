@@ -37,7 +37,7 @@ from narthex.inference.schemas import (
 )
 from narthex.inference.service import InferenceService, Tensor
 from narthex.inference.settings import InferenceSettings
-from narthex.inference.traffic import KEY_HEADER
+from narthex.inference.traffic import KEY_HEADER, KEY_MAX_LENGTH
 
 SERVER_NAME = "narthex"
 SERVER_VERSION = "0.1.0"
@@ -68,7 +68,7 @@ CanaryKey = Annotated[
     str | None,
     Header(
         alias=KEY_HEADER,
-        max_length=256,
+        max_length=KEY_MAX_LENGTH,
         description="requests with the same key go to the same version while the weights stand",
     ),
 ]
@@ -179,8 +179,8 @@ async def _infer(
     version: str | None,
 ) -> Response:
     key = request.headers.get(KEY_HEADER)
-    if key is not None and len(key) > 256:
-        raise InvalidInput(f"{KEY_HEADER} is over 256 characters")
+    if key is not None and len(key) > KEY_MAX_LENGTH:
+        raise InvalidInput(f"{KEY_HEADER} is over {KEY_MAX_LENGTH} characters")
     body = await request.body()
     codings = request.headers.getlist("content-encoding")
     if codings:
@@ -412,7 +412,7 @@ async def unload_version(name: str, version: int, registry: Registry) -> UnloadR
 
 @router.put("/v1/admin/models/{name}/default", tags=["admin"], dependencies=admin)
 async def set_default(name: str, body: DefaultRequest, registry: Registry) -> ModelInfo:
-    """Send unpinned requests to another loaded version, at once."""
+    """Send unpinned requests to another loaded version, at once (ending a traffic split)."""
     registry.set_default(name, body.version)
     return _model_info(registry, name)
 

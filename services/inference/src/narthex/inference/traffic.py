@@ -20,10 +20,11 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
-__all__ = ["KEY_HEADER", "TOTAL", "Split", "check_weights"]
+__all__ = ["KEY_HEADER", "KEY_MAX_LENGTH", "TOTAL", "Split", "check_weights"]
 
 # The request header whose value keeps a caller on one version (hashed, never stored).
 KEY_HEADER = "x-narthex-canary-key"
+KEY_MAX_LENGTH = 256
 TOTAL = 100
 # Round-robin positions kept per split; a tenant forgotten past this starts a fresh cycle,
 # which keeps its proportions exact over whole cycles all the same.
