@@ -121,6 +121,7 @@ def tiny_repository(
             ),
             version_policy=VersionPolicy(latest=len(versions)),
             default_version=affine.get("default_version"),
+            traffic=affine.get("traffic"),
             warmup=[WarmupSample(inputs={"x": [[0.0, 0.0, 0.0]]})],
         ),
     )

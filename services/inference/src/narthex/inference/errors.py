@@ -29,6 +29,7 @@ from narthex.common.errors import (
 from narthex.inference.oip import OipError
 
 __all__ = [
+    "BadSplit",
     "ComputeError",
     "Conflict",
     "DeadlineExceeded",
@@ -78,6 +79,12 @@ class DeadlineExceeded(Problem):
 
 class LoadFailed(Problem):
     status, type_slug, title = 422, "load-failed", "The model version cannot be loaded"
+
+
+class BadSplit(ValidationFailed):
+    """Weights that are not a split of the loaded versions: nothing was changed."""
+
+    type_slug, title = "invalid-traffic-split", "Invalid traffic split"
 
 
 class Conflict(Problem):

@@ -136,8 +136,15 @@ class InferenceMetrics:
         )
         self.default_version = Gauge(
             "inference_default_version",
-            "The version a request without a pin is served by.",
+            "The version a request without a pin is served by when no split is set.",
             ["model"],
+            registry=registry,
+        )
+        self.traffic_weight = Gauge(
+            "inference_traffic_weight",
+            "Percent of a model's unpinned requests each loaded version takes: its weight in"
+            " the model's traffic split, or 100 for the default version when none is set.",
+            _LABELS,
             registry=registry,
         )
 

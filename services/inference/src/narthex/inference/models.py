@@ -4,12 +4,15 @@ A version takes traffic only once its session is open and its warm-up samples ha
 through its own batcher. Setting the default is one assignment, so requests switch
 between two warm versions without a gap. Unloading removes a version from lookup first
 (new requests go elsewhere or get a clear 404), lets its batcher answer what it holds,
-then closes it.
+then closes it. A traffic split (narthex.inference.traffic), when a model has one, decides
+where its unpinned requests go instead of the default; it names only loaded versions, and
+replacing it is one assignment too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ import numpy as np
 import structlog
 
 from narthex.inference.batcher import Batcher, QueueFull
-from narthex.inference.errors import Conflict, ModelNotFound, Unavailable
+from narthex.inference.errors import BadSplit, Conflict, ModelNotFound, Unavailable
 from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
 from narthex.inference.oip import DATATYPES
@@ -33,6 +36,7 @@ from narthex.inference.repository import (
 )
 from narthex.inference.runtime import Session
 from narthex.inference.text import TextEncoder
+from narthex.inference.traffic import Split, check_weights
 from narthex.transactions import DEFAULTS, Transaction, model_input
 
 __all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring"]
@@ -252,6 +256,7 @@ class _Model:
     config: ModelConfig
     versions: dict[int, LoadedVersion]
     default: int | None = None
+    split: Split | None = None
 
 
 class ModelRegistry:
@@ -278,7 +283,19 @@ class ModelRegistry:
 
     # -- lookup (hot path) -----------------------------------------------------------------
 
+    def route(
+        self, name: str, version: int | None, *, tenant: str, key: str | None = None
+    ) -> LoadedVersion:
+        """The version that serves a request: the pinned `version`, else the split's choice
+        for `tenant` (by `key` when given), else the default. Each unpinned call is a turn of
+        the split: for requests only (metadata and readiness `resolve`)."""
+        model = self._models.get(name)
+        if version is None and model is not None and model.split is not None:
+            version = model.split.choose(tenant, key)
+        return self.resolve(name, version)
+
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
+        """The pinned `version`, else the default one."""
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(f"no model named {name!r} is loaded")
@@ -303,6 +320,14 @@ class ModelRegistry:
     def default_version(self, name: str) -> int | None:
         model = self._models.get(name)
         return None if model is None else model.default
+
+    def traffic(self, name: str) -> dict[int, int] | None:
+        """The model's split (version -> weight), None when unpinned requests go to the
+        default version."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"no model named {name!r} is loaded")
+        return None if model.split is None else dict(model.split.weights)
 
     def versions(self, name: str) -> list[LoadedVersion]:
         model = self._models.get(name)
@@ -331,6 +356,11 @@ class ModelRegistry:
             if chosen not in model.versions:
                 raise RepositoryError(f"{name}: default_version {chosen} is not served")
             self.set_default(name, chosen)
+            if config.traffic is not None:
+                try:
+                    self.set_traffic(name, config.traffic)
+                except BadSplit as exc:
+                    raise RepositoryError(f"traffic in config.yaml: {exc.detail}") from None
 
     def _read_config(self, name: str) -> ModelConfig:
         try:
@@ -398,6 +428,7 @@ class ModelRegistry:
         model = self._models.setdefault(name, _Model(config, {}))
         model.config = config
         model.versions[version] = loaded
+        self._publish_weights(model)
         seconds = time.monotonic() - started
         self.metrics.load_seconds.labels(name, str(version)).observe(seconds)
         self.metrics.loaded.labels(name, str(version), loaded.provider).set(1)
@@ -435,6 +466,42 @@ class ModelRegistry:
         model.default = version
         self.metrics.default_version.labels(name).set(version)
         log.info("default version set", model=name, version=version)
+        if model.split is not None:
+            # Choosing the default is choosing where every unpinned request goes.
+            model.split = None
+            log.info("traffic split ended by the new default", model=name, version=version)
+        self._publish_weights(model)
+
+    def set_traffic(self, name: str, weights: Mapping[int, int] | None) -> dict[int, int] | None:
+        """Split unpinned requests by `weights` (version -> weight, summing to 100, every
+        version loaded and ready), or with None send them all to the default again.
+        Invalid weights change nothing (BadSplit). Takes effect with the next request; a
+        new split starts every tenant's round robin afresh."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"no model named {name!r} is loaded")
+        if weights is None:
+            split = None
+        else:
+            ready = [v for v, loaded in model.versions.items() if loaded.ready]
+            try:
+                check_weights(weights, ready)
+            except ValueError as exc:
+                raise BadSplit(f"{name}: {exc}") from None
+            split = Split(name, weights)
+        model.split = split
+        self._publish_weights(model)
+        shown = None if split is None else {f"v{v}": w for v, w in split.weights.items()}
+        log.info("traffic split set", model=name, weights=shown)
+        return self.traffic(name)
+
+    def _publish_weights(self, model: _Model) -> None:
+        for version in model.versions:
+            if model.split is not None:
+                weight = model.split.weights.get(version, 0)
+            else:
+                weight = 100 if version == model.default else 0
+            self.metrics.traffic_weight.labels(model.config.name, str(version)).set(weight)
 
     async def unload(self, name: str, version: int) -> bool:
         """Stop routing to `version`, let it answer what it holds, close it. True if drained
@@ -446,7 +513,18 @@ class ModelRegistry:
                 raise ModelNotFound(f"{name} has no version {version} loaded")
             if model.default == version:
                 raise Conflict(f"v{version} is {name}'s default version; set another default first")
+            if model.split is not None and version in model.split.weights:
+                if model.split.weights[version] > 0:
+                    raise Conflict(
+                        f"v{version} takes {model.split.weights[version]}% of {name}'s traffic;"
+                        " set its weight to 0 first"
+                    )
+                rest = {v: w for v, w in model.split.weights.items() if v != version}
+                model.split = Split(name, rest)
             del model.versions[version]
+            self._publish_weights(model)
+            with contextlib.suppress(KeyError):  # never published: nothing to remove
+                self.metrics.traffic_weight.remove(name, str(version))
             drained = await loaded.batcher.drain(self.drain_timeout)
             await loaded.batcher.close()
             self.metrics.loaded.labels(name, str(version), loaded.provider).set(0)

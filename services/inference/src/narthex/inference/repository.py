@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+from narthex.inference.traffic import check_weights
 
 __all__ = [
     "CONFIG_FILE",
@@ -131,6 +133,10 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     # Served when a request pins no version; unset: the newest loaded one.
     default_version: Annotated[int, Field(ge=1)] | None = None
+    # A model-level canary: weights (summing to 100) between served versions, e.g.
+    # `{1: 90, 2: 10}`; unpinned requests are split by them (narthex.inference.traffic).
+    # Unset: they all go to the default version.
+    traffic: dict[Annotated[int, Field(ge=1)], Annotated[StrictInt, Field(ge=0)]] | None = None
     preprocessing: Preprocessing = Preprocessing()
     warmup: list[WarmupSample] = []
 
@@ -147,6 +153,8 @@ class ModelConfig(_Strict):
             unknown = set(sample.inputs) - {t.name for t in self.inputs}
             if unknown:
                 raise ValueError(f"warmup {sample.name!r} names unknown inputs {sorted(unknown)}")
+        if self.traffic is not None:
+            check_weights(self.traffic)
         return self
 
 
@@ -284,6 +292,9 @@ def write_config(root: Path, config: ModelConfig) -> Path:
     """Write `<root>/<name>/config.yaml` (validated first)."""
     path = root / config.name / CONFIG_FILE
     data = config.model_dump(mode="json", exclude_none=True)
+    if config.traffic is not None:
+        # JSON mode makes the versions strings; YAML says `traffic: {1: 90, 2: 10}`.
+        data["traffic"] = dict(config.traffic)
     out = StringIO()
     writer = YAML()
     writer.default_flow_style = None

@@ -1,4 +1,8 @@
-"""HTTP routes: Open Inference Protocol v2, v1 predict, OpenAI embeddings, model admin."""
+"""HTTP routes: Open Inference Protocol v2, v1 predict, OpenAI embeddings, model admin.
+
+Every answer names the version that served it in its body (as its protocol has it) and in
+`VERSION_HEADER`, the same for every protocol, so that a caller of a traffic split can
+tell which side answered without parsing three formats."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from narthex.common import scopes
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
@@ -26,15 +30,19 @@ from narthex.inference.schemas import (
     ModelList,
     PredictRequest,
     PredictResponse,
+    Traffic,
+    TrafficRequest,
     UnloadResponse,
     VersionInfo,
 )
 from narthex.inference.service import InferenceService, Tensor
 from narthex.inference.settings import InferenceSettings
+from narthex.inference.traffic import KEY_HEADER, KEY_MAX_LENGTH
 
 SERVER_NAME = "narthex"
 SERVER_VERSION = "0.1.0"
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+VERSION_HEADER = "x-narthex-model-version"
 
 
 async def _registry(request: Request) -> ModelRegistry:
@@ -55,6 +63,15 @@ async def _settings(request: Request) -> InferenceSettings:
 Registry = Annotated[ModelRegistry, Depends(_registry)]
 Service = Annotated[InferenceService, Depends(_service)]
 Settings = Annotated[InferenceSettings, Depends(_settings)]
+# Keeps an unpinned caller on one version of a split (a user id, a session): hashed.
+CanaryKey = Annotated[
+    str | None,
+    Header(
+        alias=KEY_HEADER,
+        max_length=KEY_MAX_LENGTH,
+        description="requests with the same key go to the same version while the weights stand",
+    ),
+]
 
 inference = [require_scope(scopes.INFERENCE)]
 router = APIRouter()
@@ -161,6 +178,9 @@ async def _infer(
     name: str,
     version: str | None,
 ) -> Response:
+    key = request.headers.get(KEY_HEADER)
+    if key is not None and len(key) > KEY_MAX_LENGTH:
+        raise InvalidInput(f"{KEY_HEADER} is over {KEY_MAX_LENGTH} characters")
     body = await request.body()
     codings = request.headers.getlist("content-encoding")
     if codings:
@@ -172,23 +192,22 @@ async def _infer(
         oip.parse_header_length(request.headers.get(oip.HEADER_LENGTH)),
         max_elements=settings.max_body_bytes,
     )
-    registry = service.registry
-    oip.check_outputs(decoded, [o.name for o in registry.resolve(name, _version(version)).outputs])
+    pinned = _version(version)
+    # Against the config: resolving the version here would take a turn of the split.
+    oip.check_outputs(decoded, [o.name for o in service.registry.config(name).outputs])
     tensors = [Tensor(t.name, t.datatype, t.shape, t.data) for t in decoded.inputs]
-    loaded, results = await service.infer(name, _version(version), tensors, tenant=caller.tenant)
+    loaded, results = await service.infer(name, pinned, tensors, tenant=caller.tenant, key=key)
     body, header_length = oip.encode_response(
         model_name=name,
         model_version=str(loaded.version),
         request_id=decoded.id,
         outputs=oip.select_outputs(decoded, results),
     )
+    headers = {VERSION_HEADER: str(loaded.version)}
     if header_length is None:
-        return Response(body, media_type=oip.JSON_CONTENT_TYPE)
-    return Response(
-        body,
-        media_type=oip.BINARY_CONTENT_TYPE,
-        headers={oip.HEADER_LENGTH: str(header_length)},
-    )
+        return Response(body, media_type=oip.JSON_CONTENT_TYPE, headers=headers)
+    headers[oip.HEADER_LENGTH] = str(header_length)
+    return Response(body, media_type=oip.BINARY_CONTENT_TYPE, headers=headers)
 
 
 @router.post("/v2/models/{name}/infer", tags=["oip"], dependencies=inference)
@@ -221,12 +240,15 @@ def _predictions(loaded: LoadedVersion, outputs: dict[str, Any]) -> list[dict[st
     return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
 
-def _json(content: Any) -> Response:
-    """A JSON response written by orjson straight from numpy arrays. The hot routes skip
-    FastAPI's response validation this way: 384 floats per embedding through pydantic cost
-    more than the model's own time per text. Their `response_model` still documents them."""
+def _json(content: Any, loaded: LoadedVersion) -> Response:
+    """A JSON response written by orjson straight from numpy arrays, naming the version that
+    computed it. The hot routes skip FastAPI's response validation this way: 384 floats per
+    embedding through pydantic cost more than the model's own time per text. Their
+    `response_model` still documents them."""
     return Response(
-        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json",
+        headers={VERSION_HEADER: str(loaded.version)},
     )
 
 
@@ -236,16 +258,18 @@ async def _predict(
     version: str | None,
     body: PredictRequest,
     caller: CurrentPrincipal,
+    key: str | None,
 ) -> Response:
     loaded, outputs = await service.predict_rows(
-        name, _version(version), body.instances, tenant=caller.tenant
+        name, _version(version), body.instances, tenant=caller.tenant, key=key
     )
     return _json(
         {
             "model": name,
             "version": str(loaded.version),
             "predictions": _predictions(loaded, outputs),
-        }
+        },
+        loaded,
     )
 
 
@@ -256,10 +280,14 @@ async def _predict(
     response_model=PredictResponse,
 )
 async def predict(
-    name: str, body: PredictRequest, service: Service, caller: CurrentPrincipal
+    name: str,
+    body: PredictRequest,
+    service: Service,
+    caller: CurrentPrincipal,
+    key: CanaryKey = None,
 ) -> Response:
-    """Predictions for JSON instances from the default version."""
-    return await _predict(service, name, None, body, caller)
+    """Predictions for JSON instances from the version the model's split (or default) gives."""
+    return await _predict(service, name, None, body, caller, key)
 
 
 @router.post(
@@ -275,8 +303,8 @@ async def predict_version(
     service: Service,
     caller: CurrentPrincipal,
 ) -> Response:
-    """Predictions from a pinned version."""
-    return await _predict(service, name, version, body, caller)
+    """Predictions from a pinned version (whatever the model's split)."""
+    return await _predict(service, name, version, body, caller, None)
 
 
 def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:
@@ -286,6 +314,7 @@ def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:
         id=name,
         created=int(min((v.metadata.created_at.timestamp() for v in versions), default=0)),
         default_version=None if default is None else str(default),
+        traffic=_weights(registry.traffic(name)),
         versions=[
             VersionInfo(
                 version=str(v.version),
@@ -320,12 +349,14 @@ async def get_model(name: str, registry: Registry) -> ModelInfo:
     "/v1/embeddings", tags=["openai"], dependencies=inference, response_model=EmbeddingsResponse
 )
 async def embeddings(
-    body: EmbeddingsRequest, service: Service, caller: CurrentPrincipal
+    body: EmbeddingsRequest, service: Service, caller: CurrentPrincipal, key: CanaryKey = None
 ) -> Response:
     """OpenAI's embeddings API: `openai.OpenAI(base_url=.../v1).embeddings.create(...)`."""
     name, _, pinned = body.model.partition(":")
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await service.embed(name, _version(pinned or None), texts, tenant=caller.tenant)
+    result = await service.embed(
+        name, _version(pinned or None), texts, tenant=caller.tenant, key=key
+    )
     dimension = result.vectors.shape[1]
     if body.dimensions is not None and body.dimensions != dimension:
         raise InvalidInput(
@@ -348,7 +379,8 @@ async def embeddings(
             ],
             "model": f"{name}:{result.model.version}",
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        },
+        result.model,
     )
 
 
@@ -380,6 +412,42 @@ async def unload_version(name: str, version: int, registry: Registry) -> UnloadR
 
 @router.put("/v1/admin/models/{name}/default", tags=["admin"], dependencies=admin)
 async def set_default(name: str, body: DefaultRequest, registry: Registry) -> ModelInfo:
-    """Send unpinned requests to another loaded version, at once."""
+    """Send unpinned requests to another loaded version, at once (ending a traffic split)."""
     registry.set_default(name, body.version)
     return _model_info(registry, name)
+
+
+def _weights(weights: dict[int, int] | None) -> dict[str, int] | None:
+    return None if weights is None else {str(v): w for v, w in weights.items()}
+
+
+def _traffic(registry: ModelRegistry, name: str) -> Traffic:
+    default = registry.default_version(name)
+    return Traffic(
+        model=name,
+        weights=_weights(registry.traffic(name)),
+        default_version=None if default is None else str(default),
+        key_header=KEY_HEADER,
+    )
+
+
+@router.get("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
+async def get_traffic(name: str, registry: Registry) -> Traffic:
+    """Where the model's unpinned requests go: its split, or (`weights` null) the default."""
+    return _traffic(registry, name)
+
+
+@router.put("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
+async def set_traffic(name: str, body: TrafficRequest, registry: Registry) -> Traffic:
+    """Split unpinned requests between loaded versions by weights summing to 100 (a
+    model-level canary), from the next request on. Invalid weights change nothing (422).
+    Held in memory, as the default is: `traffic` in config.yaml is the split at start."""
+    registry.set_traffic(name, body.weights)
+    return _traffic(registry, name)
+
+
+@router.delete("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
+async def clear_traffic(name: str, registry: Registry) -> Traffic:
+    """End the split: unpinned requests all go to the default version again."""
+    registry.set_traffic(name, None)
+    return _traffic(registry, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class PredictRequest(BaseModel):
@@ -73,6 +73,8 @@ class ModelInfo(BaseModel):
     created: int
     owned_by: str = "narthex"
     default_version: str | None
+    # The model-level canary: version -> percent of unpinned requests; None: all to default.
+    traffic: dict[str, int] | None = None
     versions: list[VersionInfo]
 
 
@@ -97,3 +99,20 @@ class UnloadResponse(BaseModel):
     model: str
     version: str
     drained: bool
+
+
+class TrafficRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[int, StrictInt] = Field(
+        description='version -> percent of unpinned requests, summing to 100: {"1": 90, "2": 10}'
+    )
+
+
+class Traffic(BaseModel):
+    """Where a model's unpinned requests go: split by `weights`, or (None) to the default."""
+
+    model: str
+    weights: dict[str, int] | None
+    default_version: str | None
+    key_header: str = Field(description="the request header that keeps a caller on one version")

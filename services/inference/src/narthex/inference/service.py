@@ -81,10 +81,18 @@ class InferenceService:
         return min(deadline_at(), time.monotonic() + self.request_timeout)
 
     async def infer(
-        self, name: str, version: int | None, tensors: Sequence[Tensor], *, tenant: str
+        self,
+        name: str,
+        version: int | None,
+        tensors: Sequence[Tensor],
+        *,
+        tenant: str,
+        key: str | None = None,
     ) -> tuple[LoadedVersion, Outputs]:
         """Run named input tensors through a model (text models take one BYTES tensor)
-        for the caller's `tenant` (every method here takes it: queues are shared)."""
+        for the caller's `tenant` (every method here takes it: queues are shared). An
+        unpinned request (`version` None) goes where the model's traffic split sends it,
+        by `key` when the caller gave one (`ModelRegistry.route`)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
             if loaded.encoder is not None:
@@ -94,17 +102,23 @@ class InferenceService:
             arrays = _check_tensors(loaded, tensors)
             return loaded, await loaded.infer(arrays, tenant=tenant, deadline=self._deadline())
 
-        return await self._with_model(name, version, attempt)
+        return await self._with_model(name, version, attempt, tenant, key)
 
     async def embed(
-        self, name: str, version: int | None, texts: Sequence[Any], *, tenant: str
+        self,
+        name: str,
+        version: int | None,
+        texts: Sequence[Any],
+        *,
+        tenant: str,
+        key: str | None = None,
     ) -> Embeddings:
         async def attempt(loaded: LoadedVersion) -> Embeddings:
             if loaded.encoder is None:
                 raise InvalidInput(f"{name} is not a text model", extra={"param": "model"})
             return await self._embed(loaded, texts, tenant)
 
-        return await self._with_model(name, version, attempt)
+        return await self._with_model(name, version, attempt, tenant, key)
 
     async def predict_rows(
         self,
@@ -113,6 +127,7 @@ class InferenceService:
         instances: Sequence[Any],
         *,
         tenant: str,
+        key: str | None = None,
     ) -> tuple[LoadedVersion, Outputs]:
         """v1 instances: one row of feature values (a list, or an object by feature name)
         per instance for a tensor model with one input; strings for a text model; for a
@@ -134,15 +149,20 @@ class InferenceService:
             )
             return loaded, await loaded.infer(arrays, tenant=tenant, deadline=self._deadline())
 
-        return await self._with_model(name, version, attempt)
+        return await self._with_model(name, version, attempt, tenant, key)
 
     async def _with_model(
-        self, name: str, version: int | None, attempt: Callable[[LoadedVersion], Awaitable[T]]
+        self,
+        name: str,
+        version: int | None,
+        attempt: Callable[[LoadedVersion], Awaitable[T]],
+        tenant: str,
+        key: str | None,
     ) -> T:
         # A version being unloaded refuses new work; the request then goes to whatever
         # now serves it (the new default), once: that is the zero-downtime swap.
         for retry in (False, True):
-            loaded = self.registry.resolve(name, version)
+            loaded = self.registry.route(name, version, tenant=tenant, key=key)
             try:
                 return await attempt(loaded)
             except BatcherClosed:
