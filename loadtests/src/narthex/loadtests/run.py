@@ -13,7 +13,7 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +44,17 @@ def parse_duration(text: str) -> int:
     return total
 
 
+def _shipped(folder: str) -> Callable[[str], Path]:
+    """A path as given, or the name of a file shipped in `loadtests/<folder>/`."""
+
+    def resolve(text: str) -> Path:
+        path = Path(text)
+        shipped = HERE / folder / f"{text}.yaml"
+        return shipped if not path.exists() and shipped.exists() else path
+
+    return resolve
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="narthex-loadtest",
@@ -61,8 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=parse_duration, default=parse_duration("60s"))
     parser.add_argument("--users", type=int, default=12, help="concurrent users in all")
     parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
-    parser.add_argument("--scenario", type=Path, default=HERE / "scenarios" / "mix.yaml")
-    parser.add_argument("--sla", type=Path, default=HERE / "sla" / "default.yaml")
+    parser.add_argument(
+        "--scenario",
+        type=_shipped("scenarios"),
+        default=HERE / "scenarios" / "mix.yaml",
+        help="a scenario file, or the name of one in loadtests/scenarios (mix, noisy-neighbour)",
+    )
+    parser.add_argument(
+        "--sla",
+        type=_shipped("sla"),
+        default=HERE / "sla" / "default.yaml",
+        help="an SLA file, or the name of one in loadtests/sla (default, smoke, impossible)",
+    )
     parser.add_argument(
         "--processes",
         type=int,

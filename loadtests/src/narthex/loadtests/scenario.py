@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from narthex.loadtests.yamlfile import load_model
 
 __all__ = [
     "CLASS_NAMES",
@@ -115,13 +116,4 @@ class Scenario(_Strict):
 
 
 def load_scenario(path: Path) -> Scenario:
-    try:
-        return Scenario.model_validate(yaml.safe_load(path.read_text()))
-    except OSError as exc:
-        raise ScenarioError(f"cannot read the scenario {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"the scenario {path} is not YAML: {exc}") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ScenarioError(f"the scenario {path}: {where}: {first['msg']}") from None
+    return load_model(path, Scenario, "scenario", ScenarioError)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from narthex.loadtests.yamlfile import load_model
 
 __all__ = [
     "LIMITED_SUFFIX",
@@ -56,17 +57,7 @@ class Sla(BaseModel):
 
 
 def load_sla(path: Path) -> Sla:
-    try:
-        data = yaml.safe_load(path.read_text())
-        return Sla.model_validate(data)
-    except OSError as exc:
-        raise SlaError(f"cannot read the SLA file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SlaError(f"the SLA file {path} is not YAML: {exc}") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise SlaError(f"the SLA file {path}: {where}: {first['msg']}") from None
+    return load_model(path, Sla, "SLA file", SlaError)
 
 
 @dataclass(frozen=True)

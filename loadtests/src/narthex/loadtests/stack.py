@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,16 +46,21 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 @contextmanager
 def local_stack(
-    state_dir: Path, port_base: int, log_path: Path, timeout: float = 180.0
+    state_dir: Path,
+    port_base: int,
+    log_path: Path,
+    timeout: float = 180.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """`narthex up` for `state_dir` on 127.0.0.1 from `port_base`, until it says it is
-    ready; its gateway URL; stopped with Ctrl-C (SIGINT) on exit, as a person would."""
+    ready; its gateway URL; stopped with Ctrl-C (SIGINT) on exit, as a person would.
+    `env`: the children's environment (default: this process's)."""
     argv = [sys.executable, "-m", "narthex.cli.main", "up", "--host", "127.0.0.1"]
     argv += ["--port-base", str(port_base), "--state-dir", str(state_dir)]
     argv += ["--timeout", str(timeout)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
         )
     try:
         deadline = time.monotonic() + timeout + 30.0
