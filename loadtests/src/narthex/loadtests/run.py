@@ -29,6 +29,8 @@ LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 STATS_PREFIX = "stats"
 # How long users may finish their task once the time is up (Locust's --stop-timeout).
 STOP_TIMEOUT_S = 10
+# How long Locust may take to stop and clean up after a Ctrl-C.
+LOCUST_QUIT_S = 60.0
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
 
 
@@ -141,6 +143,14 @@ def _check_users(args: argparse.Namespace) -> None:
         )
 
 
+def _wait_or_kill(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(timeout=LOCUST_QUIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     now = datetime.now(UTC)
@@ -164,7 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" report and CSVs in {out}",
                 flush=True,
             )
-            code = subprocess.run(locust_argv(args, url, out, run_id), env=env).returncode
+            locust = subprocess.Popen(locust_argv(args, url, out, run_id), env=env)
+            try:
+                code = locust.wait()
+            except KeyboardInterrupt:
+                # Locust got the Ctrl-C too: it stops its users and undoes the run's
+                # tenants (the stack, in a session of its own, is still there for that).
+                _wait_or_kill(locust)
+                print("interrupted: no SLA verdict", file=sys.stderr, flush=True)
+                return 130
     except StackError as exc:
         print(f"not run: {exc}", file=sys.stderr, flush=True)
         return 2

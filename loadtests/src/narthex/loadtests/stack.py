@@ -59,8 +59,15 @@ def local_stack(
     argv += ["--port-base", str(port_base), "--state-dir", str(state_dir)]
     argv += ["--timeout", str(timeout)]
     with log_path.open("wb") as log:
+        # A session of its own: a Ctrl-C at the terminal stops Locust, which then still
+        # needs the gateway to undo the run's tenants; the stack is stopped after that.
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + timeout + 30.0
