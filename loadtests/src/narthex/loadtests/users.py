@@ -9,13 +9,13 @@ is reported under that name plus ` [limited]`, as a success: the caller then wai
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
-import httpx
 import openai
 from locust import HttpUser, User, between, task
 from locust.exception import StopUser
@@ -99,13 +99,67 @@ def texts(count: int) -> list[str]:
     return [" ".join(random.choices(WORDS, k=random.randint(6, 16))) for _ in range(count)]
 
 
-def retry_after(headers: httpx.Headers | Any, ceiling: float) -> float:
+def retry_after(headers: Mapping[str, str], ceiling: float) -> float:
     """Seconds a 429 asks the caller to wait (1 when it does not say), at most `ceiling`."""
     try:
         seconds = float(headers.get("retry-after", "1"))
     except (TypeError, ValueError):
         seconds = 1.0
     return min(max(seconds, 0.0), ceiling)
+
+
+class BadAnswer(Exception):
+    """What the SDK's call got instead of the embeddings, as the request's failure."""
+
+
+def refusal(status: int, text: str) -> str:
+    """A failure as Locust groups them: status and problem title, never the request's id
+    (one line per request otherwise)."""
+    try:
+        problem = json.loads(text)
+    except ValueError:
+        problem = None
+    if isinstance(problem, dict) and "title" in problem:
+        return f"{status} {problem['title']} ({problem.get('type', '')})"
+    return f"{status}: {text[:100]}"
+
+
+# What a 200's JSON body must be: None when it is, else what is wrong with it.
+Check = Callable[[Any], str | None]
+
+
+def listing(field: str, count: int | None = None) -> Check:
+    """A list at `field`: `count` items long, or at least one."""
+
+    def check(body: Any) -> str | None:
+        items = body.get(field) if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            return f"no list {field!r}"
+        if count is None and not items:
+            return f"an empty {field!r}"
+        if count is not None and len(items) != count:
+            return f"{len(items)} {field} for {count} items"
+        return None
+
+    return check
+
+
+def has(field: str) -> Check:
+    def check(body: Any) -> str | None:
+        return None if isinstance(body, dict) and field in body else f"no {field!r}"
+
+    return check
+
+
+def counted(events: int) -> Check:
+    """Every posted event answered for: accepted, a duplicate, or too old to count."""
+
+    def check(body: Any) -> str | None:
+        fields = ("accepted", "duplicates", "stale")
+        total = sum(int(body.get(f, 0)) for f in fields) if isinstance(body, dict) else -1
+        return None if total == events else f"{total} of {events} events answered for"
+
+    return check
 
 
 class TenantUser(HttpUser):
@@ -118,10 +172,15 @@ class TenantUser(HttpUser):
         self.client.headers["Authorization"] = f"Bearer {self.tenant.key}"
 
     def call(
-        self, method: str, path: str, route: str, expect: int = 200, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        route: str,
+        check: Check | None = None,
+        **kwargs: Any,
     ) -> Any | None:
-        """One request named `<user class> <METHOD> <route>`: its JSON body when it got
-        `expect`, None when refused or failed."""
+        """One request named `<user class> <METHOD> <route>`: its JSON body when it got a
+        200 whose body passes `check`, None when refused or failed (reported as failed)."""
         name = f"{self.user_class} {method} {route}"
         wait = 0.0
         body: Any | None = None
@@ -132,15 +191,20 @@ class TenantUser(HttpUser):
                 response.request_meta["name"] = name + LIMITED_SUFFIX
                 response.success()
                 wait = retry_after(response.headers, TENANTS.scenario.max_retry_after_s)
-            elif response.status_code != expect:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+            elif response.status_code != 200:
+                response.failure(refusal(response.status_code, response.text))
             else:
                 try:
-                    body = response.json()
+                    answer = response.json()
                 except ValueError:
-                    response.failure(f"{response.status_code} with a body that is not JSON")
+                    response.failure("200 with a body that is not JSON")
                 else:
-                    response.success()
+                    wrong = check(answer) if check is not None else None
+                    if wrong is not None:
+                        response.failure(f"200 but {wrong}")
+                    else:
+                        body = answer
+                        response.success()
         if wait:
             time.sleep(wait)  # gevent's, under Locust
         return body
@@ -161,14 +225,13 @@ class EmbedderUser(TenantUser):
     @task
     def embed(self) -> None:
         batch = texts(_items(self.items()))
-        body = self.call(
+        self.call(
             "POST",
             "/v1/embeddings",
             "/v1/embeddings",
+            listing("data", len(batch)),
             json={"model": TENANTS.scenario.embedding_model, "input": batch},
         )
-        if body is not None and len(body.get("data", ())) != len(batch):
-            raise AssertionError(f"{len(batch)} texts, {len(body.get('data', ()))} vectors")
 
 
 class FloodUser(EmbedderUser):
@@ -218,11 +281,13 @@ class OpenAIUser(User):
             length = len(raw.http_response.content)
             vectors = raw.parse().data
             if len(vectors) != len(batch):
-                error = AssertionError(f"{len(batch)} texts, {len(vectors)} vectors")
+                error = BadAnswer(f"200 but {len(vectors)} data for {len(batch)} items")
         except openai.RateLimitError as exc:
             name += LIMITED_SUFFIX
             wait = retry_after(exc.response.headers, TENANTS.scenario.max_retry_after_s)
-        except openai.APIError as exc:
+        except openai.APIStatusError as exc:
+            error = BadAnswer(refusal(exc.status_code, exc.response.text))
+        except openai.APIError as exc:  # no answer: connection refused, timed out
             error = exc
         self.environment.events.request.fire(
             request_type="POST",
@@ -272,6 +337,7 @@ class FraudUser(TenantUser):
             "POST",
             "/v1/events/transactions",
             "/v1/events/transactions",
+            counted(len(batch)),
             json={"events": [tx.to_dict() for tx in batch]},
         )
         if posted is None:
@@ -284,6 +350,7 @@ class FraudUser(TenantUser):
             "POST",
             f"/v1/models/{model}/predict",
             f"/v1/models/{model}/predict",
+            listing("predictions", len(instances)),
             json={"instances": instances},
         )
 
@@ -295,7 +362,7 @@ class WatcherUser(TenantUser):
 
     @task(3)
     def quota(self) -> None:
-        self.call("GET", "/v1/quota", "/v1/quota")
+        self.call("GET", "/v1/quota", "/v1/quota", has("daily"))
 
     @task(1)
     def usage(self) -> None:
@@ -309,12 +376,12 @@ class OperatorUser(TenantUser):
 
     @task(3)
     def models(self) -> None:
-        self.call("GET", "/v1/models", "/v1/models")
+        self.call("GET", "/v1/models", "/v1/models", listing("data"))
 
     @task(1)
     def model(self) -> None:
         model = TENANTS.scenario.fraud_model
-        self.call("GET", f"/v1/models/{model}", f"/v1/models/{model}")
+        self.call("GET", f"/v1/models/{model}", f"/v1/models/{model}", has("versions"))
 
 
 # The scenario's names for the user classes.
