@@ -146,7 +146,8 @@ def _test_start(environment: Environment, **_: Any) -> None:
     )
     try:
         tenants = _provision(environment, run_id)
-    except ProvisionError as exc:
+    # Anything at all: the run must neither go on half-provisioned nor keep what it made.
+    except Exception as exc:
         log.error("provisioning the run's tenants failed: %s", exc)
         _cleanup(environment)
         TENANTS.fail(str(exc))
@@ -164,15 +165,23 @@ def _test_start(environment: Environment, **_: Any) -> None:
         )
 
 
-def _cleanup(environment: Environment) -> None:
+def _undo() -> bool:
+    """Every key the run made revoked, every tenant disabled; False if any call failed."""
+    undone = True
     while _provisioner:
         provisioner = _provisioner.pop()
         made = len(provisioner.tenants)
         for failure in provisioner.cleanup():
             log.error("cleanup: %s", failure)
-            environment.process_exit_code = 2
+            undone = False
         provisioner.close()
         log.info("run %s: %d tenants' keys revoked, tenants disabled", provisioner.run_id, made)
+    return undone
+
+
+def _cleanup(environment: Environment) -> None:
+    if not _undo():
+        environment.process_exit_code = 2
 
 
 def _test_stop(environment: Environment, **_: Any) -> None:
@@ -182,11 +191,7 @@ def _test_stop(environment: Environment, **_: Any) -> None:
 
 def _quit(exit_code: int, **_: Any) -> None:
     # Whatever stopped Locust, the tenants do not outlive it (a no-op after test_stop).
-    while _provisioner:
-        provisioner = _provisioner.pop()
-        for failure in provisioner.cleanup():
-            log.error("cleanup: %s", failure)
-        provisioner.close()
+    _undo()
 
 
 def _listen(hook: EventHook, listener: Callable[..., None]) -> None:
