@@ -48,9 +48,11 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.features
 
 # `make loadtest` options: the gateway (default: the running stack of .state, or one started
-# for the run), how long, how many users, how fast they arrive, the scenario and the SLA
-# (a file, or a name in loadtests/scenarios and loadtests/sla), Locust worker processes.
+# for the run on PORT_BASE and up), how long, how many users, how fast they arrive, the
+# scenario and the SLA (a file, or a name in loadtests/scenarios and loadtests/sla), Locust
+# worker processes.
 URL ?=
+PORT_BASE ?= 8000
 DURATION ?= 60s
 USERS ?= 12
 SPAWN_RATE ?= 4
@@ -59,9 +61,9 @@ SLA ?= default
 PROCESSES ?= 0
 
 loadtest: install models ## Locust against the stack (URL=, DURATION=, USERS=, SCENARIO=, SLA=); SLA verdict last
-	$(UV) run narthex-loadtest $(if $(URL),--url $(URL)) --duration $(DURATION) \
-		--users $(USERS) --spawn-rate $(SPAWN_RATE) --scenario $(SCENARIO) --sla $(SLA) \
-		--processes $(PROCESSES)
+	$(UV) run narthex-loadtest $(if $(URL),--url $(URL)) --port-base $(PORT_BASE) \
+		--duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--scenario $(SCENARIO) --sla $(SLA) --processes $(PROCESSES)
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
 	$(UV) run narthex models build
