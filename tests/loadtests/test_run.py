@@ -189,3 +189,12 @@ def test_fewer_users_than_kinds_of_user_is_refused_before_any_load(tmp_path: Pat
     assert run.code == 2
     assert "--users 2 is fewer than the scenario's 6 kinds of user" in run.output
     assert not (tmp_path / "state" / "up.json").exists()
+
+
+def test_another_gateway_without_an_admin_key_is_refused_before_any_load(
+    tmp_path: Path,
+) -> None:
+    run = loadtest(tmp_path / "state", tmp_path / "remote", "--url", "http://127.0.0.1:9")
+    assert run.code == 2
+    assert "no admin key: set NARTHEX_LOADTEST_ADMIN_KEY" in run.output
+    assert not (tmp_path / "remote" / "stats_stats.csv").exists()

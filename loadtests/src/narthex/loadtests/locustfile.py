@@ -23,7 +23,12 @@ from locust.env import Environment
 from locust.event import EventHook
 from locust.runners import MasterRunner, WorkerRunner
 
-from narthex.loadtests.provision import Provisioner, ProvisionError, TenantCredentials
+from narthex.loadtests.provision import (
+    ADMIN_KEY_ENV,
+    Provisioner,
+    ProvisionError,
+    TenantCredentials,
+)
 from narthex.loadtests.scenario import Scenario, ScenarioError, load_scenario
 from narthex.loadtests.users import (
     TENANTS,
@@ -47,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger("narthex.loadtests")
 
-ADMIN_KEY_ENV = "NARTHEX_LOADTEST_ADMIN_KEY"
 TENANTS_MESSAGE = "narthex-tenants"
 DEFAULT_SCENARIO = Path(__file__).resolve().parents[3] / "scenarios" / "mix.yaml"
 # Keys made for the run expire on their own this long after its planned end.

@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ProvisionError", "Provisioner", "TenantCredentials", "plan_name"]
+__all__ = ["ADMIN_KEY_ENV", "ProvisionError", "Provisioner", "TenantCredentials", "plan_name"]
 
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 15.0
+# Where the operator's key for a run is given (never on a command line: `ps` shows those).
+ADMIN_KEY_ENV = "NARTHEX_LOADTEST_ADMIN_KEY"
 
 
 class ProvisionError(Exception):

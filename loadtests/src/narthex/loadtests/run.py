@@ -167,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             url = stack.enter_context(_target(args, out))
-            key = stack.enter_context(admin_key(args.state_dir, run_id, args.duration + 3600.0))
+            key = stack.enter_context(
+                admin_key(args.state_dir, url, run_id, args.duration + 3600.0)
+            )
             env = {**os.environ, "NARTHEX_LOADTEST_ADMIN_KEY": key.key}
             print(
                 f"run {run_id}: {args.users} users for {args.duration} s against {url};"

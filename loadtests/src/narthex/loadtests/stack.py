@@ -19,6 +19,7 @@ from pathlib import Path
 from narthex.cli.admin import EXPECTED_ERRORS, Target, auth_settings, error_line, open_service
 from narthex.cli.runfile import live_run
 from narthex.common.scopes import ADMIN
+from narthex.loadtests.provision import ADMIN_KEY_ENV
 
 __all__ = ["AdminKey", "StackError", "admin_key", "gateway_of", "local_stack"]
 
@@ -121,17 +122,24 @@ async def _revoke(state_dir: Path, key_id: str) -> None:
 
 
 @contextmanager
-def admin_key(state_dir: Path, run_id: str, ttl_s: float) -> Iterator[AdminKey]:
+def admin_key(state_dir: Path, url: str, run_id: str, ttl_s: float) -> Iterator[AdminKey]:
     """The caller's admin key (NARTHEX_LOADTEST_ADMIN_KEY) when set; otherwise a fresh key
     of the local stack's operator tenant, made for this run, expiring on its own after
-    `ttl_s` and revoked on exit."""
-    given = os.environ.get("NARTHEX_LOADTEST_ADMIN_KEY")
+    `ttl_s` and revoked on exit. `url`: the gateway under test, which must be that
+    stack's for a key minted there to work."""
+    given = os.environ.get(ADMIN_KEY_ENV)
     if given:
         yield AdminKey(given, None)
         return
+    local = gateway_of(state_dir)
+    if local is not None and local != url:
+        raise StackError(
+            f"no admin key for {url}: set {ADMIN_KEY_ENV} (only the stack of {state_dir},"
+            f" {local}, gets one minted)"
+        )
     if not (state_dir / "auth.db").exists():
         raise StackError(
-            f"no admin key: set NARTHEX_LOADTEST_ADMIN_KEY, or point --state-dir at the"
+            f"no admin key: set {ADMIN_KEY_ENV}, or point --state-dir at the"
             f" stack's state directory ({state_dir} has no auth database)"
         )
     try:
