@@ -9,9 +9,9 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/auth/pyproject.toml services/features/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
-	libs/transactions/pyproject.toml
+	libs/transactions/pyproject.toml loadtests/pyproject.toml
 
-.PHONY: help run test test-tools lint format bench models install clean
+.PHONY: help run test test-tools lint format bench loadtest models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,24 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.inference
 	$(UV) run python -m bench.fairness
 	$(UV) run python -m bench.features
+
+# `make loadtest` options: the gateway (default: the running stack of .state, or one started
+# for the run on PORT_BASE and up), how long, how many users, how fast they arrive, the
+# scenario and the SLA (a file, or a name in loadtests/scenarios and loadtests/sla), Locust
+# worker processes.
+URL ?=
+PORT_BASE ?= 8000
+DURATION ?= 60s
+USERS ?= 12
+SPAWN_RATE ?= 4
+SCENARIO ?= mix
+SLA ?= default
+PROCESSES ?= 0
+
+loadtest: install models ## Locust against the stack (URL=, DURATION=, USERS=, SCENARIO=, SLA=); SLA verdict last
+	$(UV) run narthex-loadtest $(if $(URL),--url $(URL)) --port-base $(PORT_BASE) \
+		--duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--scenario $(SCENARIO) --sla $(SLA) --processes $(PROCESSES)
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
 	$(UV) run narthex models build

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +15,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+
+def port_free(port: int) -> bool:
+    # SO_REUSEADDR as uvicorn binds: a port left in TIME_WAIT is free to it.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_base(count: int = 5) -> int:
+    """The first of `count` consecutive free ports, for `narthex up --port-base`: drawn at
+    random from 20000-29999, where this machine's shared users start their stacks."""
+    for _ in range(200):
+        base = random.randrange(20_000, 30_000 - count)
+        if all(port_free(base + offset) for offset in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-29999")
 
 
 def free_port() -> int:

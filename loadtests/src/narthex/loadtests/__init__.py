@@ -1,0 +1,1 @@
+"""narthex.loadtests: Locust user classes per real user, provisioning, the SLA checker."""
