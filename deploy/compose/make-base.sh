@@ -62,7 +62,7 @@ pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 if ! have "$UV_IMAGE"; then
-    uv=$(command -v uv)
+    uv=${UV:-$(command -v uv)}
     [[ $("$uv" --version) == "uv $UV_VERSION"* ]] || {
         echo "uv on PATH is $("$uv" --version), want $UV_VERSION" >&2
         exit 1

@@ -4,6 +4,7 @@
 # Dockerfile installs from it when present. Wheels for CPython 3.11 on manylinux x86_64, the
 # images' platform, whatever the host's Python is.
 set -euo pipefail
+UV=${UV:-uv}
 cd "$(dirname "$0")/../.."
 out=.wheelhouse
 mkdir -p "$out"
@@ -15,7 +16,7 @@ trap 'rm -f "$req"' EXIT
 for args in "narthex-gateway" "narthex-auth" "narthex-features" "narthex-analytics" \
     "narthex-inference --extra cpu"; do
     # shellcheck disable=SC2086 # one word per argument
-    uv export --frozen --no-dev --no-emit-workspace --package $args -o "$req" >/dev/null
+    "$UV" export --frozen --no-dev --no-emit-workspace --package $args -o "$req" >/dev/null
     # pip judges markers by the Python running it; an image's 3.11 may be older than this
     # one (bookworm's is 3.11.2): keep what any 3.11.x needs.
     sed -i "s/ ; python_full_version < '3\.11\.[0-9]*'//" "$req"
