@@ -3,7 +3,7 @@
 # and labelled so that what ran can be reproduced:
 #   narthex/{gateway,auth,features,analytics,inference}:<tag>   (Dockerfile)
 #   narthex/{redis,postgres,prometheus}:<tag>                    (deploy/compose/infra.Dockerfile)
-# <tag> is the commit (12 hex digits); a tree with changes gets <commit>-dirty.<digest of the
+# <tag> is sha-<commit> (12 hex digits); a tree with changes gets sha-<commit>-dirty.<digest of the
 # changes>, so a tag never names two different builds. No `latest`.
 # Prints `NARTHEX_TAG=<tag>` last: docker-compose.yml reads it from the environment or .env.
 #
@@ -17,7 +17,8 @@ MODELS_DIR=${MODELS_DIR:-.state/models}
 export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
 
 commit=$(git rev-parse HEAD)
-tag=${commit:0:12}
+# sha-<commit>, as mesh/ names its images (kustomize newTag).
+tag=sha-${commit:0:12}
 if [[ -n $(git status --porcelain --untracked-files=normal) ]]; then
     changes=$({ git diff HEAD; git ls-files --others --exclude-standard | sort | xargs -r sha256sum; } \
         | sha256sum | cut -c1-8)
