@@ -21,7 +21,7 @@ for args in "narthex-gateway" "narthex-auth" "narthex-features" "narthex-analyti
     # one (bookworm's is 3.11.2): keep what any 3.11.x needs.
     sed -i "s/ ; python_full_version < '3\.11\.[0-9]*'//" "$req"
     # --isolated: the lock's pins and hashes, not a machine's pip.conf constraints or mirrors.
-    python3 -m pip download --isolated --quiet --no-deps --require-hashes \
+    python3 -m pip download --isolated --quiet --disable-pip-version-check --no-deps --require-hashes \
         --only-binary=:all: "${platforms[@]}" --python-version 3.11 \
         --implementation cp --abi cp311 -d "$out" -r "$req"
 done
