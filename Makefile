@@ -11,7 +11,7 @@ MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
 	libs/transactions/pyproject.toml loadtests/pyproject.toml
 
-.PHONY: help run test test-tools lint format bench loadtest models install clean
+.PHONY: help run test test-tools test-containers images lint format bench loadtest models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,11 +22,29 @@ run: install ## Start the whole platform locally; prints URLs and a curl line th
 test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
-test-tools: ## Debian's prometheus, for the canary gate's test (skipped without it; CI fails)
+test-tools: ## Debian's prometheus and docker-compose, for tests that run them (skipped without; CI fails)
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus >/dev/null) \
 		|| echo "could not install prometheus: tests/mesh/test_gate.py will skip it"; }
+	@command -v docker-compose >/dev/null || { echo "installing docker-compose (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends docker-compose >/dev/null) \
+		|| echo "could not install docker-compose: tests/deploy/test_compose.py will skip it"; }
+
+# LOCAL_BASE=1: no Docker Hub, no PyPI from a build (this project's CI machines): debootstrapped
+# base images and a wheelhouse from uv.lock, made first (deploy/compose/make-base.sh, wheelhouse.sh).
+ifdef LOCAL_BASE
+IMAGE_ENV := BASE_IMAGE=narthex-base/python:3.11-bookworm UV_IMAGE=narthex-base/uv:$(UV_VERSION) \
+	INFRA_BASE_IMAGE=narthex-base/infra:bookworm
+IMAGE_PREP := deploy/compose/make-base.sh && deploy/compose/wheelhouse.sh &&
+endif
+
+images: install models ## Build the container images, tagged with the commit (needs docker; LOCAL_BASE=1, see above)
+	export UV=$(UV) $(IMAGE_ENV); $(IMAGE_PREP) deploy/compose/build.sh
+
+test-containers: install models ## Build the images, run docker-compose.yml end to end, tear down (LOCAL_BASE=1 as for images)
+	export UV=$(UV) $(IMAGE_ENV); $(IMAGE_PREP) $(UV) run pytest tests/deploy -m containers -s
 
 lint: install ## ruff (lint + format check) and mypy --strict on the whole tree
 	$(UV) run ruff check .
