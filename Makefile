@@ -11,7 +11,7 @@ MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
 	libs/transactions/pyproject.toml
 
-.PHONY: help run test test-tools lint format bench models install clean
+.PHONY: help run test test-tools lint format bench bench-peers models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,11 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.inference
 	$(UV) run python -m bench.fairness
 	$(UV) run python -m bench.features
+
+bench-peers: install models ## narthex beside Envoy, HAProxy, PyTriton, infinity (peers go in .tools/peers)
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(UV) run python -m bench.peers
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
 	$(UV) run narthex models build
