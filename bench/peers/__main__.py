@@ -31,11 +31,11 @@ from pathlib import Path
 import httpx
 
 from bench.inference import minilm_raw
-from bench.limits import UNLIMITED_PLAN, gateway_env, private_prefix
+from bench.limits import gateway_env, private_prefix
 from bench.peers import edges, embedders
 from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
 from tests.support.models import builtin_repository
-from tests.support.platform import Admin, Edge, edge, exchange, inference_spec, running
+from tests.support.platform import Edge, edge, exchange, inference_spec, running
 from tests.support.texts import texts
 
 EDGE_TARGET = 0.75  # narthex's whole edge / Envoy
@@ -112,16 +112,6 @@ def verdict(ok: bool) -> str:
 # -- the edge ------------------------------------------------------------------------------------
 
 
-def _unlimited_token(platform: Edge, gateway_url: str) -> str:
-    admin = Admin(gateway_url, platform.admin_key)
-    try:
-        plan = admin.create_plan("bench-peers", UNLIMITED_PLAN)
-        admin.set_plan(platform.admin_tenant_id, plan)
-    finally:
-        admin.close()
-    return exchange(gateway_url, platform.admin_key)
-
-
 def edge_table(platform: Edge, args: argparse.Namespace) -> float:
     """Run the edge comparison; returns narthex / Envoy."""
     jwks = httpx.get(platform.auth.url + "/.well-known/jwks.json", timeout=10).json()
@@ -132,7 +122,7 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
         specs = [gateway, *(p.spec for p in peers), base.spec]
         with running(specs, platform.directory) as services:
             gw, *peer_services, base_service = services
-            token = _unlimited_token(platform, gw.url)
+            token = edges.unlimited_token(platform, gw.url)
             urls = {"narthex": gw.url, base.name: base_service.url}
             urls.update({p.name: s.url for p, s in zip(peers, peer_services, strict=True)})
             lacks = {"narthex": "-", base.name: base.lacks, **{p.name: p.lacks for p in peers}}

@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
+from bench.limits import UNLIMITED_PLAN
 from bench.peers import install
-from tests.support.platform import HOST, Spec, module_argv
+from tests.support.platform import HOST, Admin, Edge, Spec, exchange, module_argv
 
 ISSUER = "narthex-auth"
 AUDIENCE = "narthex"
@@ -304,3 +305,15 @@ def refuses(url: str, bad: Mapping[str, str], good: str) -> list[str]:
         if status != 200:
             problems.append(f"refused the good token (HTTP {status})")
     return problems
+
+
+def unlimited_token(platform: Edge, gateway_url: str) -> str:
+    """The operator's JWT, its tenant moved to a plan no benchmark can exhaust: every
+    request takes the limiter's whole path and is admitted."""
+    admin = Admin(gateway_url, platform.admin_key)
+    try:
+        plan = admin.create_plan("bench-peers", UNLIMITED_PLAN)
+        admin.set_plan(platform.admin_tenant_id, plan)
+    finally:
+        admin.close()
+    return exchange(gateway_url, platform.admin_key)
