@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -10,6 +11,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -597,3 +599,28 @@ def test_log_line_goes_through_capture_logs_and_bound_context(stream: io.StringI
     structlog.contextvars.bind_contextvars(job="nightly")
     log_line("narthex.access", logging.INFO, "request", {"status": 200})
     assert _only_line(stream)["job"] == "nightly"
+
+
+def test_lines_written_on_an_event_loop_are_flushed_by_the_end_of_its_turn(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "service.log"
+    with path.open("w") as out:  # a real file: block-buffered, as stdout is when redirected
+        configure_logging("test-svc", stream=out)
+
+        async def serve() -> list[str]:
+            get_logger("narthex.access").info("request", status=200)
+            log_line("narthex.access", logging.INFO, "request", {"status": 201})
+            await asyncio.sleep(0)  # the loop's next turn
+            return path.read_text().splitlines()
+
+        written = asyncio.run(serve())
+    assert [json.loads(line)["status"] for line in written] == [200, 201]
+
+
+def test_lines_written_off_any_event_loop_are_flushed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "service.log"
+    with path.open("w") as out:
+        configure_logging("test-svc", stream=out)
+        get_logger().info("starting")
+        assert json.loads(path.read_text())["event"] == "starting"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import logging
@@ -317,7 +318,8 @@ class _LineWriter:
         try:
             stream = self._handler.stream
             stream.write(message + "\n")
-            stream.flush()
+            if not self._flush_later():
+                stream.flush()
         except Exception:
             # Same contract as stdlib handlers: a broken stream must not fail the caller's
             # request; handleError reports it on stderr.
@@ -326,6 +328,37 @@ class _LineWriter:
             self._handler.release()
 
     log = debug = info = warn = warning = error = err = critical = fatal = exception = msg
+
+    def _flush_later(self) -> bool:
+        """On an event loop's thread, flush once at the end of the loop's turn rather than
+        once a line: a busy server writes a line per request, dozens per turn, and each
+        flush is a write(2). A line waits at most until the loop's next turn."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        key = (self._handler, loop)
+        if key not in _PENDING:
+            _PENDING.add(key)
+            loop.call_soon(_flush, key)
+        return True
+
+
+# (handler, loop): lines written on that loop's thread, one flush scheduled on it. Keyed
+# by loop too: a loop closed before its flush ran must not stop another loop's flushes.
+_PENDING: set[tuple[logging.StreamHandler[TextIO], asyncio.AbstractEventLoop]] = set()
+
+
+def _flush(key: tuple[logging.StreamHandler[TextIO], asyncio.AbstractEventLoop]) -> None:
+    _PENDING.discard(key)
+    handler = key[0]
+    handler.acquire()
+    try:
+        handler.stream.flush()
+    except Exception:
+        handler.handleError(logging.makeLogRecord({"msg": "(flushing log lines)"}))
+    finally:
+        handler.release()
 
 
 class _StdoutHandler(logging.StreamHandler[TextIO]):
