@@ -47,11 +47,12 @@ SAMPLE_TEXTS = 8
 
 @dataclass
 class Row:
-    """One target's rounds."""
+    """One target's rounds (and the CPU its server process spent on them, where known)."""
 
     name: str
     lacks: str
     runs: list[WrkResult]
+    cpu_us: float | None = None  # CPU microseconds per request, the server process alone
 
     @property
     def rps(self) -> float:
@@ -93,15 +94,16 @@ def table(rows: Sequence[Row], reference: str, unit: str = "req/s") -> None:
     ours = next(r for r in rows if r.name == reference).rps
     print(
         f"{'target':<16}{unit:>10}{'p50 ms':>9}{'p99 ms':>9}{'spread':>8}"
-        f"{'narthex/this':>14}  does not do"
+        f"{'narthex/this':>14}{'CPU us/req':>12}  does not do"
     )
     for row in rows:
         p50 = f"{row.p50:.2f}" if row.runs else "-"
         p99 = f"{row.p99:.2f}" if row.runs else "-"
         spread = f"{row.spread:.0%}" if len(row.runs) > 1 else "-"
+        cpu = "-" if row.cpu_us is None else f"{row.cpu_us:.0f}"
         print(
             f"{row.name:<16}{row.rps:>10.1f}{p50:>9}{p99:>9}{spread:>8}"
-            f"{ours / row.rps:>13.2f}x  {row.lacks}"
+            f"{ours / row.rps:>13.2f}x{cpu:>12}  {row.lacks}"
         )
 
 
@@ -141,11 +143,21 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
             for url in urls.values():  # warm-up: JWKS, plan cache, Redis script, connections
                 run_wrk(url + edges.PATH, args.warmup, args.connections, jwt)
 
+            pids = {"narthex": gw.process.pid, base.name: base_service.process.pid}
+            pids.update({p.name: s.process.pid for p, s in zip(peers, peer_services, strict=True)})
+            cpu = dict.fromkeys(urls, 0.0)
+
             def measure(name: str) -> WrkResult:
-                return run_wrk(urls[name] + edges.PATH, args.duration, args.connections, jwt)
+                before = edges.cpu_seconds(pids[name])
+                result = run_wrk(urls[name] + edges.PATH, args.duration, args.connections, jwt)
+                cpu[name] += edges.cpu_seconds(pids[name]) - before
+                return result
 
             results = rounds(list(urls), args.rounds, measure)
-    rows = [Row(name, lacks[name], runs) for name, runs in results.items()]
+    rows = [
+        Row(name, lacks[name], runs, 1e6 * cpu[name] / sum(r.requests for r in runs))
+        for name, runs in results.items()
+    ]
     print(
         f"\nedge: GET {edges.PATH} with the same JWT, one worker each, wrk -t1"
         f" -c{args.connections} -d{args.duration}s x {args.rounds} rounds (mean)"
@@ -159,6 +171,12 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
         f" {by_name['narthex'].rps / by_name['haproxy'].rps:.2f}x;"
         f" / bare aiohttp proxy: {by_name['narthex'].rps / by_name[base.name].rps:.2f}x"
     )
+    cpu_envoy, cpu_ours = by_name["envoy"].cpu_us, by_name["narthex"].cpu_us
+    if cpu_envoy and cpu_ours:
+        print(
+            f"by CPU per request (what a busy machine disturbs least): Envoy / narthex"
+            f" = {cpu_envoy / cpu_ours:.2f}x"
+        )
     return ratio
 
 

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.limits import gateway_env, private_prefix
-from bench.peers.edges import PATH, unlimited_token
+from bench.peers.edges import PATH, cpu_seconds, unlimited_token
 from bench.proxy import ROOT, BenchError, WrkResult, run_wrk
 from tests.support.platform import edge, running
+from tests.support.services import Service
 
 # The packages a gateway process imports from this repository.
 PACKAGES = ("libs/common/src", "gateway/src")
@@ -53,28 +54,34 @@ def _env(pairs: Sequence[str]) -> dict[str, str]:
 
 def _alternate(
     count: int,
-    sides: Mapping[str, Sequence[str]],
+    sides: Mapping[str, Sequence[Service]],
     seconds: int,
     connections: int,
     jwt: dict[str, str],
-) -> dict[str, list[float]]:
-    """Rounds alternating the sides' order; a side of several URLs runs one wrk per URL at
-    once (connections split between them) and counts their rates together."""
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Rounds alternating the sides' order; a side of several gateways runs one wrk per
+    gateway at once (connections split between them) and counts their rates together.
+    Returns each side's rates per round and its gateways' CPU microseconds per request."""
     names = list(sides)
     rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu = dict.fromkeys(names, 0.0)
+    served = dict.fromkeys(names, 0)
     for n in range(count):
         for name in names if n % 2 == 0 else names[::-1]:
-            urls = sides[name]
-            share = max(1, connections // len(urls))
-            with ThreadPoolExecutor(len(urls)) as pool:
+            gateways = sides[name]
+            share = max(1, connections // len(gateways))
+            before = sum(cpu_seconds(g.process.pid) for g in gateways)
+            with ThreadPoolExecutor(len(gateways)) as pool:
                 runs: list[WrkResult] = list(
-                    pool.map(lambda u, c=share: run_wrk(u + PATH, seconds, c, jwt), urls)
+                    pool.map(lambda g, c=share: run_wrk(g.url + PATH, seconds, c, jwt), gateways)
                 )
+            cpu[name] += sum(cpu_seconds(g.process.pid) for g in gateways) - before
+            served[name] += sum(r.requests for r in runs)
             if any(r.errors for r in runs):
                 raise BenchError(f"{name}: failed requests: {runs}")
             rates[name].append(sum(r.rps for r in runs))
             print(f"  round {n + 1} {name:<28} {rates[name][-1]:>9.1f} req/s", file=sys.stderr)
-    return rates
+    return rates, {name: 1e6 * cpu[name] / served[name] for name in names}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,15 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_wrk(gw.url + PATH, 2, args.connections, jwt)
                 if args.scale:
                     sides = {
-                        "1 process, wrk -c64": [gateways[0].url],
-                        "2 processes, 2 wrk -c32": [gateways[1].url, gateways[2].url],
+                        "1 process, wrk -c64": gateways[:1],
+                        "2 processes, 2 wrk -c32": gateways[1:],
                     }
                 else:
                     sides = {
-                        f"A: {args.base} {' '.join(args.env_a)}".strip(): [gateways[0].url],
-                        f"B: work tree {' '.join(args.env_b)}".strip(): [gateways[1].url],
+                        f"A: {args.base} {' '.join(args.env_a)}".strip(): gateways[:1],
+                        f"B: work tree {' '.join(args.env_b)}".strip(): gateways[1:],
                     }
-                rates = _alternate(args.rounds, sides, args.duration, args.connections, jwt)
+                rates, cpu_us = _alternate(args.rounds, sides, args.duration, args.connections, jwt)
     except (BenchError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -130,9 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwhole edge, GET {PATH}, wrk -t1, {args.duration}s x {args.rounds} rounds")
     for name, values in rates.items():
         print(
-            f"  {name:<40} {statistics.mean(values):>9.1f} req/s  rounds: "
-            + ", ".join(f"{v:.0f}" for v in values)
+            f"  {name:<40} {statistics.mean(values):>9.1f} req/s  {cpu_us[name]:>6.0f} CPU us/req"
+            "  rounds: " + ", ".join(f"{v:.0f}" for v in values)
         )
+    cpu_a, cpu_b = cpu_us.values()
+    print(f"CPU per request, A / B: {cpu_a / cpu_b:.3f} (above 1: B spends less per request)")
     per_round = [y / x for x, y in zip(a_rates, b_rates, strict=True)]
     print(
         f"B / A: {statistics.mean(b_rates) / statistics.mean(a_rates):.3f}"
