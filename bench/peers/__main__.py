@@ -10,9 +10,13 @@ service, PyTriton on the same model.onnx with the same batch settings, infinity-
 same weights, and raw ONNX Runtime's best batch in this process (texts/s, the ceiling).
 
 Before anything is timed, every edge must refuse a forged, an unsigned and an expired token
-and accept the real one, and every embedding server must return narthex's vectors (cosine
-> 0.999). The targets run in rounds, their order rotating each round, so that whatever else
-the machine does hits every target alike; each row is the mean of its rounds. The peers are
+and accept the real one; Envoy and HAProxy, started once more with small buckets, must
+refuse one tenant past its bucket and still admit another; every embedding server must
+return narthex's vectors (cosine > 0.999). Beside req/s, the edge table gives each server
+process's CPU microseconds per request, the figure a busy shared machine disturbs least.
+
+The targets run in rounds, their order rotating each round, so that whatever else the
+machine does hits every target alike; each row is the mean of its rounds. The peers are
 installed on first use under `.tools/peers/` (bench.peers.install), never in the lock.
 """
 
@@ -23,8 +27,8 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +57,12 @@ class Row:
     lacks: str
     runs: list[WrkResult]
     cpu_us: float | None = None  # CPU microseconds per request, the server process alone
+    fixed_rate: float | None = None  # a rate measured without wrk (raw ONNX Runtime)
 
     @property
     def rps(self) -> float:
+        if self.fixed_rate is not None:
+            return self.fixed_rate
         return statistics.mean(r.rps for r in self.runs)
 
     @property
@@ -117,8 +124,18 @@ def verdict(ok: bool) -> str:
 def edge_table(platform: Edge, args: argparse.Namespace) -> float:
     """Run the edge comparison; returns narthex / Envoy."""
     jwks = httpx.get(platform.auth.url + "/.well-known/jwks.json", timeout=10).json()
-    peers = edges.peers(platform.directory, jwks, int(platform.upstream.url.rsplit(":", 1)[1]))
+    upstream_port = int(platform.upstream.url.rsplit(":", 1)[1])
+    peers = edges.peers(platform.directory, jwks, upstream_port)
     base = edges.baseline(platform.upstream.url)
+    small = edges.peers(platform.directory, jwks, upstream_port, small=True)
+    with running([p.spec for p in small], platform.directory) as services:
+        print("sanity: every peer keeps a bucket per tenant (sub): one is refused, another not")
+        noisy, quiet = edges.tenant_tokens(platform, ["t_bench_noisy", "t_bench_quiet"])
+        for peer, service in zip(small, services, strict=True):
+            problem = edges.per_tenant(service.url + edges.PATH, noisy, quiet)
+            if problem:
+                raise BenchError(f"{peer.name}: {problem}")
+            print(f"  {peer.name}: refuses a tenant past its bucket, admits the next tenant")
     with private_prefix() as prefix:
         gateway = platform.gateway("gateway", **gateway_env(prefix, 1))
         specs = [gateway, *(p.spec for p in peers), base.spec]
@@ -232,6 +249,7 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
         f"raw ORT b{best_batch}",
         "in-process, no HTTP, no tokenizing per request: the ceiling",
         [],
+        fixed_rate=raw[best_batch],
     )
     print(
         f"\ninference: minilm, one text per request, wrk -t1 -c{args.connections}"
@@ -239,7 +257,7 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
     )
     raw_rate = raw[best_batch]
     ours_rps = statistics.mean(r.rps for r in results["narthex"])
-    table([*rows, _fixed(raw_row, raw_rate)], "narthex")
+    table([*rows, raw_row], "narthex")
     vs_raw = ours_rps / raw_rate
     vs_triton = ours_rps / statistics.mean(r.rps for r in results["pytriton"])
     print(
@@ -250,29 +268,7 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
     print("raw ORT per batch size: " + ", ".join(f"b{b} {r:.0f}/s" for b, r in raw.items()))
 
 
-class _FixedRow(Row):
-    """A row with a rate but no wrk runs (raw ONNX Runtime)."""
-
-    fixed: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return self.fixed
-
-
-def _fixed(row: Row, rate: float) -> Row:
-    fixed = _FixedRow(row.name, row.lacks, [])
-    fixed.fixed = rate
-    return fixed
-
-
 # -- main ----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def platform_in(directory: Path) -> Iterator[Edge]:
-    with edge(directory) as platform:
-        yield platform
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -300,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="narthex-peers-"))
             )
             repository = builtin_repository() if args.only != "edge" else Path()
-            platform = stack.enter_context(platform_in(directory))
+            platform = stack.enter_context(edge(directory))
             if args.only != "inference":
                 edge_table(platform, args)
             if args.only != "edge":

@@ -14,7 +14,7 @@ import base64
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from jose import jwt
 
 from bench.limits import UNLIMITED_PLAN
 from bench.peers import install
+from narthex.auth.signing import SigningKeyRing
+from narthex.common.security import issue_token
 from tests.support.platform import HOST, Admin, Edge, Spec, exchange, module_argv
 
 ISSUER = "narthex-auth"
@@ -37,6 +39,9 @@ READY = "/bench-ready"
 # Per tenant; far above what one core can push, so nothing is ever refused.
 BUCKET_TOKENS = 10_000_000
 BUCKET_PER_SECOND = 1_000_000
+# The sanity step's buckets: a tenant is refused within a few requests, another is not.
+SMALL_TOKENS = 2
+SMALL_PER_SECOND = 1
 ENVOY_DYNAMIC_DESCRIPTORS = 10_000
 
 
@@ -61,13 +66,14 @@ def public_pem(jwk: Mapping[str, Any]) -> bytes:
     )
 
 
-def envoy_config(jwks: Mapping[str, Any], upstream_port: int) -> str:
+def envoy_config(
+    jwks: Mapping[str, Any],
+    upstream_port: int,
+    tokens: int = BUCKET_TOKENS,
+    per_second: int = BUCKET_PER_SECOND,
+) -> str:
     """Envoy's bootstrap as JSON (valid YAML) with `{port}` left for the launcher."""
-    bucket = {
-        "max_tokens": BUCKET_TOKENS,
-        "tokens_per_fill": BUCKET_PER_SECOND,
-        "fill_interval": "1s",
-    }
+    bucket = {"max_tokens": tokens, "tokens_per_fill": per_second, "fill_interval": "1s"}
     # Envoy takes from this listener-wide bucket as well: never the one that refuses.
     everyone = {"max_tokens": 10**9, "tokens_per_fill": 10**8, "fill_interval": "1s"}
     tenant = {"header_name": "x-tenant", "descriptor_key": "tenant"}
@@ -169,7 +175,7 @@ def envoy_config(jwks: Mapping[str, Any], upstream_port: int) -> str:
     return json.dumps(config).replace('"PORT"', "{port}")
 
 
-def haproxy_config(pem: Path, upstream_port: int) -> str:
+def haproxy_config(pem: Path, upstream_port: int, per_second: int = BUCKET_PER_SECOND) -> str:
     """HAProxy's configuration; its port comes from the environment (`NARTHEX_PEER_PORT`)."""
     return f"""\
 global
@@ -207,24 +213,37 @@ frontend edge
     http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int le 0 }}
     http-request set-var(txn.sub) var(txn.bearer),jwt_payload_query('$.sub')
     http-request track-sc0 var(txn.sub) table per_tenant
-    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {BUCKET_PER_SECOND} }}
+    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {per_second} }}
     default_backend upstream
 """
 
 
-def peers(directory: Path, jwks: Mapping[str, Any], upstream_port: int) -> list[Peer]:
-    """Envoy and HAProxy, installed if needed, configured in `directory`."""
+def peers(
+    directory: Path, jwks: Mapping[str, Any], upstream_port: int, *, small: bool = False
+) -> list[Peer]:
+    """Envoy and HAProxy, installed if needed, configured in `directory`; `small`: with
+    the sanity step's buckets."""
     (jwk,) = [k for k in jwks["keys"] if k.get("kty") == "RSA"][:1]
+    suffix = "-small" if small else ""
     pem = directory / "jwt-public.pem"
     pem.write_bytes(public_pem(jwk))
-    cfg = directory / "haproxy.cfg"
-    cfg.write_text(haproxy_config(pem, upstream_port))
+    cfg = directory / f"haproxy{suffix}.cfg"
+    cfg.write_text(
+        haproxy_config(pem, upstream_port, SMALL_PER_SECOND)
+        if small
+        else haproxy_config(pem, upstream_port)
+    )
+    config = (
+        envoy_config(jwks, upstream_port, SMALL_TOKENS, SMALL_PER_SECOND)
+        if small
+        else envoy_config(jwks, upstream_port)
+    )
     envoy = Spec(
-        "envoy",
+        f"envoy{suffix}",
         (
             str(install.envoy()),
             "--config-yaml",
-            envoy_config(jwks, upstream_port),
+            config,
             "--concurrency",
             "1",
             "--disable-hot-restart",
@@ -234,7 +253,7 @@ def peers(directory: Path, jwks: Mapping[str, Any], upstream_port: int) -> list[
         ready_path=READY,
     )
     haproxy = Spec(
-        "haproxy",
+        f"haproxy{suffix}",
         (str(install.haproxy()), "-db", "-f", str(cfg)),
         {"NARTHEX_PEER_PORT": "{port}"},
         ready_path=READY,
@@ -329,3 +348,37 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def tenant_tokens(platform: Edge, subjects: Sequence[str]) -> list[str]:
+    """JWTs for other tenants, signed with auth's own current key (read from its keys
+    directory), as auth would issue them."""
+    key = SigningKeyRing(platform.directory / "keys", generate=False).signing_key()
+    return [
+        issue_token(
+            key,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            subject=subject,
+            plan="bench",
+            roles=["tenant"],
+            scopes=["models:read"],
+        )
+        for subject in subjects
+    ]
+
+
+def per_tenant(url: str, noisy: str, quiet: str, tries: int = 6) -> str | None:
+    """What is wrong with an edge's per-tenant bucket (None: nothing): `noisy` must be
+    refused (429) within `tries` requests, and `quiet` admitted right after."""
+    with httpx.Client(timeout=10.0) as client:
+        statuses = [
+            client.get(url, headers={"Authorization": f"Bearer {noisy}"}).status_code
+            for _ in range(tries)
+        ]
+        other = client.get(url, headers={"Authorization": f"Bearer {quiet}"}).status_code
+    if 429 not in statuses:
+        return f"never refused one tenant past its bucket: {statuses}"
+    if other != 200:
+        return f"refused another tenant with its own bucket full: HTTP {other}"
+    return None
