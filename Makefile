@@ -11,7 +11,7 @@ MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
 	libs/transactions/pyproject.toml loadtests/pyproject.toml
 
-.PHONY: help run test test-tools test-containers images lint format bench loadtest models install clean
+.PHONY: help run test test-tools test-containers images lint format bench bench-peers loadtest models install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -82,6 +82,11 @@ loadtest: install models ## Locust against the stack (URL=, DURATION=, USERS=, S
 	$(UV) run narthex-loadtest $(if $(URL),--url $(URL)) --port-base $(PORT_BASE) \
 		--duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
 		--scenario $(SCENARIO) --sla $(SLA) --processes $(PROCESSES)
+
+bench-peers: install models ## narthex beside Envoy, HAProxy, PyTriton, infinity (peers go in .tools/peers)
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(UV) run python -m bench.peers
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
 	$(UV) run narthex models build

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -10,13 +11,15 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
-from narthex.common.logging import configure_logging, get_logger, scrub
+from narthex.common.context import request_id_var
+from narthex.common.logging import configure_logging, get_logger, log_line, scrub
 
 
 def _b64url(raw: bytes) -> str:
@@ -540,3 +543,84 @@ def test_scrub_survives_self_reference() -> None:
     result = scrub(loop)
     assert isinstance(result, list)
     assert result[0] == "[REDACTED:email]"
+
+
+# -- log_line: the access log's direct path ---------------------------------------------------
+
+
+def test_log_line_writes_what_structlog_writes(stream: io.StringIO) -> None:
+    fields: dict[str, str | int | float] = {
+        "method": "GET",
+        "route": "/v1/models",
+        "status": 200,
+        "latency_ms": 1.25,
+    }
+    tracer = TracerProvider().get_tracer("narthex.tests")
+    token = request_id_var.set("req-0123456789abcdef")
+    try:
+        with tracer.start_as_current_span("request"):
+            get_logger("narthex.access").info("request", **fields)
+            log_line("narthex.access", logging.INFO, "request", fields)
+            log_line("narthex.access", logging.ERROR, "request", {**fields, "status": 503})
+    finally:
+        request_id_var.reset(token)
+    slow, fast, error = _lines(stream)
+    # Same keys in the same order, same values; only the time differs.
+    assert list(fast) == list(slow)
+    assert {**fast, "timestamp": None} == {**slow, "timestamp": None}
+    assert error["level"] == "error"
+    assert error["status"] == 503
+    for line in (slow, fast):
+        stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+        assert stamp.utcoffset() == UTC.utcoffset(None)
+
+
+@pytest.mark.parametrize(("secret", "placeholder"), SECRETS)
+def test_log_line_scrubs_every_value(stream: io.StringIO, secret: str, placeholder: str) -> None:
+    log_line("narthex.access", logging.INFO, "request", {"route": f"/v1/{secret}", "token": "x"})
+    line = _only_line(stream)
+    assert line["route"] == f"/v1/{placeholder}"
+    assert line["token"] == "[REDACTED]"
+    _assert_clean(stream.getvalue())
+
+
+def test_log_line_respects_the_level(stream: io.StringIO) -> None:
+    configure_logging("test-svc", level="WARNING", stream=stream)
+    log_line("narthex.access", logging.INFO, "request", {"status": 200})
+    log_line("narthex.access", logging.WARNING, "request", {"status": 404})
+    assert [line["status"] for line in _lines(stream)] == [404]
+
+
+def test_log_line_goes_through_capture_logs_and_bound_context(stream: io.StringIO) -> None:
+    with structlog.testing.capture_logs() as captured:
+        log_line("narthex.access", logging.INFO, "request", {"status": 200})
+    assert captured == [{"status": 200, "event": "request", "log_level": "info"}]
+    assert stream.getvalue() == ""
+    structlog.contextvars.bind_contextvars(job="nightly")
+    log_line("narthex.access", logging.INFO, "request", {"status": 200})
+    assert _only_line(stream)["job"] == "nightly"
+
+
+def test_lines_written_on_an_event_loop_are_flushed_by_the_end_of_its_turn(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "service.log"
+    with path.open("w") as out:  # a real file: block-buffered, as stdout is when redirected
+        configure_logging("test-svc", stream=out)
+
+        async def serve() -> list[str]:
+            get_logger("narthex.access").info("request", status=200)
+            log_line("narthex.access", logging.INFO, "request", {"status": 201})
+            await asyncio.sleep(0)  # the loop's next turn
+            return path.read_text().splitlines()
+
+        written = asyncio.run(serve())
+    assert [json.loads(line)["status"] for line in written] == [200, 201]
+
+
+def test_lines_written_off_any_event_loop_are_flushed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "service.log"
+    with path.open("w") as out:
+        configure_logging("test-svc", stream=out)
+        get_logger().info("starting")
+        assert json.loads(path.read_text())["event"] == "starting"

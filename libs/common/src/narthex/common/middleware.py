@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from contextlib import nullcontext
@@ -14,9 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from narthex.common.context import accept_request_id, request_id_var
 from narthex.common.deadline import DEFAULT_FLOOR_MS, deadline, parse_header
 from narthex.common.errors import problem_body
+from narthex.common.logging import log_line
 from narthex.common.metrics import HttpMetrics
 
-log = structlog.get_logger("narthex.access")
+ACCESS_LOGGER = "narthex.access"
+log = structlog.get_logger(ACCESS_LOGGER)
 
 # Probe and scrape paths: neither logged nor traced when they succeed, unless the call
 # carries a trace context (then it is part of a traced request, not a kubelet poll).
@@ -114,12 +117,10 @@ class RequestContextMiddleware:
         tenant = scope.get("state", {}).get("tenant")
         if tenant is not None:
             fields["tenant"] = tenant
-        if status >= 500:
-            log.error("request", **fields)
-        elif status >= 400:
-            log.warning("request", **fields)
-        else:
-            log.info("request", **fields)
+        level = (
+            logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        )
+        log_line(ACCESS_LOGGER, level, "request", fields)
 
 
 async def _send_internal_error(send: Send, scope: Scope) -> None:
