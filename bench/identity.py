@@ -12,13 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.proxy import (
-    HOST,
     PY,
     UPSTREAM,
     BenchError,
     Target,
     WrkResult,
-    free_port,
     run_wrk,
     spawn,
     wait_ready,
@@ -27,6 +25,7 @@ from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
 from narthex.auth.store import AuthStore, migrate
+from narthex.testing.processes import HOST, free_port
 
 TARGET_JWT_MS = 0.3
 TARGET_KEY_MS = 0.5

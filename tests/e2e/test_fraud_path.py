@@ -17,9 +17,6 @@ inference surviving a features service that dies or slows down.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -33,6 +30,7 @@ import numpy as np
 import pytest
 
 from narthex.inference.builtin import fraud
+from narthex.testing import processes
 from narthex.transactions import AccountState, Transaction, model_input
 from tests.support.delay import DelayProxy
 from tests.support.loopback import in_own_thread
@@ -42,10 +40,12 @@ from tests.support.platform import (
     ROOT,
     Admin,
     Edge,
+    Spec,
     Tenant,
     edge,
     exchange,
     gateway_spec,
+    module_argv,
     running,
 )
 from tests.support.redis import REDIS_URL, redis_scratch
@@ -66,54 +66,40 @@ class FeaturesProcess:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.directory = directory
-        self.env = {
-            **os.environ,
-            "NARTHEX_FEATURES_HOST": HOST,
-            "NARTHEX_FEATURES_PORT": str(self.port),
-            "NARTHEX_FEATURES_ENV": "dev",
-            "NARTHEX_FEATURES_AUTH_URL": auth_url,
-            "NARTHEX_FEATURES_REDIS_URL": REDIS_URL,
-            "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
+        self.spec = Spec(
+            "features",
+            module_argv("narthex.features"),
+            {
+                "NARTHEX_FEATURES_HOST": HOST,
+                "NARTHEX_FEATURES_PORT": "{port}",
+                "NARTHEX_FEATURES_ENV": "dev",
+                "NARTHEX_FEATURES_AUTH_URL": auth_url,
+                "NARTHEX_FEATURES_REDIS_URL": REDIS_URL,
+                "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
+            },
+        )
+        self.service: Service | None = None
         self.starts = 0
 
     def start(self, timeout: float = 30.0) -> None:
         self.starts += 1
-        log = self.directory / f"features-{self.starts}.log"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "narthex.features"],
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"features not ready:\n{log.read_text()[-2000:]}")
+        self.service = processes.start(
+            self.spec,
+            self.directory,
+            port=self.port,
+            log_name=f"features-{self.starts}",
+            cwd=ROOT,
+        )
+        processes.wait_ready(self.service, timeout)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.service is not None and self.service.process.poll() is None:
+            self.service.process.kill()
+            self.service.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.service is not None:
+            processes.stop(self.service.process)
 
 
 class CountingProxy(DelayProxy):

@@ -8,12 +8,10 @@ Everything listens on 127.0.0.1 and every process started here is stopped on exi
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -33,9 +31,11 @@ from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
 from narthex.auth.store import AuthStore, migrate
-from tests.support.services import Service, free_port
+from narthex.testing import processes
+from narthex.testing.processes import HOST, Service, Spec, free_port, module_argv
 
 __all__ = [
+    "HOST",
     "KEY_PEPPER",
     "ONE_ITEM",
     "PREDICT",
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 KEY_PEPPER = "e2e-limits-pepper-0123456789"
 # The inference service's identity, named as `narthex up` names it.
 INFERENCE_IDENTITY = "service-inference"
@@ -66,83 +65,19 @@ INFERENCE_IDENTITY = "service-inference"
 PREDICT = "/v1/models/x/predict"
 ONE_ITEM = b'{"instances":[{}]}'
 DAILY_REMAINING = re.compile(r'"daily";r=(\d+)')
-STOP_TIMEOUT_S = 10.0
 
 
-# -- processes -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One process to start: `{port}` in argv or env is replaced by a free port."""
-
-    label: str
-    argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-    ready_path: str = "/readyz"
-
-
-def module_argv(module: str, *args: str) -> tuple[str, ...]:
-    return (sys.executable, "-m", module, *args)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+# -- processes: narthex.testing's launcher, run from the repository root ------------------------
 
 
 @contextmanager
 def running(
     specs: Sequence[Spec], directory: Path, timeout: float = 60.0
 ) -> Iterator[list[Service]]:
-    """Start every spec at once (they boot in parallel), wait until each answers 200 on its
-    ready path, stop them all on exit. Logs go to `<directory>/<label>.log`."""
-    started: list[tuple[Service, str]] = []
-    try:
-        for spec in specs:
-            port = str(free_port())
-            argv = [a.replace("{port}", port) for a in spec.argv]
-            env = {**os.environ, **{k: v.replace("{port}", port) for k, v in spec.env.items()}}
-            log_path = directory / f"{spec.label}.log"
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-                )
-            service = Service(spec.label, f"http://{HOST}:{port}", process, log_path)
-            started.append((service, spec.ready_path))
-        deadline = time.monotonic() + timeout
-        for service, path in started:
-            _wait(service, path, deadline)
-        yield [service for service, _ in started]
-    finally:
-        for service, _ in started:
-            if service.process.poll() is None:
-                service.process.terminate()
-        for service, _ in started:
-            _stop(service.process)
-
-
-def _wait(service: Service, path: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise RuntimeError(
-                f"{service.name} exited with {service.process.returncode}:\n"
-                + service.log_path.read_text()[-2000:]
-            )
-        try:
-            if httpx.get(service.url + path, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(
-        f"{service.name} not ready on {path}:\n{service.log_path.read_text()[-2000:]}"
-    )
+    """Start every spec at once, wait until each answers 200 on its ready path, stop them
+    all on exit; from the repository root, so `python -m bench.upstream` resolves."""
+    with processes.running(specs, directory, timeout, cwd=ROOT) as services:
+        yield services
 
 
 def gateway_spec(label: str, auth_url: str, upstream_url: str, **env: str) -> Spec:
@@ -373,18 +308,21 @@ class PrivateRedis:
     def start(self, timeout: float = 10.0) -> None:
         assert self.process is None or self.process.poll() is not None
         self.starts += 1
-        log = self.directory / f"redis-{self.port}-{self.starts}.log"
-        argv = ["redis-server", "--port", str(self.port), "--bind", HOST]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", *self.args]
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                argv, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-            )
+        argv: tuple[str, ...] = ("redis-server", "--port", "{port}", "--bind", HOST)
+        argv += ("--save", "", "--appendonly", "no", "--daemonize", "no", *self.args)
+        server = processes.start(
+            Spec("redis-server", argv),
+            self.directory,
+            port=self.port,
+            log_name=f"redis-{self.port}-{self.starts}",
+            cwd=self.directory,
+        )
+        self.process = server.process
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited:\n{log.read_text()[-2000:]}")
+                if (error := server.exited()) is not None:
+                    raise error
                 if self.ping():
                     return
                 time.sleep(0.05)
@@ -411,7 +349,7 @@ class PrivateRedis:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            processes.stop(self.process)
 
 
 @contextmanager
