@@ -249,7 +249,7 @@ class Keys:
 def signing_keys(directory: Path) -> Iterator[Keys]:
     # Imported here: the other benchmarks that import this module need none of it.
     from narthex.common import scopes
-    from narthex.common.security import SigningKey, issue_token
+    from narthex.common.tokens import SigningKey, issue_token
 
     key = SigningKey.generate()
     files = {

@@ -18,7 +18,7 @@ from narthex.cli.admin import Provisioned, Target, auth_settings, open_service, 
 from narthex.cli.main import app
 from narthex.cli.paths import auth_database_url
 from narthex.cli.stack import plan_ports, service_env
-from narthex.common.security import ApiKey, parse_api_key
+from narthex.common.apikeys import ApiKey, parse_api_key
 
 KEY = re.compile(r"nx_[a-z]+_[a-z0-9]{16}_[A-Za-z0-9]{40}")
 

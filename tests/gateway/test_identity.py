@@ -9,14 +9,12 @@ from typing import Any
 
 import pytest
 
+from narthex.common.apikeys import generate_api_key
 from narthex.common.authn import MissingToken
 from narthex.common.deadline import deadline
 from narthex.common.errors import GatewayTimeout, ServiceUnavailable
 from narthex.common.http import ClientPolicy, ServiceClient
-from narthex.common.security import (
-    InvalidToken,
-    generate_api_key,
-)
+from narthex.common.tokens import InvalidToken
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, InvalidApiKey, KeyInQuery
 from narthex.gateway.ratelimit import RateLimited

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from narthex.common.security import DEFAULT_TTL, JwksCache, SigningKey, TokenVerifier, issue_token
+from narthex.common.jwks import JwksCache
+from narthex.common.tokens import DEFAULT_TTL, SigningKey, TokenVerifier, issue_token
 
 __all__ = ["KEY", "bearer", "static_verifier", "token", "verifier"]
 

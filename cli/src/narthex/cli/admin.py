@@ -21,10 +21,11 @@ from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import KeyRingError, SigningKeyRing
 from narthex.auth.store import AuthStore, KeyRecord, TenantRecord, migrate
 from narthex.cli.paths import auth_database_url, signing_keys_dir
+from narthex.common.apikeys import ApiKey
 from narthex.common.errors import NotFound, Problem
 from narthex.common.scopes import ADMIN, TENANT
-from narthex.common.security import ApiKey, SigningKey
 from narthex.common.settings import SettingsError, load_settings
+from narthex.common.tokens import SigningKey
 
 ACTOR = "cli"
 DEMO_TENANT = "demo"

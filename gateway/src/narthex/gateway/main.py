@@ -13,9 +13,9 @@ from narthex.common.app import service_app
 from narthex.common.authn import verifier_for
 from narthex.common.background import every
 from narthex.common.http import ServiceClient
+from narthex.common.jwks import JwksCache
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
-from narthex.common.security import JwksCache
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight

@@ -16,8 +16,9 @@ from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
 from narthex.auth.store import AuthStore, migrate
 from narthex.common.app import service_app
+from narthex.common.jwks import JwksCache
 from narthex.common.readiness import CheckResult
-from narthex.common.security import JwksCache, TokenVerifier
+from narthex.common.tokens import TokenVerifier
 
 PUBLIC_PATHS = frozenset({"/v1/auth/token", "/.well-known/jwks.json", "/internal/v1/revocations"})
 

@@ -14,7 +14,7 @@ from narthex.auth.store import KeyRecord, PlanRecord, TenantRecord
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
 from narthex.common.scopes import KEYS
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 
 router = APIRouter()
 
