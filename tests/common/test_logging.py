@@ -1,4 +1,5 @@
-"""Tests for narthex.common.logging: JSON output, trace correlation and secret scrubbing."""
+"""narthex.common.logging and the scrubbing it applies (narthex.common.scrub): JSON output,
+trace correlation, secrets removed from every line, and `scrub()` on its own."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
-from narthex.common.logging import configure_logging, get_logger, scrub
+from narthex.common.logging import configure_logging
+from narthex.common.scrub import scrub
 
 
 def _b64url(raw: bytes) -> str:
@@ -127,7 +129,7 @@ def _assert_clean(raw: str) -> None:
 
 @pytest.mark.parametrize(("secret", "placeholder"), SECRETS)
 def test_secret_in_message_is_redacted(stream: io.StringIO, secret: str, placeholder: str) -> None:
-    get_logger(__name__).info(f"charging {secret} for tenant acme")
+    structlog.get_logger(__name__).info(f"charging {secret} for tenant acme")
 
     line = _only_line(stream)
     assert line["event"] == f"charging {placeholder} for tenant acme"
@@ -138,7 +140,7 @@ def test_secret_in_message_is_redacted(stream: io.StringIO, secret: str, placeho
 def test_secret_nested_in_event_values_is_redacted(
     stream: io.StringIO, secret: str, placeholder: str
 ) -> None:
-    get_logger().info(
+    structlog.get_logger().info(
         "request",
         body={"customer": {"note": f"pay with {secret}", "history": [secret, ("x", secret)]}},
         tags=[{"v": secret}],
@@ -160,7 +162,7 @@ def test_header_dict_credentials_are_redacted(stream: io.StringIO) -> None:
         "Content-Type": "application/json",
         "X-Request-ID": "7f1c0b3a-9e2d-4c1b-8a7f-3e2d1c0b9a8f",
     }
-    get_logger().info("upstream call", headers=headers)
+    structlog.get_logger().info("upstream call", headers=headers)
 
     line = _only_line(stream)
     assert line["headers"] == {
@@ -176,7 +178,7 @@ def test_header_dict_credentials_are_redacted(stream: io.StringIO) -> None:
 
 
 def test_sensitive_keys_are_redacted_whatever_the_value_type(stream: io.StringIO) -> None:
-    get_logger().info(
+    structlog.get_logger().info(
         "login",
         password=123456,
         token=None,
@@ -193,7 +195,7 @@ def test_sensitive_keys_are_redacted_whatever_the_value_type(stream: io.StringIO
 
 
 def test_credentials_in_free_text_are_redacted(stream: io.StringIO) -> None:
-    get_logger().warning(
+    structlog.get_logger().warning(
         f"upstream rejected Authorization: Bearer {JWT}; retried with basic {BASIC_CREDENTIALS}"
     )
 
@@ -204,7 +206,7 @@ def test_credentials_in_free_text_are_redacted(stream: io.StringIO) -> None:
 
 
 def test_exception_traceback_is_scrubbed(stream: io.StringIO) -> None:
-    log = get_logger(__name__)
+    log = structlog.get_logger(__name__)
     message = f"lookup failed for {API_KEY} owned by {EMAIL} paying {VISA} with {JWT}"
     try:
         raise RuntimeError(message)
@@ -229,7 +231,7 @@ def test_unknown_objects_are_rendered_then_scrubbed(stream: io.StringIO) -> None
         def __repr__(self) -> str:
             return f"Credentials(key={API_KEY!r}, owner={EMAIL!r})"
 
-    get_logger().info("loaded", creds=Credentials(), raw=f"email={EMAIL}".encode())
+    structlog.get_logger().info("loaded", creds=Credentials(), raw=f"email={EMAIL}".encode())
 
     line = _only_line(stream)
     assert line["creds"] == "Credentials(key='[REDACTED:api_key]', owner='[REDACTED:email]')"
@@ -321,7 +323,7 @@ NON_SECRETS = [
 def test_non_secrets_survive(stream: io.StringIO, text: str) -> None:
     assert scrub(text) == text
 
-    get_logger().info(text, detail={"text": text})
+    structlog.get_logger().info(text, detail={"text": text})
 
     line = _only_line(stream)
     assert line["event"] == text
@@ -329,7 +331,7 @@ def test_non_secrets_survive(stream: io.StringIO, text: str) -> None:
 
 
 def test_non_string_scalars_are_untouched(stream: io.StringIO) -> None:
-    get_logger().info("x", order_id=4111111111111111, ratio=0.5, ok=True, missing=None)
+    structlog.get_logger().info("x", order_id=4111111111111111, ratio=0.5, ok=True, missing=None)
 
     line = _only_line(stream)
     assert line["order_id"] == 4111111111111111
@@ -342,7 +344,7 @@ def test_non_string_scalars_are_untouched(stream: io.StringIO) -> None:
 
 
 def test_standard_fields(stream: io.StringIO) -> None:
-    get_logger("narthex.test").info("model loaded", model="resnet50")
+    structlog.get_logger("narthex.test").info("model loaded", model="resnet50")
 
     line = _only_line(stream)
     assert line["event"] == "model loaded"
@@ -360,7 +362,7 @@ def test_standard_fields(stream: io.StringIO) -> None:
 def test_trace_and_span_ids_come_from_the_active_span(stream: io.StringIO) -> None:
     provider = TracerProvider()
     tracer = provider.get_tracer("narthex.tests")
-    log = get_logger()
+    log = structlog.get_logger()
     try:
         with tracer.start_as_current_span("predict") as span:
             log.info("inside")
@@ -384,7 +386,9 @@ def test_trace_id_is_never_mistaken_for_a_card(stream: io.StringIO) -> None:
     provider = TracerProvider()
     try:
         with provider.get_tracer("t").start_as_current_span("s") as span:
-            get_logger().info("with ids", echoed=format(span.get_span_context().trace_id, "032x"))
+            structlog.get_logger().info(
+                "with ids", echoed=format(span.get_span_context().trace_id, "032x")
+            )
     finally:
         provider.shutdown()
 
@@ -396,7 +400,7 @@ def test_contextvars_are_merged(stream: io.StringIO) -> None:
     request_id = str(uuid.uuid4())
     structlog.contextvars.bind_contextvars(request_id=request_id, tenant="acme")
 
-    get_logger().info("handled")
+    structlog.get_logger().info("handled")
     logging.getLogger("uvicorn.error").info("handled by stdlib")
 
     for line in _lines(stream):
@@ -407,7 +411,7 @@ def test_contextvars_are_merged(stream: io.StringIO) -> None:
 def test_bound_context_is_scrubbed(stream: io.StringIO) -> None:
     structlog.contextvars.bind_contextvars(user=EMAIL)
 
-    get_logger().bind(api_key_hint=API_KEY).info("bound")
+    structlog.get_logger().bind(api_key_hint=API_KEY).info("bound")
 
     line = _only_line(stream)
     assert line["user"] == "[REDACTED:email]"
@@ -420,7 +424,7 @@ def test_bound_context_is_scrubbed(stream: io.StringIO) -> None:
 def test_reconfiguration_applies_to_existing_loggers() -> None:
     first = io.StringIO()
     configure_logging("svc-a", stream=first)
-    log = get_logger("narthex.module_level")
+    log = structlog.get_logger("narthex.module_level")
     log.info("one")
 
     second = io.StringIO()
@@ -441,7 +445,7 @@ def test_reconfiguration_applies_to_existing_loggers() -> None:
 
 def test_default_stream_follows_sys_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("svc")
-    get_logger().info("to stdout", who=EMAIL)
+    structlog.get_logger().info("to stdout", who=EMAIL)
     logging.getLogger("uvicorn.error").info("stdlib to stdout")
 
     out = capsys.readouterr().out
@@ -455,7 +459,7 @@ def test_broken_stream_does_not_raise_into_the_caller(capsys: pytest.CaptureFixt
     configure_logging("svc", stream=out)
     out.close()
 
-    get_logger().info("lost")
+    structlog.get_logger().info("lost")
     logging.getLogger("uvicorn.error").info("lost too")
 
     assert capsys.readouterr().err.count("--- Logging error ---") == 2
@@ -464,7 +468,7 @@ def test_broken_stream_does_not_raise_into_the_caller(capsys: pytest.CaptureFixt
 def test_debug_level() -> None:
     out = io.StringIO()
     configure_logging("svc", level="debug", stream=out)
-    get_logger().debug("details")
+    structlog.get_logger().debug("details")
     assert _only_line(out)["level"] == "debug"
 
 
@@ -479,7 +483,7 @@ def test_console_renderer_is_scrubbed_too() -> None:
     try:
         raise RuntimeError(f"bad key {API_KEY}")
     except RuntimeError:
-        get_logger().exception("human readable", who=EMAIL)
+        structlog.get_logger().exception("human readable", who=EMAIL)
 
     text = out.getvalue()
     assert "human readable" in text
