@@ -21,10 +21,11 @@ from bench.proxy import (
     spawn,
     wait_ready,
 )
+from narthex.auth.database import migrate
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
 from narthex.testing.processes import HOST, free_port
 
 TARGET_JWT_MS = 0.3

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from narthex.auth.store import AuditRecord, AuthStore
+from narthex.auth.records import AuditRecord
+from narthex.auth.store import AuthStore
 from narthex.cli.admin import Provisioned, Target, auth_settings, open_service, provision
 from narthex.cli.main import app
 from narthex.cli.paths import auth_database_url

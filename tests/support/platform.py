@@ -27,10 +27,11 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from narthex.auth.database import migrate
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
 from narthex.testing import processes
 from narthex.testing.processes import HOST, Service, Spec, free_port, module_argv
 

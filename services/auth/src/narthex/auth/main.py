@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from narthex.auth.database import migrate
 from narthex.auth.routes import router
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
 from narthex.common.app import service_app
 from narthex.common.jwks import JwksCache
 from narthex.common.readiness import CheckResult

@@ -11,17 +11,10 @@ from typing import Any
 
 import structlog
 
+from narthex.auth.records import AuditEntry, KeyRecord, PlanRecord, TenantRecord
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import (
-    AuditEntry,
-    AuthStore,
-    KeyRecord,
-    PlanRecord,
-    StoreError,
-    TenantRecord,
-    UnknownPlan,
-)
+from narthex.auth.store import AuthStore, StoreError, UnknownPlan
 from narthex.auth.store import Conflict as StoreConflict
 from narthex.auth.store import NotFound as StoreNotFound
 from narthex.common.apikeys import (
