@@ -1,6 +1,6 @@
 """Online features, measured in one run: ingestion, batchGet, and fraud scoring with lookups.
 
-Real processes on 127.0.0.1: auth (with the operator's admin key, `tests.support.platform.
+Real processes on 127.0.0.1: auth (with the operator's admin key, `narthex.testing.platform.
 edge`), the features service on the Redis at 127.0.0.1:6379 under a private key prefix
 (deleted afterwards), and the inference service serving the built-in `fraud` model with
 that features service behind it. Ingestion and scoring carry the operator's JWT (scopes
@@ -50,10 +50,8 @@ import orjson
 
 from bench.limits import REDIS_URL, private_prefix
 from bench.proxy import BenchError, WrkResult, wrk_post
-from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
-from narthex.transactions.lookup import BATCH_GET, encode_request
-from tests.support.models import builtin_repository
-from tests.support.platform import (
+from narthex.testing.models import builtin_repository
+from narthex.testing.platform import (
     HOST,
     Spec,
     edge,
@@ -61,6 +59,8 @@ from tests.support.platform import (
     module_argv,
     running,
 )
+from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
+from narthex.transactions.lookup import BATCH_GET, encode_request
 
 INGEST = "/v1/events/transactions"
 PREDICT = "/v1/models/fraud/predict"

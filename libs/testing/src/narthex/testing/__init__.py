@@ -1,1 +1,1 @@
-"""What tests, end-to-end runs and benchmarks share: ports, processes, a driven clock."""
+"""What tests, end-to-end runs and benchmarks share: processes, scenarios, Redis, a clock."""
