@@ -31,6 +31,7 @@ import pytest
 
 from narthex.inference.builtin import fraud
 from narthex.testing import processes
+from narthex.testing.platform import features_spec
 from narthex.transactions import AccountState, Transaction, model_input
 from tests.support.delay import DelayProxy
 from tests.support.loopback import in_own_thread
@@ -40,12 +41,10 @@ from tests.support.platform import (
     ROOT,
     Admin,
     Edge,
-    Spec,
     Tenant,
     edge,
     exchange,
     gateway_spec,
-    module_argv,
     running,
 )
 from tests.support.redis import REDIS_URL, redis_scratch
@@ -68,18 +67,7 @@ class FeaturesProcess:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.directory = directory
-        self.spec = Spec(
-            "features",
-            module_argv("narthex.features"),
-            {
-                "NARTHEX_FEATURES_HOST": HOST,
-                "NARTHEX_FEATURES_PORT": "{port}",
-                "NARTHEX_FEATURES_ENV": "dev",
-                "NARTHEX_FEATURES_AUTH_URL": auth_url,
-                "NARTHEX_FEATURES_REDIS_URL": REDIS_URL,
-                "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
-            },
-        )
+        self.spec = features_spec("features", auth_url, REDIS_URL, prefix)
         self.service: Service | None = None
         self.starts = 0
 

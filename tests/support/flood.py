@@ -3,32 +3,4 @@ old name."""
 
 from __future__ import annotations
 
-from narthex.testing.flood import (
-    EMBEDDINGS,
-    FLOOD_CLIENTS,
-    FLOOD_PLAN,
-    FLOOD_TEXTS,
-    QUIET_INTERVAL,
-    QUIET_PLAN,
-    FloodStack,
-    Traffic,
-    embedding_body,
-    flood,
-    flood_stack,
-    quiet_alone,
-)
-
-__all__ = [
-    "EMBEDDINGS",
-    "FLOOD_CLIENTS",
-    "FLOOD_PLAN",
-    "FLOOD_TEXTS",
-    "QUIET_INTERVAL",
-    "QUIET_PLAN",
-    "FloodStack",
-    "Traffic",
-    "embedding_body",
-    "flood",
-    "flood_stack",
-    "quiet_alone",
-]
+from narthex.testing.flood import *  # noqa: F403 - the module, under the name tests import

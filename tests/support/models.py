@@ -2,12 +2,4 @@
 
 from __future__ import annotations
 
-from narthex.testing.models import (
-    BUILTIN_REPOSITORY,
-    builtin_repository,
-)
-
-__all__ = [
-    "BUILTIN_REPOSITORY",
-    "builtin_repository",
-]
+from narthex.testing.models import *  # noqa: F403 - the module, under the name tests import

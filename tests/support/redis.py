@@ -2,16 +2,4 @@
 
 from __future__ import annotations
 
-from narthex.testing.redis import (
-    REDIS_URL,
-    RedisScratch,
-    delete_prefix,
-    redis_scratch,
-)
-
-__all__ = [
-    "REDIS_URL",
-    "RedisScratch",
-    "delete_prefix",
-    "redis_scratch",
-]
+from narthex.testing.redis import *  # noqa: F403 - the module, under the name tests import

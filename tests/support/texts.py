@@ -2,12 +2,4 @@
 
 from __future__ import annotations
 
-from narthex.testing.texts import (
-    WORDS,
-    texts,
-)
-
-__all__ = [
-    "WORDS",
-    "texts",
-]
+from narthex.testing.texts import *  # noqa: F403 - the module, under the name tests import

@@ -41,11 +41,15 @@ from narthex.testing.redis import REDIS_URL, redis_scratch
 from narthex.testing.texts import texts
 
 __all__ = [
+    "EMBEDDINGS",
     "FLOOD_CLIENTS",
+    "FLOOD_PLAN",
     "FLOOD_TEXTS",
     "QUIET_INTERVAL",
+    "QUIET_PLAN",
     "FloodStack",
     "Traffic",
+    "embedding_body",
     "flood",
     "flood_stack",
     "quiet_alone",

@@ -9,7 +9,10 @@ from pathlib import Path
 from narthex.inference.builtin import BUILTIN, build, missing
 from narthex.testing.checkout import ROOT
 
-__all__ = ["BUILTIN_REPOSITORY", "builtin_repository"]
+__all__ = [
+    "BUILTIN_REPOSITORY",
+    "builtin_repository",
+]
 
 # Where `narthex up` (and so `make run`) builds them: a test run leaves them ready for it.
 BUILTIN_REPOSITORY = ROOT / ".state" / "models"

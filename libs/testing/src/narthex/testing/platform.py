@@ -37,7 +37,9 @@ from narthex.testing.checkout import ROOT
 from narthex.testing.processes import HOST, Service, Spec, free_port, module_argv
 
 __all__ = [
+    "DAILY_REMAINING",
     "HOST",
+    "INFERENCE_IDENTITY",
     "KEY_PEPPER",
     "ONE_ITEM",
     "PREDICT",
@@ -51,9 +53,13 @@ __all__ = [
     "Tenant",
     "TenantRun",
     "accuracy_run",
+    "bootstrap",
     "edge",
+    "exchange",
+    "features_spec",
     "format_run",
     "gateway_spec",
+    "inference_spec",
     "module_argv",
     "private_redis",
     "provision_inference",
@@ -112,6 +118,22 @@ def inference_spec(label: str, auth_url: str, repository: Path, **env: str) -> S
             "NARTHEX_INFERENCE_AUTH_URL": auth_url,
             "NARTHEX_INFERENCE_MODEL_REPOSITORY": str(repository),
             **{f"NARTHEX_INFERENCE_{name.upper()}": value for name, value in env.items()},
+        },
+    )
+
+
+def features_spec(label: str, auth_url: str, redis_url: str, prefix: str) -> Spec:
+    """The features service on the Redis at `redis_url`, its keys under `prefix`."""
+    return Spec(
+        label,
+        module_argv("narthex.features"),
+        {
+            "NARTHEX_FEATURES_HOST": HOST,
+            "NARTHEX_FEATURES_PORT": "{port}",
+            "NARTHEX_FEATURES_ENV": "dev",
+            "NARTHEX_FEATURES_AUTH_URL": auth_url,
+            "NARTHEX_FEATURES_REDIS_URL": redis_url,
+            "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
         },
     )
 

@@ -14,7 +14,12 @@ from redis.exceptions import RedisError
 
 from narthex.testing.missing import service_unavailable
 
-__all__ = ["REDIS_URL", "RedisScratch", "delete_prefix", "redis_scratch"]
+__all__ = [
+    "REDIS_URL",
+    "RedisScratch",
+    "delete_prefix",
+    "redis_scratch",
+]
 
 # No persistence is assumed: tests share this server, so each one stays under its own prefix.
 REDIS_URL = os.environ.get("NARTHEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

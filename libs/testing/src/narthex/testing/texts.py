@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["WORDS", "texts"]
+__all__ = [
+    "WORDS",
+    "texts",
+]
 
 WORDS = (
     "fraud",
