@@ -14,7 +14,7 @@ import json
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -73,6 +73,14 @@ async def server() -> AsyncIterator[UpstreamServer]:
         yield upstream
 
 
+async def timed_out(call: Awaitable[object]) -> tuple[float, UpstreamTimeout]:
+    """Await `call`, which must fail with UpstreamTimeout: the seconds it took, and the error."""
+    start = time.monotonic()
+    with pytest.raises(UpstreamTimeout) as caught:
+        await call
+    return time.monotonic() - start, caught.value
+
+
 def retry_after(headers: Any) -> int:
     """The Retry-After header as an integer (fails the test when absent or not one)."""
     value = headers["Retry-After"]
@@ -101,21 +109,18 @@ async def test_each_try_is_cut_at_try_timeout_and_final_error_is_504(
 ) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
     async with ServiceClient(
-        "svc", server.url, policy(try_timeout=0.1), transport=transport()
+        "svc", server.url, policy(try_timeout=0.5), transport=transport()
     ) as client:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout) as caught:
-            await client.get("/slow")
-        elapsed = time.monotonic() - start
+        elapsed, caught_error = await timed_out(client.get("/slow"))
 
     assert server.calls("/slow") == 3
     # Between two arrivals: one try cut at try_timeout, then a backoff of <= 10 ms
     # (the lower bound allows for the server noting an arrival late).
     for gap in gaps(server.arrivals()):
-        assert 0.06 <= gap < UPSTREAM_DELAY
-    assert 0.3 <= elapsed < UPSTREAM_DELAY  # three tries cut, none waited for the answer
-    assert caught.value.status == 504
-    assert retry_after(caught.value.headers) >= 1
+        assert 0.3 <= gap < UPSTREAM_DELAY
+    assert 1.5 <= elapsed < UPSTREAM_DELAY  # three tries cut, none waited for the answer
+    assert caught_error.status == 504
+    assert retry_after(caught_error.headers) >= 1
 
 
 async def test_overall_deadline_bounds_a_try_whose_try_timeout_is_longer(
@@ -125,10 +130,7 @@ async def test_overall_deadline_bounds_a_try_whose_try_timeout_is_longer(
     async with ServiceClient(
         "svc", server.url, policy(try_timeout=2.0, deadline=0.25, max_attempts=5)
     ) as client:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            await client.get("/slow")
-        elapsed = time.monotonic() - start
+        elapsed, _ = await timed_out(client.get("/slow"))
 
     assert 0.24 <= elapsed < UPSTREAM_DELAY
     # The one try used the whole deadline: no second try once it had passed.
@@ -143,12 +145,9 @@ async def test_retries_stop_at_the_deadline_and_none_starts_after_it(
         "svc",
         server.url,
         # Backoff long enough that retrying past the deadline would show in the time.
-        policy(try_timeout=0.08, deadline=0.3, max_attempts=20, backoff_base=0.05, backoff_max=0.1),
+        policy(try_timeout=0.4, deadline=1.5, max_attempts=20, backoff_base=0.25, backoff_max=0.5),
     ) as client:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            await client.get("/slow")
-        elapsed = time.monotonic() - start
+        elapsed, _ = await timed_out(client.get("/slow"))
 
     assert server.calls() >= 2  # it did retry ...
     assert server.calls() < 20  # ... but the deadline, not max_attempts, ended it
@@ -162,28 +161,23 @@ async def test_outer_deadline_shorter_than_the_policy_is_respected(
 ) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
     async with ServiceClient(
-        "svc", server.url, policy(try_timeout=0.08, deadline=5.0, max_attempts=20)
+        "svc", server.url, policy(try_timeout=0.4, deadline=5.0, max_attempts=20)
     ) as client:
-        start = time.monotonic()
-        with deadline(0.2), pytest.raises(UpstreamTimeout):
-            await client.get("/slow")
-        elapsed = time.monotonic() - start
+        with deadline(1.0):
+            elapsed, _ = await timed_out(client.get("/slow"))
 
     assert elapsed < UPSTREAM_DELAY
     assert server.calls() >= 2
     # Each try told the upstream how little time was left, never the policy's 5 s.
     budgets = [int(r.headers[DEADLINE_HEADER]) for r in server.requests]
-    assert all(1 <= ms <= 200 for ms in budgets)
+    assert all(1 <= ms <= 1000 for ms in budgets)
     assert budgets == sorted(budgets, reverse=True)
 
 
 async def test_per_call_deadline_argument_overrides_the_policy(server: UpstreamServer) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
     async with ServiceClient("svc", server.url, policy(try_timeout=2.0, deadline=5.0)) as client:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            await client.get("/slow", deadline=0.15)
-        elapsed = time.monotonic() - start
+        elapsed, _ = await timed_out(client.get("/slow", deadline=0.15))
 
     assert 0.14 <= elapsed < UPSTREAM_DELAY
     assert int(server.requests[0].headers[DEADLINE_HEADER]) <= 150
@@ -369,7 +363,7 @@ async def test_timeouts_and_dropped_connections_count_against_the_breaker(
 ) -> None:
     server.behave("/slow", delay=UPSTREAM_DELAY)
     server.behave("/drop", drop=True)
-    tight = policy(try_timeout=0.05, max_attempts=1, breaker_fail_max=2)
+    tight = policy(try_timeout=0.5, max_attempts=1, breaker_fail_max=2)
     async with ServiceClient("svc", server.url, tight) as client:
         with pytest.raises(UpstreamTimeout):
             await client.get("/slow")
@@ -424,7 +418,7 @@ async def test_a_try_cut_by_the_callers_deadline_never_counts_against_the_breake
 ) -> None:
     """The caller chose its budget: a try that budget cut short says nothing about the
     upstream. Fifty of them leave the breaker (fail_max 1) closed and its count at 0."""
-    server.behave(None, delay=0.3)
+    server.behave(None, delay=UPSTREAM_DELAY)
     tight = policy(try_timeout=2.0, breaker_fail_max=1)
     async with ServiceClient("svc", server.url, tight, transport=transport()) as client:
 
@@ -442,7 +436,7 @@ async def test_a_try_cut_by_the_callers_deadline_never_counts_against_the_breake
         # budget can run out before a request even arrives).
         assert server.calls() <= (50 if via == "forward" else 5)
         # A try that its own try_timeout cuts (no caller deadline) still counts.
-        client.policy = dataclasses.replace(tight, try_timeout=0.05, max_attempts=1)
+        client.policy = dataclasses.replace(tight, try_timeout=0.5, max_attempts=1)
         with pytest.raises(UpstreamTimeout):
             await call()
         assert client.breaker.state == "open"
@@ -666,14 +660,11 @@ async def test_cancelled_trial_leaves_the_breaker_half_open_for_the_next_caller(
 
 async def test_forward_cuts_each_try_at_try_timeout(server: UpstreamServer) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
-    async with ServiceClient("svc", server.url, policy(try_timeout=0.1)) as client:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            await client.forward("GET", "/slow?q=1", [], b"")
-        elapsed = time.monotonic() - start
+    async with ServiceClient("svc", server.url, policy(try_timeout=0.5)) as client:
+        elapsed, _ = await timed_out(client.forward("GET", "/slow?q=1", [], b""))
 
     assert server.calls("/slow") == 3
-    assert 0.3 <= elapsed < UPSTREAM_DELAY
+    assert 1.5 <= elapsed < UPSTREAM_DELAY
 
 
 async def test_forward_respects_an_outer_deadline_shorter_than_try_timeout(
@@ -681,10 +672,8 @@ async def test_forward_respects_an_outer_deadline_shorter_than_try_timeout(
 ) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
     async with ServiceClient("svc", server.url, policy(try_timeout=2.0, deadline=5.0)) as client:
-        start = time.monotonic()
-        with deadline(0.2), pytest.raises(UpstreamTimeout):
-            await client.forward("GET", "/slow", [], b"")
-        elapsed = time.monotonic() - start
+        with deadline(0.2):
+            elapsed, _ = await timed_out(client.forward("GET", "/slow", [], b""))
 
     assert 0.19 <= elapsed < UPSTREAM_DELAY
     assert server.calls() == 1
@@ -775,7 +764,7 @@ def assert_problem(response: httpx.Response, status: int, slug: str, port: int) 
 
 async def test_app_renders_upstream_timeout_as_504_problem(server: UpstreamServer) -> None:
     server.behave(None, delay=UPSTREAM_DELAY)
-    async with ServiceClient("svc", server.url, policy(try_timeout=0.05)) as client:
+    async with ServiceClient("svc", server.url, policy(try_timeout=0.5)) as client:
         response = await call_app(relay_app(client))
 
     assert_problem(response, 504, "upstream-timeout", server.port)

@@ -18,6 +18,7 @@ __all__ = [
     "REDIS_URL",
     "RedisScratch",
     "delete_prefix",
+    "private_prefix",
     "redis_scratch",
 ]
 
@@ -57,13 +58,21 @@ async def redis_scratch(url: str = REDIS_URL) -> AsyncIterator[RedisScratch]:
             await client.ping()
         except (RedisError, OSError) as exc:
             service_unavailable(f"Redis at {url} unreachable: {exc!r}")
-        prefix = f"narthex-test:{uuid.uuid4().hex}"
-        try:
+        async with private_prefix(client) as prefix:
             yield RedisScratch(client, prefix)
-        finally:
-            await delete_prefix(client, prefix)
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def private_prefix(client: Redis | RedisCluster) -> AsyncIterator[str]:
+    """A fresh prefix (`narthex-test:<uuid>`) on `client`'s server; every key under it is
+    deleted afterwards."""
+    prefix = f"narthex-test:{uuid.uuid4().hex}"
+    try:
+        yield prefix
+    finally:
+        await delete_prefix(client, prefix)
 
 
 async def delete_prefix(client: Redis | RedisCluster, prefix: str) -> int:
