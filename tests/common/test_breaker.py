@@ -49,6 +49,18 @@ def make_breaker(
     )
 
 
+async def half_open(reset_timeout: float) -> tuple[AsyncCircuitBreaker, Upstream]:
+    """A breaker opened by one failure, its reset period then past on its clock."""
+    clock = ManualClock(1000.0)
+    breaker, upstream = (
+        make_breaker(fail_max=1, reset_timeout=reset_timeout, clock=clock),
+        Upstream(),
+    )
+    await open_it(breaker, upstream, 1)
+    clock.advance(reset_timeout * 1.2)
+    return breaker, upstream
+
+
 async def open_it(breaker: AsyncCircuitBreaker, upstream: Upstream, fail_max: int) -> None:
     upstream.fail = Boom
     for _ in range(fail_max):
@@ -119,10 +131,7 @@ async def test_retry_after_is_zero_unless_open() -> None:
 
 
 async def test_half_open_admits_one_trial_at_a_time() -> None:
-    clock = ManualClock(1000.0)
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05, clock=clock), Upstream()
-    await open_it(breaker, upstream, 1)
-    clock.advance(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.gate = asyncio.Event()
 
     trial = asyncio.create_task(breaker.call(upstream))
@@ -144,10 +153,7 @@ async def test_half_open_admits_one_trial_at_a_time() -> None:
 
 
 async def test_a_failing_trial_reopens_it_for_a_fresh_reset_period() -> None:
-    clock = ManualClock(1000.0)
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.1, clock=clock), Upstream()
-    await open_it(breaker, upstream, 1)
-    clock.advance(0.11)
+    breaker, upstream = await half_open(0.1)
     upstream.fail = Boom
     with pytest.raises(Boom):
         await breaker.call(upstream)
@@ -159,10 +165,7 @@ async def test_a_failing_trial_reopens_it_for_a_fresh_reset_period() -> None:
 
 
 async def test_a_cancelled_trial_leaves_it_half_open_for_the_next_caller() -> None:
-    clock = ManualClock(1000.0)
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05, clock=clock), Upstream()
-    await open_it(breaker, upstream, 1)
-    clock.advance(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.gate = asyncio.Event()  # never set: the trial hangs until cancelled
 
     trial = asyncio.create_task(breaker.call(upstream))
@@ -182,10 +185,7 @@ async def test_a_cancelled_trial_leaves_it_half_open_for_the_next_caller() -> No
 
 
 async def test_a_neutral_trial_leaves_it_half_open_and_a_failing_one_reopens_it() -> None:
-    clock = ManualClock(1000.0)
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05, clock=clock), Upstream()
-    await open_it(breaker, upstream, 1)
-    clock.advance(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.fail = Neutral
     for _ in range(3):
         with pytest.raises(Neutral):
