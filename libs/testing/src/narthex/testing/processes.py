@@ -188,10 +188,11 @@ def running(
 
 @contextmanager
 def run_service(
-    name: str, directory: Path, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    name: str, directory: Path, env: Mapping[str, str] | None = None, timeout: float = 60.0
 ) -> Iterator[Service]:
     """`python -m narthex.<name>` on a free port of 127.0.0.1 (`NARTHEX_<NAME>_HOST`/`_PORT`),
-    with `env` on top; ready on /readyz; stopped on exit."""
+    with `env` on top; ready on /readyz; stopped on exit. The timeout only bounds a broken
+    start: on a loaded 2-core machine one service's imports alone have taken 30 s."""
     prefix = f"NARTHEX_{name.upper()}_"
     spec = Spec(
         name,
