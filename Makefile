@@ -9,7 +9,7 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 MEMBERS := pyproject.toml libs/common/pyproject.toml gateway/pyproject.toml \
 	services/auth/pyproject.toml services/features/pyproject.toml \
 	services/inference/pyproject.toml services/analytics/pyproject.toml cli/pyproject.toml \
-	libs/transactions/pyproject.toml loadtests/pyproject.toml
+	libs/transactions/pyproject.toml libs/testing/pyproject.toml loadtests/pyproject.toml
 
 .PHONY: help run test test-tools test-containers images lint format bench bench-peers loadtest models install clean
 

@@ -1,6 +1,6 @@
 """Fairness under a flood, measured in one run against real processes (issue 10).
 
-The scenario is `tests.support.flood`'s, which the end-to-end test asserts on: auth,
+The scenario is `narthex.testing.flood`'s, which the end-to-end test asserts on: auth,
 inference serving `minilm` and a gateway in front of it; a flooding tenant on a large plan
 (40 clients sending 100-text embedding requests back to back, retrying refusals at once)
 and a quiet tenant sending one one-text request every 200 ms. For each path (inference
@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.flood import (
+from narthex.testing.flood import (
     FLOOD_CLIENTS,
     FLOOD_TEXTS,
     QUIET_INTERVAL,

@@ -1,6 +1,6 @@
 """Online features, measured in one run: ingestion, batchGet, and fraud scoring with lookups.
 
-Real processes on 127.0.0.1: auth (with the operator's admin key, `tests.support.platform.
+Real processes on 127.0.0.1: auth (with the operator's admin key, `narthex.testing.platform.
 edge`), the features service on the Redis at 127.0.0.1:6379 under a private key prefix
 (deleted afterwards), and the inference service serving the built-in `fraud` model with
 that features service behind it. Ingestion and scoring carry the operator's JWT (scopes
@@ -50,17 +50,15 @@ import orjson
 
 from bench.limits import REDIS_URL, private_prefix
 from bench.proxy import BenchError, WrkResult, wrk_post
-from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
-from narthex.transactions.lookup import BATCH_GET, encode_request
-from tests.support.models import builtin_repository
-from tests.support.platform import (
-    HOST,
-    Spec,
+from narthex.testing.models import builtin_repository
+from narthex.testing.platform import (
     edge,
     exchange,
-    module_argv,
+    features_spec,
     running,
 )
+from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
+from narthex.transactions.lookup import BATCH_GET, encode_request
 
 INGEST = "/v1/events/transactions"
 PREDICT = "/v1/models/fraud/predict"
@@ -71,22 +69,6 @@ FRAUD_CONNECTIONS = 64
 FRAUD_TRANSACTIONS = 256  # distinct bodies per fraud run (one transaction each)
 SAMPLES = 8  # lookup answers checked for `"degraded": false` before the fraud runs
 DAY = 86_400.0
-
-
-def features_spec(label: str, auth_url: str, prefix: str) -> Spec:
-    """The features service on the shared Redis under `prefix`."""
-    return Spec(
-        label,
-        module_argv("narthex.features"),
-        {
-            "NARTHEX_FEATURES_HOST": HOST,
-            "NARTHEX_FEATURES_PORT": "{port}",
-            "NARTHEX_FEATURES_ENV": "dev",
-            "NARTHEX_FEATURES_AUTH_URL": auth_url,
-            "NARTHEX_FEATURES_REDIS_URL": REDIS_URL,
-            "NARTHEX_FEATURES_REDIS_PREFIX": prefix,
-        },
-    )
 
 
 # -- (1) ingestion -----------------------------------------------------------------------------
@@ -283,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         directory = Path(tmp)
         with edge(directory) as platform:
-            specs = [features_spec("features", platform.auth.url, prefix)]
+            specs = [features_spec("features", platform.auth.url, REDIS_URL, prefix)]
             with running(specs, directory, timeout=60) as (features,):
                 spec = platform.inference(
                     "inference", repository, models="fraud", features_url=features.url

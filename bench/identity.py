@@ -17,21 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.proxy import (
-    HOST,
     PY,
     UPSTREAM,
     BenchError,
     Target,
     WrkResult,
-    free_port,
     run_wrk,
     spawn,
     wait_ready,
 )
+from narthex.auth.database import migrate
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
+from narthex.testing.processes import HOST, free_port
 
 # The API-key path over the JWT path: one cached key lookup (the exchange is cached).
 TARGET_KEY_OVER_JWT_MS = 0.2

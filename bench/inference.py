@@ -34,9 +34,9 @@ from bench.proxy import WrkResult, wrk_post
 from narthex.inference.builtin import fraud
 from narthex.inference.repository import CONFIG_FILE, Repository
 from narthex.inference.text import TextEncoder
-from tests.support.models import builtin_repository
-from tests.support.platform import edge, exchange, inference_spec, running
-from tests.support.texts import texts
+from narthex.testing.models import builtin_repository
+from narthex.testing.platform import edge, exchange, inference_spec, running
+from narthex.testing.texts import texts
 
 BATCH_SIZES = (1, 8, 16, 32, 64)
 CLIENTS = 64

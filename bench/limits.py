@@ -1,7 +1,7 @@
 """Rate limits at the edge, measured in one run: accuracy, the limiter's latency, the whole edge.
 
 (i) Accuracy across replicas. Exactly the end-to-end test's scenario
-    (`tests.support.platform.accuracy_run`): 4 gateway processes share the Redis on
+    (`narthex.testing.platform.accuracy_run`): 4 gateway processes share the Redis on
     127.0.0.1:6379 under a private key prefix (deleted afterwards); a plan of 20 items/s,
     burst 40; 200 concurrent clients of tenant A and 8 of tenant B, round-robin over the
     4 gateways, send cost-1 requests back to back for 10 s. Printed: admitted items /
@@ -55,7 +55,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
-from tests.support.platform import (
+from narthex.testing.platform import (
     PREDICT,
     Admin,
     Edge,

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from narthex.testing import processes
+from narthex.testing.processes import HOST, NotReady, Service, Spec, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"  # loopback only: nothing here may listen on or reach another interface
 PY = sys.executable
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -102,90 +101,39 @@ class Run:
     result: WrkResult
 
 
-# --- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    # The tiny race between close and the child's bind is acceptable on a quiet loopback.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _tail(log: IO[bytes], limit: int = 4000) -> str:
-    log.flush()
-    log.seek(0, os.SEEK_END)
-    size = log.tell()
-    log.seek(max(0, size - limit))
-    return log.read().decode("utf-8", "replace").strip() or "(no output)"
-
-
-@dataclass
-class Proc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
-    url: str
-    argv: list[str]
-
-    def died(self) -> BenchError:
-        return BenchError(
-            f"{self.name} exited with status {self.proc.returncode}; output tail:\n"
-            + _tail(self.log)
-        )
+# --- processes: narthex.testing's launcher ----------------------------------------------------
 
 
 @contextmanager
 def spawn(
     name: str, target: Target, port: int, upstream_url: str = "", **more: str
-) -> Iterator[Proc]:
+) -> Iterator[Service]:
     """Start a target process and always stop it on exit (TERM, then KILL after a grace period)."""
-    subs = {"port": str(port), "upstream_url": upstream_url, "keys_url": "", **more}
-    argv = [a.format(**subs) for a in target.argv]
-    env = {**os.environ, **{k: v.format(**subs) for k, v in target.env.items()}}
-    # Output goes to a file, not a pipe: a chatty server must never block on a full pipe buffer.
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
-        try:
-            yield Proc(name, proc, log, f"http://{HOST}:{port}", argv)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def wait_ready(server: Proc, path: str) -> None:
-    """Poll with a plain GET until it answers 200; fail fast if the process dies."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no attempt"
-    port = int(server.url.rsplit(":", 1)[1])
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise server.died()
-        conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status == 200:
-                return
-            last = f"HTTP {resp.status}"
-        except OSError as exc:
-            last = repr(exc)
-        finally:
-            conn.close()
-        time.sleep(0.1)
-    raise BenchError(
-        f"{server.name} not ready after {READY_TIMEOUT_S:.0f}s (last: {last}); output tail:\n"
-        + _tail(server.log)
+    subs = {"port": "{port}", "upstream_url": upstream_url, "keys_url": "", **more}
+    spec = Spec(
+        name,
+        tuple(a.format(**subs) for a in target.argv),
+        {k: v.format(**subs) for k, v in target.env.items()},
     )
+    with tempfile.TemporaryDirectory(prefix=f"narthex-bench-{name}-") as logs:
+        server = processes.start(spec, Path(logs), port=port, cwd=ROOT)
+        try:
+            yield server
+        finally:
+            processes.stop(server.process, STOP_TIMEOUT_S)
+
+
+def wait_ready(server: Service, path: str) -> None:
+    """Poll with a plain GET until it answers 200; fail fast if the process dies."""
+    try:
+        processes.wait_ready(server, READY_TIMEOUT_S, path)
+    except NotReady as exc:
+        raise BenchError(str(exc)) from exc
+
+
+def check_alive(server: Service) -> None:
+    if (error := server.exited()) is not None:
+        raise BenchError(str(error))
 
 
 # --- wrk -----------------------------------------------------------------------------------------
@@ -301,7 +249,7 @@ class Keys:
 def signing_keys(directory: Path) -> Iterator[Keys]:
     # Imported here: the other benchmarks that import this module need none of it.
     from narthex.common import scopes
-    from narthex.common.security import SigningKey, issue_token
+    from narthex.common.tokens import SigningKey, issue_token
 
     key = SigningKey.generate()
     files = {
@@ -329,19 +277,17 @@ def signing_keys(directory: Path) -> Iterator[Keys]:
 
 
 def bench_target(
-    label: str, name: str, upstream: Proc, keys: Keys, args: argparse.Namespace
+    label: str, name: str, upstream: Service, keys: Keys, args: argparse.Namespace
 ) -> WrkResult:
     target = TARGETS[name]
-    if upstream.proc.poll() is not None:
-        raise upstream.died()
+    check_alive(upstream)
     with spawn(name, target, free_port(), upstream.url, keys_url=keys.url) as server:
         wait_ready(server, "/healthz" if name == "gateway" else target.path)
         url = server.url + target.path
-        print(f"[{label}] {' '.join(server.argv)} -> {url}", file=sys.stderr, flush=True)
+        print(f"[{label}] {' '.join(target.argv)} -> {url}", file=sys.stderr, flush=True)
         run_wrk(url, args.warmup, args.connections, keys.headers)
         result = run_wrk(url, args.duration, args.connections, keys.headers)
-        if server.proc.poll() is not None:
-            raise server.died()
+        check_alive(server)
     return result
 
 

@@ -27,7 +27,7 @@ from jose import jwt
 from bench.limits import UNLIMITED_PLAN
 from bench.peers import install
 from narthex.auth.signing import SigningKeyRing
-from narthex.common.security import issue_token
+from narthex.common.tokens import issue_token
 from tests.support.platform import HOST, Admin, Edge, Spec, exchange, module_argv
 
 ISSUER = "narthex-auth"

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from narthex.auth.store import AuditRecord, AuthStore
+from narthex.auth.records import AuditRecord
+from narthex.auth.store import AuthStore
 from narthex.cli.admin import Provisioned, Target, auth_settings, open_service, provision
 from narthex.cli.main import app
 from narthex.cli.paths import auth_database_url
 from narthex.cli.stack import plan_ports, service_env
-from narthex.common.security import ApiKey, parse_api_key
+from narthex.common.apikeys import ApiKey, parse_api_key
 
 KEY = re.compile(r"nx_[a-z]+_[a-z0-9]{16}_[A-Za-z0-9]{40}")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from narthex.auth.store import KeyRecord
+from narthex.auth.records import KeyRecord
 from narthex.cli.admin import DEMO_TENANT, INFERENCE_IDENTITY, Target, auth_settings, open_service
-from narthex.common.security import parse_api_key
+from narthex.common.apikeys import parse_api_key
 from tests.support.databases import sqlite_url
 
 pytestmark = pytest.mark.slow  # each run is a process loading the auth service's stack

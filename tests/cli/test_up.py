@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from narthex.cli.runfile import live_run
-from narthex.common.security import parse_api_key
+from narthex.common.apikeys import parse_api_key
 from tests.support.models import builtin_repository
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""AsyncCircuitBreaker on its own: counting, opening, the single half-open trial."""
+"""AsyncCircuitBreaker on its own: counting, opening, the single half-open trial; its reset
+period runs on a clock the test moves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import pytest
 
 from narthex.common.breaker import AsyncCircuitBreaker, BreakerOpen
+from narthex.testing.clock import ManualClock
 
 
 class Boom(Exception):
@@ -34,13 +36,29 @@ class Upstream:
         return "ok"
 
 
-def make_breaker(fail_max: int = 3, reset_timeout: float = 30.0) -> AsyncCircuitBreaker:
+def make_breaker(
+    fail_max: int = 3, reset_timeout: float = 30.0, clock: ManualClock | None = None
+) -> AsyncCircuitBreaker:
+    """A breaker on a clock the test moves (a fresh one, standing still, unless given)."""
     return AsyncCircuitBreaker(
         "svc",
         fail_max=fail_max,
         reset_timeout=reset_timeout,
         is_failure=lambda exc: not isinstance(exc, Neutral),
+        clock=clock or ManualClock(1000.0),
     )
+
+
+async def half_open(reset_timeout: float) -> tuple[AsyncCircuitBreaker, Upstream]:
+    """A breaker opened by one failure, its reset period then past on its clock."""
+    clock = ManualClock(1000.0)
+    breaker, upstream = (
+        make_breaker(fail_max=1, reset_timeout=reset_timeout, clock=clock),
+        Upstream(),
+    )
+    await open_it(breaker, upstream, 1)
+    clock.advance(reset_timeout * 1.2)
+    return breaker, upstream
 
 
 async def open_it(breaker: AsyncCircuitBreaker, upstream: Upstream, fail_max: int) -> None:
@@ -96,19 +114,24 @@ async def test_errors_that_are_not_failures_never_open_it() -> None:
 
 
 async def test_retry_after_is_zero_unless_open() -> None:
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
+    clock = ManualClock(1000.0)
+    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05, clock=clock), Upstream()
     assert breaker.retry_after() == 0.0
     await open_it(breaker, upstream, 1)
-    assert 0.0 < breaker.retry_after() <= 0.05
-    await asyncio.sleep(0.06)
+    assert breaker.retry_after() == pytest.approx(0.05)
+    clock.advance(0.04)
+    assert breaker.retry_after() == pytest.approx(0.01)
+    assert breaker.state == "open"
+    with pytest.raises(BreakerOpen):
+        await breaker.call(upstream)
+    assert upstream.calls == 1
+    clock.advance(0.02)
     assert breaker.retry_after() == 0.0
     assert breaker.state == "half-open"  # reported as such before any trial
 
 
 async def test_half_open_admits_one_trial_at_a_time() -> None:
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
-    await open_it(breaker, upstream, 1)
-    await asyncio.sleep(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.gate = asyncio.Event()
 
     trial = asyncio.create_task(breaker.call(upstream))
@@ -130,23 +153,19 @@ async def test_half_open_admits_one_trial_at_a_time() -> None:
 
 
 async def test_a_failing_trial_reopens_it_for_a_fresh_reset_period() -> None:
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.1), Upstream()
-    await open_it(breaker, upstream, 1)
-    await asyncio.sleep(0.11)
+    breaker, upstream = await half_open(0.1)
     upstream.fail = Boom
     with pytest.raises(Boom):
         await breaker.call(upstream)
     assert breaker.state == "open"
-    assert breaker.retry_after() > 0.05
+    assert breaker.retry_after() == pytest.approx(0.1)  # a fresh period, from the failed trial
     with pytest.raises(BreakerOpen):
         await breaker.call(upstream)
     assert upstream.calls == 2
 
 
 async def test_a_cancelled_trial_leaves_it_half_open_for_the_next_caller() -> None:
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
-    await open_it(breaker, upstream, 1)
-    await asyncio.sleep(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.gate = asyncio.Event()  # never set: the trial hangs until cancelled
 
     trial = asyncio.create_task(breaker.call(upstream))
@@ -166,9 +185,7 @@ async def test_a_cancelled_trial_leaves_it_half_open_for_the_next_caller() -> No
 
 
 async def test_a_neutral_trial_leaves_it_half_open_and_a_failing_one_reopens_it() -> None:
-    breaker, upstream = make_breaker(fail_max=1, reset_timeout=0.05), Upstream()
-    await open_it(breaker, upstream, 1)
-    await asyncio.sleep(0.06)
+    breaker, upstream = await half_open(0.05)
     upstream.fail = Neutral
     for _ in range(3):
         with pytest.raises(Neutral):

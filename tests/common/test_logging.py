@@ -1,4 +1,5 @@
-"""Tests for narthex.common.logging: JSON output, trace correlation and secret scrubbing."""
+"""narthex.common.logging and the scrubbing it applies (narthex.common.scrub): JSON output,
+trace correlation, secrets removed from every line, and `scrub()` on its own."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
 from narthex.common.context import request_id_var
-from narthex.common.logging import configure_logging, get_logger, log_line, scrub
+from narthex.common.logging import configure_logging, log_line
+from narthex.common.scrub import scrub
 
 
 def _b64url(raw: bytes) -> str:
@@ -130,7 +132,7 @@ def _assert_clean(raw: str) -> None:
 
 @pytest.mark.parametrize(("secret", "placeholder"), SECRETS)
 def test_secret_in_message_is_redacted(stream: io.StringIO, secret: str, placeholder: str) -> None:
-    get_logger(__name__).info(f"charging {secret} for tenant acme")
+    structlog.get_logger(__name__).info(f"charging {secret} for tenant acme")
 
     line = _only_line(stream)
     assert line["event"] == f"charging {placeholder} for tenant acme"
@@ -141,7 +143,7 @@ def test_secret_in_message_is_redacted(stream: io.StringIO, secret: str, placeho
 def test_secret_nested_in_event_values_is_redacted(
     stream: io.StringIO, secret: str, placeholder: str
 ) -> None:
-    get_logger().info(
+    structlog.get_logger().info(
         "request",
         body={"customer": {"note": f"pay with {secret}", "history": [secret, ("x", secret)]}},
         tags=[{"v": secret}],
@@ -163,7 +165,7 @@ def test_header_dict_credentials_are_redacted(stream: io.StringIO) -> None:
         "Content-Type": "application/json",
         "X-Request-ID": "7f1c0b3a-9e2d-4c1b-8a7f-3e2d1c0b9a8f",
     }
-    get_logger().info("upstream call", headers=headers)
+    structlog.get_logger().info("upstream call", headers=headers)
 
     line = _only_line(stream)
     assert line["headers"] == {
@@ -179,7 +181,7 @@ def test_header_dict_credentials_are_redacted(stream: io.StringIO) -> None:
 
 
 def test_sensitive_keys_are_redacted_whatever_the_value_type(stream: io.StringIO) -> None:
-    get_logger().info(
+    structlog.get_logger().info(
         "login",
         password=123456,
         token=None,
@@ -196,7 +198,7 @@ def test_sensitive_keys_are_redacted_whatever_the_value_type(stream: io.StringIO
 
 
 def test_credentials_in_free_text_are_redacted(stream: io.StringIO) -> None:
-    get_logger().warning(
+    structlog.get_logger().warning(
         f"upstream rejected Authorization: Bearer {JWT}; retried with basic {BASIC_CREDENTIALS}"
     )
 
@@ -207,7 +209,7 @@ def test_credentials_in_free_text_are_redacted(stream: io.StringIO) -> None:
 
 
 def test_exception_traceback_is_scrubbed(stream: io.StringIO) -> None:
-    log = get_logger(__name__)
+    log = structlog.get_logger(__name__)
     message = f"lookup failed for {API_KEY} owned by {EMAIL} paying {VISA} with {JWT}"
     try:
         raise RuntimeError(message)
@@ -232,7 +234,7 @@ def test_unknown_objects_are_rendered_then_scrubbed(stream: io.StringIO) -> None
         def __repr__(self) -> str:
             return f"Credentials(key={API_KEY!r}, owner={EMAIL!r})"
 
-    get_logger().info("loaded", creds=Credentials(), raw=f"email={EMAIL}".encode())
+    structlog.get_logger().info("loaded", creds=Credentials(), raw=f"email={EMAIL}".encode())
 
     line = _only_line(stream)
     assert line["creds"] == "Credentials(key='[REDACTED:api_key]', owner='[REDACTED:email]')"
@@ -324,7 +326,7 @@ NON_SECRETS = [
 def test_non_secrets_survive(stream: io.StringIO, text: str) -> None:
     assert scrub(text) == text
 
-    get_logger().info(text, detail={"text": text})
+    structlog.get_logger().info(text, detail={"text": text})
 
     line = _only_line(stream)
     assert line["event"] == text
@@ -332,7 +334,7 @@ def test_non_secrets_survive(stream: io.StringIO, text: str) -> None:
 
 
 def test_non_string_scalars_are_untouched(stream: io.StringIO) -> None:
-    get_logger().info("x", order_id=4111111111111111, ratio=0.5, ok=True, missing=None)
+    structlog.get_logger().info("x", order_id=4111111111111111, ratio=0.5, ok=True, missing=None)
 
     line = _only_line(stream)
     assert line["order_id"] == 4111111111111111
@@ -345,7 +347,7 @@ def test_non_string_scalars_are_untouched(stream: io.StringIO) -> None:
 
 
 def test_standard_fields(stream: io.StringIO) -> None:
-    get_logger("narthex.test").info("model loaded", model="resnet50")
+    structlog.get_logger("narthex.test").info("model loaded", model="resnet50")
 
     line = _only_line(stream)
     assert line["event"] == "model loaded"
@@ -363,7 +365,7 @@ def test_standard_fields(stream: io.StringIO) -> None:
 def test_trace_and_span_ids_come_from_the_active_span(stream: io.StringIO) -> None:
     provider = TracerProvider()
     tracer = provider.get_tracer("narthex.tests")
-    log = get_logger()
+    log = structlog.get_logger()
     try:
         with tracer.start_as_current_span("predict") as span:
             log.info("inside")
@@ -387,7 +389,9 @@ def test_trace_id_is_never_mistaken_for_a_card(stream: io.StringIO) -> None:
     provider = TracerProvider()
     try:
         with provider.get_tracer("t").start_as_current_span("s") as span:
-            get_logger().info("with ids", echoed=format(span.get_span_context().trace_id, "032x"))
+            structlog.get_logger().info(
+                "with ids", echoed=format(span.get_span_context().trace_id, "032x")
+            )
     finally:
         provider.shutdown()
 
@@ -399,7 +403,7 @@ def test_contextvars_are_merged(stream: io.StringIO) -> None:
     request_id = str(uuid.uuid4())
     structlog.contextvars.bind_contextvars(request_id=request_id, tenant="acme")
 
-    get_logger().info("handled")
+    structlog.get_logger().info("handled")
     logging.getLogger("uvicorn.error").info("handled by stdlib")
 
     for line in _lines(stream):
@@ -410,7 +414,7 @@ def test_contextvars_are_merged(stream: io.StringIO) -> None:
 def test_bound_context_is_scrubbed(stream: io.StringIO) -> None:
     structlog.contextvars.bind_contextvars(user=EMAIL)
 
-    get_logger().bind(api_key_hint=API_KEY).info("bound")
+    structlog.get_logger().bind(api_key_hint=API_KEY).info("bound")
 
     line = _only_line(stream)
     assert line["user"] == "[REDACTED:email]"
@@ -423,7 +427,7 @@ def test_bound_context_is_scrubbed(stream: io.StringIO) -> None:
 def test_reconfiguration_applies_to_existing_loggers() -> None:
     first = io.StringIO()
     configure_logging("svc-a", stream=first)
-    log = get_logger("narthex.module_level")
+    log = structlog.get_logger("narthex.module_level")
     log.info("one")
 
     second = io.StringIO()
@@ -444,7 +448,7 @@ def test_reconfiguration_applies_to_existing_loggers() -> None:
 
 def test_default_stream_follows_sys_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("svc")
-    get_logger().info("to stdout", who=EMAIL)
+    structlog.get_logger().info("to stdout", who=EMAIL)
     logging.getLogger("uvicorn.error").info("stdlib to stdout")
 
     out = capsys.readouterr().out
@@ -458,7 +462,7 @@ def test_broken_stream_does_not_raise_into_the_caller(capsys: pytest.CaptureFixt
     configure_logging("svc", stream=out)
     out.close()
 
-    get_logger().info("lost")
+    structlog.get_logger().info("lost")
     logging.getLogger("uvicorn.error").info("lost too")
 
     assert capsys.readouterr().err.count("--- Logging error ---") == 2
@@ -467,7 +471,7 @@ def test_broken_stream_does_not_raise_into_the_caller(capsys: pytest.CaptureFixt
 def test_debug_level() -> None:
     out = io.StringIO()
     configure_logging("svc", level="debug", stream=out)
-    get_logger().debug("details")
+    structlog.get_logger().debug("details")
     assert _only_line(out)["level"] == "debug"
 
 
@@ -482,7 +486,7 @@ def test_console_renderer_is_scrubbed_too() -> None:
     try:
         raise RuntimeError(f"bad key {API_KEY}")
     except RuntimeError:
-        get_logger().exception("human readable", who=EMAIL)
+        structlog.get_logger().exception("human readable", who=EMAIL)
 
     text = out.getvalue()
     assert "human readable" in text
@@ -559,7 +563,7 @@ def test_log_line_writes_what_structlog_writes(stream: io.StringIO) -> None:
     token = request_id_var.set("req-0123456789abcdef")
     try:
         with tracer.start_as_current_span("request"):
-            get_logger("narthex.access").info("request", **fields)
+            structlog.get_logger("narthex.access").info("request", **fields)
             log_line("narthex.access", logging.INFO, "request", fields)
             log_line("narthex.access", logging.ERROR, "request", {**fields, "status": 503})
     finally:
@@ -609,7 +613,7 @@ def test_lines_written_on_an_event_loop_are_flushed_by_the_end_of_its_turn(
         configure_logging("test-svc", stream=out)
 
         async def serve() -> list[str]:
-            get_logger("narthex.access").info("request", status=200)
+            structlog.get_logger("narthex.access").info("request", status=200)
             log_line("narthex.access", logging.INFO, "request", {"status": 201})
             await asyncio.sleep(0)  # the loop's next turn
             return path.read_text().splitlines()
@@ -622,5 +626,5 @@ def test_lines_written_off_any_event_loop_are_flushed_at_once(tmp_path: Path) ->
     path = tmp_path / "service.log"
     with path.open("w") as out:
         configure_logging("test-svc", stream=out)
-        get_logger().info("starting")
+        structlog.get_logger().info("starting")
         assert json.loads(path.read_text())["event"] == "starting"

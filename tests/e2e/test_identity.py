@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from narthex.common.security import SigningKey
+from narthex.common.tokens import SigningKey
 from tests.e2e.conftest import PUBLIC_CACHE_SECONDS, TOKEN_TTL_SECONDS, Platform
 
 pytestmark = pytest.mark.slow

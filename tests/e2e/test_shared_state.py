@@ -28,7 +28,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from narthex.common.security import SigningKey, issue_token
+from narthex.common.tokens import SigningKey, issue_token
 from narthex.gateway.routing import UPSTREAMS
 from tests.support.delay import DelayProxy
 from tests.support.loopback import in_own_thread

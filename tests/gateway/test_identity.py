@@ -9,48 +9,27 @@ from typing import Any
 
 import pytest
 
+from narthex.common.apikeys import generate_api_key
 from narthex.common.authn import MissingToken
 from narthex.common.deadline import deadline
 from narthex.common.errors import GatewayTimeout, ServiceUnavailable
 from narthex.common.http import ClientPolicy, ServiceClient
-from narthex.common.security import (
-    InvalidToken,
-    JwksCache,
-    SigningKey,
-    TokenVerifier,
-    generate_api_key,
-    issue_token,
-)
+from narthex.common.tokens import InvalidToken
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, InvalidApiKey, KeyInQuery
 from narthex.gateway.ratelimit import RateLimited
 from narthex.gateway.revocations import Revocations
+from tests.support import tokens
 from tests.support.delay import DelayProxy
 from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.scripted import Reply, ScriptedUpstream
 from tests.support.upstream import refusing_port
 
-KEY = SigningKey.generate()
 API_KEY = str(generate_api_key("dev"))
 
 
 def token(subject: str = "t_acme", ttl: int = 900, client_id: str | None = None) -> str:
-    return issue_token(
-        KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject=subject,
-        plan="standard",
-        roles=["tenant"],
-        scopes=["inference"],
-        ttl=ttl,
-        client_id=client_id,
-    )
-
-
-def verifier() -> TokenVerifier:
-    jwks = JwksCache.static({"keys": [KEY.public_jwk()]})
-    return TokenVerifier(jwks, issuer="narthex-auth", audience="narthex")
+    return tokens.token(["tenant"], ["inference"], subject, ttl=ttl, client_id=client_id)
 
 
 def scope(headers: list[tuple[str, str]], query: str = "") -> dict[str, object]:
@@ -80,7 +59,7 @@ async def identity_for(
 ) -> tuple[Identity, ServiceClient]:
     client = ServiceClient("auth", url, ClientPolicy(try_timeout=1.0, deadline=2.0))
     identity = Identity(
-        verifier(),
+        tokens.verifier(),
         client,
         revalidate_seconds=revalidate_seconds,
         refused_seconds=refused_seconds,

@@ -1,4 +1,9 @@
-"""The limiter contract (token bucket, cost, daily quota, peek): memory, Redis, Redis Cluster."""
+"""The limiter contract (token bucket, cost, daily quota, peek): memory, Redis, Redis Cluster.
+
+Every backend runs on a clock the test drives (the Redis script takes it as an argument),
+so refill and midnight are exact and nothing waits for real time; one Redis test checks
+that without a clock the script reads the server's own time.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from narthex.gateway.limits import (
     RedisLimiter,
 )
 from narthex.gateway.resp import PipelinedRedis
+from narthex.testing.clock import ManualClock
 from tests.support.redis import REDIS_URL, RedisScratch, redis_scratch
 from tests.support.redis_cluster import (
     LocalCluster,
@@ -31,53 +37,40 @@ from tests.support.redis_cluster import (
 
 # So slow that no token comes back during a test: the bucket only drains.
 NO_REFILL = 1e-6
-# A fixed instant (2026-03-01 12:00:00 UTC) for the memory backend's clock.
+# A fixed instant (2026-03-01 12:00:00 UTC) that every backend's clock starts at.
 NOON = dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC).timestamp()
-
-
-class ManualClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
 class Backend:
-    """A limiter plus how time passes for it: a driven clock, or real sleeps against Redis."""
+    """A limiter and the clock it reads: time passes when the test moves it."""
 
     limiter: Limiter
-    clock: ManualClock | None = None
-
-    @property
-    def exact(self) -> bool:
-        return self.clock is not None
+    clock: ManualClock
 
     def now(self) -> float:
-        return self.clock.now if self.clock is not None else time.time()
+        return self.clock.now
 
     async def wait(self, seconds: float) -> None:
-        if self.clock is not None:
-            self.clock.now += seconds
-        else:
-            await asyncio.sleep(seconds)
+        self.clock.advance(seconds)
 
 
 @pytest.fixture(params=["memory", "redis-py", "pipelined", "cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    clock = ManualClock(NOON)
     if request.param == "memory":
-        clock = ManualClock(NOON)
-        yield Backend(MemoryLimiter(clock=clock), clock=clock)
+        yield Backend(MemoryLimiter(clock=clock), clock)
         return
     if request.param == "cluster":
         # redis-py's cluster client routes the script by its keys' hash tag.
         cluster: LocalCluster = request.getfixturevalue("redis_cluster")
         async with cluster_scratch(cluster) as on_cluster:
-            yield Backend(RedisLimiter(on_cluster.client, prefix=on_cluster.prefix))
+            yield Backend(
+                RedisLimiter(on_cluster.client, prefix=on_cluster.prefix, clock=clock), clock
+            )
         return
     async with redis_scratch() as scratch, commands_for(request.param, scratch) as commands:
-        yield Backend(RedisLimiter(commands, prefix=scratch.prefix))
+        yield Backend(RedisLimiter(commands, prefix=scratch.prefix, clock=clock), clock)
 
 
 @asynccontextmanager
@@ -122,10 +115,6 @@ def seconds_to_midnight(now: float) -> float:
     return midnight.timestamp() - now
 
 
-def utc_date() -> str:
-    return dt.datetime.now(dt.UTC).date().isoformat()
-
-
 async def test_a_new_tenant_starts_with_a_full_bucket(backend: Backend) -> None:
     limits = Limits(rate=20, burst=5, daily_quota=1000)
     admitted, refusal = await drain(backend.limiter, "t_new", limits)
@@ -133,23 +122,22 @@ async def test_a_new_tenant_starts_with_a_full_bucket(backend: Backend) -> None:
     assert admitted == 5
     assert not refusal.allowed
     assert refusal.reason == "rate"
-    # Against Redis a millisecond or so of refill has accrued since the bucket ran dry.
-    assert refusal.retry_after == pytest.approx(1 / 20, abs=1e-9 if backend.exact else 0.01)
+    assert refusal.retry_after == pytest.approx(1 / 20, abs=1e-9)
     assert refusal.quota_used == 5
-    # Waiting the advertised time is enough for the same request.
-    await backend.wait(refusal.retry_after + 0.002)
+    # Waiting the advertised time is enough for the same request (plus a microsecond: a
+    # double holding today's Unix time resolves about a quarter of one).
+    await backend.wait(refusal.retry_after + 1e-6)
     assert (await backend.limiter.acquire("t_new", limits, 1)).allowed
 
 
 async def test_refill_admits_rate_times_elapsed(backend: Backend) -> None:
     limits = Limits(rate=20, burst=20, daily_quota=1000)
     await drain(backend.limiter, "t_refill", limits)
-    slack = 0 if backend.exact else 1
 
     for seconds, expected in ((0.5, 10), (0.25, 5)):
         await backend.wait(seconds)
         admitted, refusal = await drain(backend.limiter, "t_refill", limits)
-        assert abs(admitted - expected) <= slack, (seconds, admitted)
+        assert admitted == expected, (seconds, admitted)
         assert refusal.reason == "rate"
 
 
@@ -199,7 +187,7 @@ async def test_the_daily_quota_stops_the_tenant_at_exactly_its_limit(backend: Ba
     assert refusal.reason == "quota"
     assert (refusal.quota_limit, refusal.quota_used, refusal.quota_remaining) == (7, 7, 0)
     assert refusal.retry_after == refusal.quota_reset_seconds
-    assert refusal.quota_reset_seconds == pytest.approx(expected_reset, abs=2)
+    assert refusal.quota_reset_seconds == pytest.approx(expected_reset, abs=1e-6)
     assert 0 < refusal.quota_reset_seconds <= 86400
     # The quota refusal took no tokens from the bucket.
     assert refusal.remaining == pytest.approx(93, abs=1e-3)
@@ -236,7 +224,7 @@ async def test_peek_consumes_nothing_and_agrees_with_acquire(backend: Backend) -
     assert (fresh.capacity, fresh.remaining, fresh.seconds_until_full) == (5, 5, 0)
     assert fresh.refill_rate == 0.001
     assert (fresh.quota_limit, fresh.quota_used, fresh.quota_remaining) == (8, 0, 8)
-    assert fresh.quota_reset_seconds == pytest.approx(seconds_to_midnight(backend.now()), abs=2)
+    assert fresh.quota_reset_seconds == pytest.approx(seconds_to_midnight(backend.now()), abs=1e-6)
     assert fresh.retry_after == 0
     for _ in range(10):
         await backend.limiter.peek("t_peek", limits)
@@ -315,32 +303,25 @@ def test_nonsense_limits_are_refused(rate: float, burst: int, quota: int) -> Non
         Limits(rate=rate, burst=burst, daily_quota=quota)
 
 
-# Memory backend only: its clock can be driven across midnight and backwards.
-
-
-async def test_memory_quota_resets_at_utc_midnight() -> None:
-    midnight = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp()
-    clock = ManualClock(midnight - 0.5)
-    limiter = MemoryLimiter(clock=clock)
+async def test_the_quota_resets_at_utc_midnight(backend: Backend) -> None:
+    backend.clock.now = dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp() - 0.5
     limits = Limits(rate=100, burst=10, daily_quota=2)
-    assert (await limiter.acquire("t_day", limits, 2)).allowed
-    refusal = await limiter.acquire("t_day", limits, 1)
+    assert (await backend.limiter.acquire("t_day", limits, 2)).allowed
+    refusal = await backend.limiter.acquire("t_day", limits, 1)
     assert refusal.reason == "quota"
     assert refusal.retry_after == pytest.approx(0.5)
 
-    clock.now += refusal.retry_after
-    fresh = await limiter.acquire("t_day", limits, 1)
+    await backend.wait(refusal.retry_after)
+    fresh = await backend.limiter.acquire("t_day", limits, 1)
     assert fresh.allowed
     assert (fresh.quota_used, fresh.quota_reset_seconds) == (1, 86400)
 
 
-async def test_memory_a_clock_stepped_back_does_not_drain_the_bucket() -> None:
-    clock = ManualClock(NOON)
-    limiter = MemoryLimiter(clock=clock)
+async def test_a_clock_stepped_back_does_not_drain_the_bucket(backend: Backend) -> None:
     limits = Limits(rate=1, burst=5, daily_quota=100)
-    assert (await limiter.acquire("t_step", limits, 2)).remaining == 3
-    clock.now -= 30
-    assert (await limiter.peek("t_step", limits)).remaining == 3
+    assert (await backend.limiter.acquire("t_step", limits, 2)).remaining == 3
+    await backend.wait(-30)
+    assert (await backend.limiter.peek("t_step", limits)).remaining == 3
 
 
 # Redis backend only.
@@ -387,25 +368,45 @@ async def test_redis_survives_a_script_flush(scratch: RedisScratch, commands: Co
 
 async def test_redis_keys_expire_and_a_peek_writes_nothing(scratch: RedisScratch) -> None:
     client = scratch.client
-    limiter = RedisLimiter(client, prefix=scratch.prefix)
-    limits = Limits(rate=20, burst=5, daily_quota=100)
+    limiter = RedisLimiter(client, prefix=scratch.prefix, clock=ManualClock(NOON))
+    limits = Limits(rate=0.02, burst=5, daily_quota=100)
     await limiter.peek("t_ttl", limits)
     assert [k async for k in client.scan_iter(match=f"{scratch.prefix}:*")] == []
 
-    day_before = utc_date()
-    decision = await limiter.acquire("t_ttl", limits, 2)
-    days = {day_before, utc_date()}
+    before = time.monotonic()
+    await limiter.acquire("t_ttl", limits, 2)
     keys = sorted([k.decode() async for k in client.scan_iter(match=f"{scratch.prefix}:*")])
     bucket, quota = keys
     assert bucket == f"{scratch.prefix}:{{t_ttl}}:bucket"
-    # The counter is named by the UTC day the script read from the server's clock.
-    assert quota.removeprefix(f"{scratch.prefix}:{{t_ttl}}:quota:") in days
+    # The counter is named by the UTC day of the limiter's clock.
+    assert quota == f"{scratch.prefix}:{{t_ttl}}:quota:2026-03-01"
+    bucket_ms, quota_ms = await client.pttl(bucket), await client.pttl(quota)
+    # TTLs run in real time from the script's EXPIRE: at most this long has passed since.
+    spent_ms = (time.monotonic() - before) * 1000 + 1
 
-    # The bucket lives until it would be full again (2 tokens at 20/s = 100 ms) plus 1 s.
-    assert 0 < await client.pttl(bucket) <= 100 + 1000
-    # The day's counter lives until an hour after the UTC day ends.
-    quota_ttl = await client.ttl(quota)
-    assert quota_ttl == pytest.approx(decision.quota_reset_seconds + 3600, abs=2)
+    # The bucket lives until it would be full again (2 tokens at 0.02/s = 100 s) plus 1 s.
+    assert 0 <= 101_000 - bucket_ms <= spent_ms
+    # The day's counter lives until an hour after the UTC day ends (12 h after noon).
+    assert 0 <= (12 + 1) * 3_600_000 - quota_ms <= spent_ms
+
+
+async def test_redis_without_a_clock_reads_the_servers_time(scratch: RedisScratch) -> None:
+    client = scratch.client
+    limiter = RedisLimiter(client, prefix=scratch.prefix)
+    limits = Limits(rate=NO_REFILL, burst=5, daily_quota=100)
+    seconds, micros = await client.time()
+    before = seconds + micros / 1e6
+    decision = await limiter.acquire("t_server", limits, 1)
+    seconds, micros = await client.time()
+    after = seconds + micros / 1e6
+
+    # A day boundary between the two readings would make the dates differ; both are allowed.
+    days = {dt.datetime.fromtimestamp(t, dt.UTC).date().isoformat() for t in (before, after)}
+    (key,) = [k.decode() async for k in client.scan_iter(match=f"{scratch.prefix}:*:quota:*")]
+    assert key.rsplit(":", 1)[1] in days
+    if len(days) == 1:
+        resets = (seconds_to_midnight(after), seconds_to_midnight(before))
+        assert resets[0] - 1e-6 <= decision.quota_reset_seconds <= resets[1] + 1e-6
 
 
 async def test_redis_works_with_a_decoding_client(scratch: RedisScratch) -> None:

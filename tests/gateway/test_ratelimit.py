@@ -1,11 +1,14 @@
-"""Rate limits through the real gateway app: cost, 429s, headers, /v1/quota, Redis failure."""
+"""Rate limits through the real gateway app: cost, 429s, headers, /v1/quota, Redis failure.
+
+The gateway's limiter runs on a clock the test drives (`create_app(clock=...)`): refill,
+Retry-After and the seconds to midnight are exact, and nothing waits for real time.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,30 +18,23 @@ from http_sfv.list import List as SfList
 from pydantic import AnyHttpUrl
 
 from narthex.common import scopes
-from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
 from narthex.gateway.cost import InvalidBody, count_request
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
 from narthex.gateway.plans import TenantPlan
 from narthex.gateway.settings import GatewaySettings
+from narthex.testing.clock import ManualClock
+from tests.support import tokens
 from tests.support.plans import FixedPlans
-from tests.support.redis import redis_scratch
+from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.upstream import UpstreamServer, refusing_port
 
-KEY = SigningKey.generate()
+# 2026-03-01 12:00:00 UTC: twelve hours before the daily quota resets.
+NOON = datetime(2026, 3, 1, 12, tzinfo=UTC).timestamp()
 
 
 def token(tenant: str, roles: tuple[str, ...] = (scopes.TENANT,)) -> str:
-    return issue_token(
-        KEY,
-        issuer="narthex-auth",
-        audience="narthex",
-        subject=tenant,
-        plan="test",
-        roles=roles,
-        scopes=scopes.scopes_for(set(roles)),
-        ttl=600,
-    )
+    return tokens.token(roles, scopes.scopes_for(set(roles)), tenant, plan="test", ttl=600)
 
 
 def plan(**overrides: Any) -> TenantPlan:
@@ -56,7 +52,11 @@ def plan(**overrides: Any) -> TenantPlan:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    upstream: UpstreamServer, tenant_plan: TenantPlan, **settings: Any
+    upstream: UpstreamServer,
+    tenant_plan: TenantPlan,
+    *,
+    clock: ManualClock | None = None,
+    **settings: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     url = AnyHttpUrl(upstream.url)
     app = create_app(
@@ -69,20 +69,21 @@ async def gateway(
             **settings,
         ),
         background=False,  # no probes: the upstream's counts are the proxied requests
+        clock=clock or ManualClock(NOON),
     )
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
     ):
-        verifier = TokenVerifier(
-            JwksCache.static({"keys": [KEY.public_jwk()]}),
-            issuer="narthex-auth",
-            audience="narthex",
-        )
-        app.state.identity = Identity(verifier, app.state.clients["auth"])
+        app.state.identity = Identity(tokens.verifier(), app.state.clients["auth"])
         app.state.plans = FixedPlans(tenant_plan)
         client.headers["Authorization"] = f"Bearer {token('t_acme')}"
         yield client
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOON)
 
 
 @pytest.fixture
@@ -163,12 +164,14 @@ async def test_the_bucket_admits_its_burst_then_429_with_headers(upstream: Upstr
     assert upstream.calls() == 3  # the refused request never reached the upstream
 
 
-async def test_refill_admits_exactly_what_the_rate_allows(upstream: UpstreamServer) -> None:
-    async with gateway(upstream, plan(rate_per_second=10.0, burst=2)) as gw:
+async def test_refill_admits_exactly_what_the_rate_allows(
+    upstream: UpstreamServer, clock: ManualClock
+) -> None:
+    async with gateway(upstream, plan(rate_per_second=10.0, burst=2), clock=clock) as gw:
         for _ in range(2):
             assert (await gw.post("/v1/models/m/predict", json=predict(1))).status_code == 200
         assert (await gw.post("/v1/models/m/predict", json=predict(1))).status_code == 429
-        await asyncio.sleep(0.25)  # 2.5 tokens' worth, capped at the burst of 2
+        clock.advance(0.25)  # 2.5 tokens' worth, capped at the burst of 2
         statuses = await statuses_of(gw, 3)
     assert statuses == [200, 200, 429]
 
@@ -213,16 +216,9 @@ async def test_the_daily_quota_stops_at_exactly_its_limit(upstream: UpstreamServ
         view = (await gw.get("/v1/quota")).json()
     assert (admitted.status_code, also.status_code, refused.status_code) == (200, 200, 429)
     assert refused.json()["type"].endswith("/quota-exceeded")
-    now = datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    assert abs(int(refused.headers["retry-after"]) - (midnight - now).total_seconds()) <= 2
-    assert view["daily"] == {
-        "limit": 5,
-        "used": 5,
-        "remaining": 0,
-        "seconds_until_reset": pytest.approx((midnight - now).total_seconds(), abs=2),
-    }
-    assert view["bucket"]["remaining"] == pytest.approx(95, abs=1)  # the refusal took no tokens
+    assert refused.headers["retry-after"] == str(12 * 3600)  # noon to midnight
+    assert view["daily"] == {"limit": 5, "used": 5, "remaining": 0, "seconds_until_reset": 43200}
+    assert view["bucket"]["remaining"] == 95  # the refusal took no tokens
 
 
 async def test_tenants_do_not_share_limits(upstream: UpstreamServer) -> None:
@@ -244,14 +240,14 @@ async def test_quota_view_agrees_with_the_headers_and_consumes_nothing(
     assert body["tenant"] == "t_acme"
     assert body["plan"] == "tiny"
     assert body["bucket"]["capacity"] == 5
-    assert body["bucket"]["remaining"] == pytest.approx(3, abs=0.01)
+    assert body["bucket"]["remaining"] == 3
     assert body["bucket"]["refill_per_second"] == 0.01
     assert (
         parsed(views[-1], "ratelimit")["burst"]["r"] == parsed(charged, "ratelimit")["burst"]["r"]
     )
     assert body["daily"]["used"] == 2
-    # Reading three times took nothing (only the slow refill moves it).
-    assert [v.json()["bucket"]["remaining"] for v in views] == pytest.approx([3, 3, 3], abs=0.01)
+    # Reading three times took nothing.
+    assert [v.json()["bucket"]["remaining"] for v in views] == [3, 3, 3]
 
 
 async def test_quota_of_another_tenant_is_for_admins_only(upstream: UpstreamServer) -> None:
@@ -276,12 +272,14 @@ async def test_admin_routes_are_not_rate_limited(upstream: UpstreamServer) -> No
 
 
 # -- the shared limiter and its failure policy ------------------------------------------------
-async def test_replicas_share_one_bucket_in_redis(upstream: UpstreamServer) -> None:
+async def test_replicas_share_one_bucket_in_redis(
+    upstream: UpstreamServer, clock: ManualClock
+) -> None:
     async with redis_scratch() as scratch:
-        shared = {"redis_url": "redis://127.0.0.1:6379/0", "ratelimit_prefix": scratch.prefix}
+        shared = {"redis_url": REDIS_URL, "ratelimit_prefix": scratch.prefix}
         async with (
-            gateway(upstream, plan(burst=3), **shared) as one,
-            gateway(upstream, plan(burst=3), **shared) as two,
+            gateway(upstream, plan(burst=3), clock=clock, **shared) as one,
+            gateway(upstream, plan(burst=3), clock=clock, **shared) as two,
         ):
             statuses = [
                 (await replica.post("/v1/models/m/predict", json=predict(1))).status_code
@@ -296,7 +294,7 @@ async def test_redis_down_fails_open_to_per_replica_limits_without_5xx(
     upstream: UpstreamServer,
 ) -> None:
     with refusing_port() as port:
-        settings = {"redis_url": f"redis://127.0.0.1:{port}/0", "replicas": 2}
+        settings: dict[str, Any] = {"redis_url": f"redis://127.0.0.1:{port}/0", "replicas": 2}
         async with gateway(upstream, plan(burst=2, rate_per_second=0.01), **settings) as gw:
             statuses = [
                 (await gw.post("/v1/models/m/predict", json=predict(1))).status_code
@@ -310,7 +308,10 @@ async def test_redis_down_fails_open_to_per_replica_limits_without_5xx(
 
 async def test_redis_down_fails_closed_with_503_and_retry_after(upstream: UpstreamServer) -> None:
     with refusing_port() as port:
-        settings = {"redis_url": f"redis://127.0.0.1:{port}/0", "ratelimit_failure_mode": "closed"}
+        settings: dict[str, Any] = {
+            "redis_url": f"redis://127.0.0.1:{port}/0",
+            "ratelimit_failure_mode": "closed",
+        }
         async with gateway(upstream, plan(), **settings) as gw:
             response = await gw.post("/v1/models/m/predict", json=predict(1))
     assert response.status_code == 503

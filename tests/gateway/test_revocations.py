@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from narthex.common.http import ClientPolicy, ServiceClient
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 from narthex.gateway.revocations import REVOCATIONS_PATH, Revocations
 from tests.support.scripted import Reply, ScriptedUpstream
 

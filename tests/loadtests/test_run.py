@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from narthex.auth.store import KeyRecord, TenantRecord
+from narthex.auth.records import KeyRecord, TenantRecord
 from narthex.cli.admin import Target, auth_settings, open_service
 from narthex.loadtests.run import HERE
 from narthex.loadtests.scenario import CLASS_NAMES

@@ -7,11 +7,22 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal
 
 import asyncpg
-import pytest
 from sqlalchemy.engine import make_url
+
+from narthex.testing.missing import service_unavailable
+
+__all__ = [
+    "BACKENDS",
+    "POSTGRES_ADMIN_URL",
+    "Backend",
+    "postgres_database",
+    "service_unavailable",
+    "sqlite_url",
+    "throwaway_database",
+]
 
 Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")
@@ -25,13 +36,6 @@ _CONNECT_TIMEOUT_S = 3.0
 
 def sqlite_url(directory: Path, name: str = "test.db") -> str:
     return f"sqlite+aiosqlite:///{directory / name}"
-
-
-def service_unavailable(reason: str) -> NoReturn:
-    """Skip on a laptop without the service; fail in CI, where its absence is a broken setup."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: a missing service fails, it is not skipped)")
-    pytest.skip(reason)
 
 
 async def _admin_connection() -> asyncpg.Connection:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 from narthex.gateway.plans import TenantPlan
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from redis import Redis as SyncRedis
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
+from narthex.testing.redis import private_prefix
 from tests.support.databases import service_unavailable
 from tests.support.platform import HOST, PrivateRedis
-from tests.support.redis import delete_prefix
 from tests.support.services import free_port
 
 __all__ = [
@@ -151,10 +150,7 @@ async def cluster_scratch(cluster: LocalCluster) -> AsyncIterator[ClusterScratch
     )
     try:
         await client.initialize()
-        prefix = f"narthex-test:{uuid.uuid4().hex}"
-        try:
+        async with private_prefix(client) as prefix:
             yield ClusterScratch(client, prefix)
-        finally:
-            await delete_prefix(client, prefix)
     finally:
         await client.aclose()

@@ -2,36 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
+from narthex.common.jwks import JwksCache
+from narthex.common.tokens import DEFAULT_TTL, SigningKey, TokenVerifier, issue_token
 
-__all__ = ["KEY", "bearer", "static_verifier", "token"]
+__all__ = ["KEY", "bearer", "static_verifier", "token", "verifier"]
 
 KEY = SigningKey.generate()
 
 
-def token(roles: Sequence[str], scopes: Sequence[str], subject: str = "t_acme") -> str:
+def token(
+    roles: Iterable[str],
+    scopes: Iterable[str],
+    subject: str = "t_acme",
+    *,
+    plan: str = "standard",
+    ttl: int = DEFAULT_TTL,
+    client_id: str | None = None,
+) -> str:
     return issue_token(
         KEY,
         issuer="narthex-auth",
         audience="narthex",
         subject=subject,
-        plan="standard",
+        plan=plan,
         roles=list(roles),
         scopes=list(scopes),
+        ttl=ttl,
+        client_id=client_id,
     )
 
 
-def bearer(roles: Sequence[str], scopes: Sequence[str], subject: str = "t_acme") -> dict[str, str]:
+def bearer(roles: Iterable[str], scopes: Iterable[str], subject: str = "t_acme") -> dict[str, str]:
     return {"Authorization": f"Bearer {token(roles, scopes, subject)}"}
+
+
+def verifier() -> TokenVerifier:
+    """Accepts tokens signed by KEY, nothing else."""
+    return TokenVerifier(
+        JwksCache.static({"keys": [KEY.public_jwk()]}), issuer="narthex-auth", audience="narthex"
+    )
 
 
 @asynccontextmanager
 async def static_verifier(_: Any) -> AsyncIterator[TokenVerifier]:
     """A `create_app(..., verifier=...)` factory: tokens signed by KEY, nothing else."""
-    yield TokenVerifier(
-        JwksCache.static({"keys": [KEY.public_jwk()]}), issuer="narthex-auth", audience="narthex"
-    )
+    yield verifier()

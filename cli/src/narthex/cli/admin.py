@@ -16,15 +16,18 @@ from alembic.util.exc import CommandError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from narthex.auth.database import migrate
+from narthex.auth.records import KeyRecord, TenantRecord
 from narthex.auth.service import AlreadyBootstrapped, AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import KeyRingError, SigningKeyRing
-from narthex.auth.store import AuthStore, KeyRecord, TenantRecord, migrate
+from narthex.auth.store import AuthStore
 from narthex.cli.paths import auth_database_url, signing_keys_dir
+from narthex.common.apikeys import ApiKey
 from narthex.common.errors import NotFound, Problem
 from narthex.common.scopes import ADMIN, TENANT
-from narthex.common.security import ApiKey, SigningKey
 from narthex.common.settings import SettingsError, load_settings
+from narthex.common.tokens import SigningKey
 
 ACTOR = "cli"
 DEMO_TENANT = "demo"

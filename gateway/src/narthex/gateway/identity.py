@@ -9,16 +9,11 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import Scope
 
+from narthex.common.apikeys import cache_key, looks_like_api_key
 from narthex.common.authn import MissingToken
 from narthex.common.errors import ServiceUnavailable, Unauthorized
 from narthex.common.http import ServiceClient, UpstreamError
-from narthex.common.security import (
-    InvalidToken,
-    Principal,
-    TokenVerifier,
-    cache_key,
-    looks_like_api_key,
-)
+from narthex.common.tokens import InvalidToken, Principal, TokenVerifier
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.revocations import Revocations
 from narthex.gateway.routing import TOKEN_EXCHANGE

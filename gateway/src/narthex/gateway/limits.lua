@@ -4,7 +4,8 @@
 -- KEYS[2]  the quota counter's base name; the UTC date (from server time) is appended,
 --          so the counter for a new day starts at zero by itself. The caller gives both
 --          names the same hash tag, so the derived key lives in the bucket's slot.
--- ARGV     rate (tokens/s), burst, daily quota, cost, consume ("1": acquire, "0": peek)
+-- ARGV     rate (tokens/s), burst, daily quota, cost, consume ("1": acquire, "0": peek),
+--          and optionally the time in Unix seconds (tests drive it; absent: server TIME)
 --
 -- Returns one space-separated string: allowed (1|0), reason, capacity, remaining,
 -- refill_rate, seconds_until_full, quota_limit, quota_used, quota_remaining,
@@ -26,9 +27,14 @@ local QUOTA_MARGIN_S = 3600
 -- An upper bound that keeps the TTL a finite integer for absurdly slow refill rates.
 local MAX_TTL_MS = 1e15
 
-local time = redis.call('TIME')
-local seconds = tonumber(time[1])
-local now = seconds + tonumber(time[2]) / 1e6
+local now
+if ARGV[6] then
+  now = tonumber(ARGV[6])
+else
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+end
+local seconds = math.floor(now)
 local day = math.floor(seconds / 86400)
 local quota_reset = (day + 1) * 86400 - now
 

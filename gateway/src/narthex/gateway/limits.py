@@ -99,12 +99,17 @@ class RedisLimiter:
 
     Keys: `<prefix>:{<tenant>}:bucket` (hash; expires once it would be full again) and
     `<prefix>:{<tenant>}:quota:<YYYY-MM-DD>` (expires a little after that UTC day).
+    `clock` (Unix seconds) replaces the server's time when given, so that tests drive
+    time instead of waiting for it; every replica must then share that clock.
     Redis errors propagate; falling back is the caller's policy.
     """
 
-    def __init__(self, redis: Commands, *, prefix: str) -> None:
+    def __init__(
+        self, redis: Commands, *, prefix: str, clock: Callable[[], float] | None = None
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._clock = clock
 
     async def acquire(self, tenant: str, limits: Limits, cost: int) -> Decision:
         _check_cost(cost)
@@ -116,7 +121,7 @@ class RedisLimiter:
     async def _decide(self, tenant: str, limits: Limits, cost: int, *, consume: bool) -> Decision:
         # The hash tag keeps both keys (and the dated one the script derives) in one slot.
         base = f"{self._prefix}:{{{tenant}}}"
-        args = (
+        args: tuple[str | int, ...] = (
             f"{base}:bucket",
             f"{base}:quota:",
             repr(limits.rate),
@@ -125,6 +130,8 @@ class RedisLimiter:
             cost,
             "1" if consume else "0",
         )
+        if self._clock is not None:
+            args += (repr(self._clock()),)
         try:
             reply = await self._redis.execute_command("EVALSHA", _SCRIPT_SHA, 2, *args)
         except NoScriptError:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,9 +13,9 @@ from narthex.common.app import service_app
 from narthex.common.authn import verifier_for
 from narthex.common.background import every
 from narthex.common.http import ServiceClient
+from narthex.common.jwks import JwksCache
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
-from narthex.common.security import JwksCache
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight
@@ -44,10 +45,17 @@ async def shared_redis(url: str) -> AsyncIterator[PipelinedRedis]:
         await client.aclose()
 
 
-def create_app(settings: GatewaySettings | None = None, *, background: bool = True) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    background: bool = True,
+    clock: Callable[[], float] | None = None,
+) -> FastAPI:
     """The gateway. `background=False` starts no background loop (upstream probes, the
     revocation list, the signing keys' first load): tests then run each round themselves
-    (`app.state.upstreams.poll()`, `app.state.revocations.poll()`)."""
+    (`app.state.upstreams.poll()`, `app.state.revocations.poll()`). `clock` (Unix seconds)
+    is the rate limiter's time instead of Redis's and this process's, for tests that
+    drive time rather than wait for it."""
     settings = settings or GatewaySettings()
     clients: dict[str, ServiceClient] = {}
     guard = ClientGuard(
@@ -78,12 +86,14 @@ def create_app(settings: GatewaySettings | None = None, *, background: bool = Tr
             shared = None
             if settings.redis_url:
                 redis = await stack.enter_async_context(shared_redis(settings.redis_url))
-                shared = RedisLimiter(redis, prefix=settings.ratelimit_prefix)
+                shared = RedisLimiter(redis, prefix=settings.ratelimit_prefix, clock=clock)
             app.state.limiter = EdgeLimiter(
                 shared,
                 LimiterMetrics(app.state.metrics_registry),
                 failure_mode=settings.ratelimit_failure_mode,
                 replicas=settings.replicas,
+                clock=clock or time.time,
+                monotonic=clock or time.monotonic,
             )
 
             upstreams = UpstreamHealth(clients, timeout=settings.status_probe_timeout)

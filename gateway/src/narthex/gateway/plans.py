@@ -10,7 +10,7 @@ import structlog
 
 from narthex.common.errors import NotFound, ServiceUnavailable
 from narthex.common.http import ServiceClient
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 from narthex.gateway.singleflight import SingleFlight
 
 log = structlog.get_logger("narthex.gateway.plans")

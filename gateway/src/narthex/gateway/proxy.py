@@ -20,7 +20,7 @@ from narthex.common.errors import (
 )
 from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 from narthex.common.transport import Exchange
 from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain

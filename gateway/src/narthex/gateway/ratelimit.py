@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -95,6 +96,8 @@ class EdgeLimiter:
     "can never pass" during an outage), so right after a failure up to replicas x burst
     can pass at once. `closed`: 503 with Retry-After. Either way the shared limiter is
     tried again every `retry_seconds`, so it resumes by itself when Redis is back.
+    `clock` (Unix seconds, the memory bucket's) and `monotonic` (the retry's) are seams
+    for tests that drive time.
     """
 
     def __init__(
@@ -105,18 +108,21 @@ class EdgeLimiter:
         failure_mode: FailureMode = "open",
         replicas: int = 1,
         retry_seconds: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.shared = shared
         self.metrics = metrics
         self.failure_mode = failure_mode
         self.replicas = max(1, replicas)
         self.retry_seconds = retry_seconds
-        self.local = MemoryLimiter()
+        self.local = MemoryLimiter(clock=clock)
+        self._monotonic = monotonic
         self._down_until = 0.0
 
     @property
     def using_fallback(self) -> bool:
-        return self.shared is not None and time.monotonic() < self._down_until
+        return self.shared is not None and self._monotonic() < self._down_until
 
     def _local_limits(self, plan: TenantPlan) -> Limits:
         if self.shared is None:  # a single-process stack: memory is the real limiter
@@ -135,7 +141,7 @@ class EdgeLimiter:
 
     async def _decide(self, plan: TenantPlan, cost: int | None) -> Decision:
         limits = Limits(plan.rate_per_second, plan.burst, plan.daily_quota)
-        if self.shared is not None and time.monotonic() >= self._down_until:
+        if self.shared is not None and self._monotonic() >= self._down_until:
             try:
                 decision = await (
                     self.shared.peek(plan.tenant, limits)
@@ -143,7 +149,7 @@ class EdgeLimiter:
                     else self.shared.acquire(plan.tenant, limits, cost)
                 )
             except (RedisError, OSError, TimeoutError) as exc:
-                self._down_until = time.monotonic() + self.retry_seconds
+                self._down_until = self._monotonic() + self.retry_seconds
                 self.metrics.backend_errors.inc()
                 self.metrics.fallback.set(1)
                 # Not repr(): redis-py's exceptions leave their message out of it.

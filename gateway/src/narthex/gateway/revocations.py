@@ -9,7 +9,7 @@ import structlog
 
 from narthex.common.http import ServiceClient
 from narthex.common.readiness import CheckResult
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 
 log = structlog.get_logger("narthex.gateway.revocations")
 

@@ -21,9 +21,9 @@ from narthex.common.metrics import (
 )
 from narthex.common.middleware import RequestContextMiddleware
 from narthex.common.readiness import CheckResult, Readiness
-from narthex.common.security import TokenVerifier
 from narthex.common.settings import ServiceSettings
 from narthex.common.telemetry import TracingMiddleware, setup_tracing
+from narthex.common.tokens import TokenVerifier
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 VerifierFactory = Callable[[Any], AbstractAsyncContextManager[TokenVerifier]]

@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from narthex.common import scopes
 from narthex.common.errors import Forbidden, Problem, Unauthorized, render_problem
 from narthex.common.http import ClientPolicy, ServiceClient
-from narthex.common.security import JwksCache, JwksUnavailable, Principal, TokenVerifier
+from narthex.common.jwks import JwksCache, JwksUnavailable
 from narthex.common.settings import AuthClientSettings
+from narthex.common.tokens import Principal, TokenVerifier
 
 # Probes, scrapes and the API description stay open: they carry no tenant data.
 OPEN_PATHS = frozenset(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pybreaker
@@ -49,13 +50,16 @@ class AsyncCircuitBreaker:
         fail_max: int = 5,
         reset_timeout: float = 10.0,
         is_failure: Callable[[BaseException], bool] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self._is_failure = is_failure or (lambda exc: True)
         self._trial_in_flight = False
+        self._storage = _ClockedStorage(clock)
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout,
+            state_storage=self._storage,
             # pybreaker counts an excluded exception as a success; `call` undoes that.
             exclude=[self._is_neutral],
             throw_new_error_on_trip=False,
@@ -78,10 +82,9 @@ class AsyncCircuitBreaker:
         """Seconds until an open breaker admits a trial call (0 when not open)."""
         if self._breaker.current_state != OPEN:
             return 0.0
-        opened_at = self._breaker._state_storage.opened_at
-        if opened_at is None:
+        elapsed = self._storage.open_for()
+        if elapsed is None:
             return 0.0
-        elapsed = time.time() - opened_at.timestamp()
         return max(0.0, self._breaker.reset_timeout - elapsed)
 
     def _is_neutral(self, exc: BaseException) -> bool:
@@ -119,7 +122,35 @@ class AsyncCircuitBreaker:
             if self._breaker.current_state == CLOSED:
                 self._breaker.half_open()
             return
-        storage = self._breaker._state_storage
+        storage = self._storage
         storage.reset_counter()
         for _ in range(fail_count):
             storage.increment_counter()
+
+
+class _ClockedStorage(pybreaker.CircuitMemoryStorage):
+    """pybreaker's memory storage with the time it opened taken from `clock`.
+
+    pybreaker stamps the opening with `datetime.now()` and compares it with a later
+    `datetime.now()`; here the stamp is `clock()`, and it is read back as "now, less
+    what `clock` says has passed since", so that comparison measures `clock`'s time.
+    With `time.time` that is pybreaker's own behaviour; a test's clock drives it.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(CLOSED)
+        self._clock = clock
+        self._opened: float | None = None
+
+    def open_for(self) -> float | None:
+        """Seconds (of `clock`) since it last opened; None if it never did."""
+        return None if self._opened is None else self._clock() - self._opened
+
+    @property
+    def opened_at(self) -> datetime | None:
+        elapsed = self.open_for()
+        return None if elapsed is None else datetime.now(UTC) - timedelta(seconds=elapsed)
+
+    @opened_at.setter
+    def opened_at(self, _value: datetime) -> None:
+        self._opened = self._clock()

@@ -134,10 +134,18 @@ class RetryBudget:
     upstream sees at most about (1 + ratio) x its normal load from us, never N x.
 
     Counts live in one-second buckets over `window` seconds: constant memory and
-    constant work per request.
+    constant work per request. `clock` is monotonic seconds (a seam for tests).
     """
 
-    def __init__(self, ratio: float, min_per_second: float, window: int = 10) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        min_per_second: float,
+        window: int = 10,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self.ratio = ratio
         self.floor = min_per_second * window
         self.window = window
@@ -146,7 +154,7 @@ class RetryBudget:
         self._retries = [0] * window
 
     def _bucket(self) -> int:
-        second = int(time.monotonic())
+        second = int(self._clock())
         slot = second % self.window
         if self._second[slot] != second:  # a bucket from a previous lap: recycle it
             self._second[slot] = second
@@ -154,7 +162,7 @@ class RetryBudget:
         return slot
 
     def _live(self, counts: list[int]) -> int:
-        oldest = int(time.monotonic()) - self.window
+        oldest = int(self._clock()) - self.window
         return sum(n for n, s in zip(counts, self._second, strict=True) if s > oldest)
 
     def record_request(self) -> None:
@@ -222,6 +230,7 @@ class ServiceClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        breaker_clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self.policy = policy = policy or ClientPolicy()
@@ -230,6 +239,7 @@ class ServiceClient:
             fail_max=policy.breaker_fail_max,
             reset_timeout=policy.breaker_reset_timeout,
             is_failure=_counts_against_upstream,
+            clock=breaker_clock,
         )
         self.budget = RetryBudget(policy.retry_budget_ratio, policy.retry_budget_min_per_second)
         self._base_url = httpx.URL(base_url)

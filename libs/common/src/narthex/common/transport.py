@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -172,7 +173,9 @@ class _Pool:
         max_connections: int,
         keepalive_expiry: float,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        self.clock = clock
         self.host = host
         self.port = port
         self.max_response_bytes = max_response_bytes
@@ -182,7 +185,7 @@ class _Pool:
         self.idle: deque[_Connection] = deque()
 
     def _take_idle(self) -> _Connection | None:
-        now = time.monotonic()
+        now = self.clock()
         while self.idle:
             conn = self.idle.pop()
             if conn.transport is not None and now - conn.idle_since < self.keepalive_expiry:
@@ -247,7 +250,7 @@ class _Pool:
                 if timer is not None:
                     timer.cancel()
             if conn.reusable:
-                conn.idle_since = time.monotonic()
+                conn.idle_since = self.clock()
                 self.idle.append(conn)
             else:
                 conn.close()
@@ -279,7 +282,9 @@ class H1Transport(httpx.AsyncBaseTransport):
         max_connections: int = 200,
         keepalive_expiry: float = 4.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock  # monotonic seconds: how long a connection has been idle
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._max_response_bytes = max_response_bytes
@@ -292,7 +297,11 @@ class H1Transport(httpx.AsyncBaseTransport):
         pool = self._pools.get(key)
         if pool is None:
             pool = _Pool(
-                *key, self._max_connections, self._keepalive_expiry, self._max_response_bytes
+                *key,
+                self._max_connections,
+                self._keepalive_expiry,
+                self._max_response_bytes,
+                self._clock,
             )
             self._pools[key] = pool
         return pool

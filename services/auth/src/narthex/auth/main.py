@@ -10,14 +10,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from narthex.auth.database import migrate
 from narthex.auth.routes import router
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
 from narthex.common.app import service_app
+from narthex.common.jwks import JwksCache
 from narthex.common.readiness import CheckResult
-from narthex.common.security import JwksCache, TokenVerifier
+from narthex.common.tokens import TokenVerifier
 
 PUBLIC_PATHS = frozenset({"/v1/auth/token", "/.well-known/jwks.json", "/internal/v1/revocations"})
 

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from narthex.auth import schemas
+from narthex.auth.records import KeyRecord, PlanRecord, TenantRecord
 from narthex.auth.service import AuthService, InvalidCredentials
-from narthex.auth.store import KeyRecord, PlanRecord, TenantRecord
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
 from narthex.common.scopes import KEYS
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 
 router = APIRouter()
 

@@ -11,19 +11,19 @@ from typing import Any
 
 import structlog
 
+from narthex.auth.records import AuditEntry, KeyRecord, PlanRecord, TenantRecord
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import (
-    AuditEntry,
-    AuthStore,
-    KeyRecord,
-    PlanRecord,
-    StoreError,
-    TenantRecord,
-    UnknownPlan,
-)
+from narthex.auth.store import AuthStore, StoreError, UnknownPlan
 from narthex.auth.store import Conflict as StoreConflict
 from narthex.auth.store import NotFound as StoreNotFound
+from narthex.common.apikeys import (
+    ApiKey,
+    generate_api_key,
+    hash_secret,
+    parse_api_key,
+    secret_matches,
+)
 from narthex.common.errors import (
     BadRequest,
     Forbidden,
@@ -33,14 +33,7 @@ from narthex.common.errors import (
     ValidationFailed,
 )
 from narthex.common.scopes import ADMIN, SERVICE, TENANT, scopes_for
-from narthex.common.security import (
-    ApiKey,
-    generate_api_key,
-    hash_secret,
-    issue_token,
-    parse_api_key,
-    secret_matches,
-)
+from narthex.common.tokens import issue_token
 
 log = structlog.get_logger("narthex.auth")
 

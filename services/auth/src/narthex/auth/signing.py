@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from narthex.common.security import SigningKey
+from narthex.common.tokens import SigningKey
 
 CURRENT, PREVIOUS, NEXT = "current.pem", "previous.pem", "next.pem"
 SCHEDULE = "next.json"

@@ -1,35 +1,35 @@
-"""AuthStore: the auth service's database (plans, tenants, API keys, audit log) and migrate()."""
+"""AuthStore: plans, tenants, API keys and the audit log, one short transaction per method."""
 
 from __future__ import annotations
 
 import secrets
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypedDict, Unpack
+from typing import Any, Self, Unpack
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, bindparam, event, or_, select, text, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from narthex.auth.database import create_engine
 from narthex.auth.models import ApiKey, AuditLog, Plan, Tenant, UTCDateTime
+from narthex.auth.records import (
+    AuditEntry,
+    AuditRecord,
+    KeyRecord,
+    PlanChanges,
+    PlanRecord,
+    ResolvedKey,
+    Rotation,
+    TenantRecord,
+    audit_record,
+    key_record,
+    plan_record,
+    tenant_record,
+)
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-# Any constant will do: it only has to be the same for every replica running migrate().
-_MIGRATION_LOCK = 0x6E61727468657801
 _TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -57,97 +57,6 @@ class UnknownKey(NotFound):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class PlanRecord:
-    name: str
-    rate_per_second: float
-    burst: int
-    daily_quota: int
-    max_items_per_request: int
-    allowed_models: tuple[str, ...]
-    builtin: bool
-    created_at: datetime
-
-    def allows_model(self, model: str) -> bool:
-        # An empty list means no restriction, not "nothing allowed".
-        return not self.allowed_models or model in self.allowed_models
-
-
-@dataclass(frozen=True, slots=True)
-class TenantRecord:
-    id: str
-    name: str
-    plan_name: str
-    roles: tuple[str, ...]
-    created_at: datetime
-    disabled_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    id: str
-    tenant_id: str
-    env: str
-    name: str
-    secret_hash: str = field(repr=False)
-    created_at: datetime
-    expires_at: datetime | None
-    last_used_at: datetime | None
-    revoked_at: datetime | None
-    replaced_by: str | None
-
-    def is_active(self, now: datetime) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedKey:
-    """A key with its tenant and that tenant's plan: all the token exchange needs."""
-
-    key: KeyRecord
-    tenant: TenantRecord
-    plan: PlanRecord
-
-
-class Rotation(NamedTuple):
-    """The old key (now with its grace expiry and successor) and the new one."""
-
-    old: KeyRecord
-    new: KeyRecord
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    target: str
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    """The audit line a mutating method writes in its own transaction.
-
-    `target` defaults to what the mutation touches (the new tenant's id, the plan name, the
-    key id), which the caller may not know before the call.
-    """
-
-    actor: str
-    action: str
-    target: str | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
-
-
-class PlanChanges(TypedDict, total=False):
-    rate_per_second: float
-    burst: int
-    daily_quota: int
-    max_items_per_request: int
-    allowed_models: Sequence[str]
-
-
 class AuthStore:
     """Every method is one short transaction and returns frozen records, never ORM rows."""
 
@@ -161,7 +70,7 @@ class AuthStore:
 
         Connects once, so that a wrong URL or a down server fails start-up, not a request.
         """
-        store = cls(_create_engine(database_url))
+        store = cls(create_engine(database_url))
         try:
             await store.ping()
         except BaseException:
@@ -197,12 +106,12 @@ class AuthStore:
     async def list_plans(self) -> list[PlanRecord]:
         async with self._sessions() as session:
             rows = await session.scalars(select(Plan).order_by(Plan.name))
-            return [_plan_record(row) for row in rows]
+            return [plan_record(row) for row in rows]
 
     async def get_plan(self, name: str) -> PlanRecord | None:
         async with self._sessions() as session:
             row = await session.get(Plan, name)
-            return None if row is None else _plan_record(row)
+            return None if row is None else plan_record(row)
 
     async def create_plan(
         self,
@@ -232,7 +141,7 @@ class AuthStore:
                 await session.flush()
         except IntegrityError:
             raise Conflict(f"plan {name!r} already exists") from None
-        return _plan_record(row)
+        return plan_record(row)
 
     async def update_plan(
         self, name: str, *, audit: AuditEntry | None = None, **changes: Unpack[PlanChanges]
@@ -256,7 +165,7 @@ class AuthStore:
                 row.max_items_per_request = changes["max_items_per_request"]
             if "allowed_models" in changes:
                 row.allowed_models = list(changes["allowed_models"])
-            return _plan_record(row)
+            return plan_record(row)
 
     # -- tenants -------------------------------------------------------------------------
 
@@ -286,22 +195,22 @@ class AuthStore:
             if await self.get_plan(plan_name) is None:
                 raise UnknownPlan(plan_name) from None
             raise Conflict(f"tenant {name!r} already exists") from None
-        return _tenant_record(row)
+        return tenant_record(row)
 
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
         async with self._sessions() as session:
             row = await session.get(Tenant, tenant_id)
-            return None if row is None else _tenant_record(row)
+            return None if row is None else tenant_record(row)
 
     async def get_tenant_by_name(self, name: str) -> TenantRecord | None:
         async with self._sessions() as session:
             row = await session.scalar(select(Tenant).where(Tenant.name == name))
-            return None if row is None else _tenant_record(row)
+            return None if row is None else tenant_record(row)
 
     async def list_tenants(self) -> list[TenantRecord]:
         async with self._sessions() as session:
             rows = await session.scalars(select(Tenant).order_by(Tenant.name))
-            return [_tenant_record(row) for row in rows]
+            return [tenant_record(row) for row in rows]
 
     async def set_tenant_plan(
         self, tenant_id: str, plan_name: str, *, audit: AuditEntry | None = None
@@ -316,7 +225,7 @@ class AuthStore:
                 await session.flush()
         except IntegrityError:
             raise UnknownPlan(plan_name) from None
-        return _tenant_record(row)
+        return tenant_record(row)
 
     async def set_tenant_disabled(
         self, tenant_id: str, disabled_at: datetime | None, *, audit: AuditEntry | None = None
@@ -328,7 +237,7 @@ class AuthStore:
             if row is None:
                 raise UnknownTenant(tenant_id)
             row.disabled_at = disabled_at
-            return _tenant_record(row)
+            return tenant_record(row)
 
     async def disabled_tenant_ids(self) -> list[str]:
         """Every tenant that is disabled now (disabled from any time on)."""
@@ -349,18 +258,7 @@ class AuthStore:
         *,
         audit: AuditEntry | None = None,
     ) -> KeyRecord:
-        row = ApiKey(
-            id=key_id,
-            tenant_id=tenant_id,
-            env=env,
-            name=name,
-            secret_hash=secret_hash,
-            created_at=_now(),
-            expires_at=expires_at,
-            last_used_at=None,
-            revoked_at=None,
-            replaced_by=None,
-        )
+        row = _new_key_row(key_id, tenant_id, env, name, secret_hash, expires_at)
         try:
             async with self._sessions.begin() as session:
                 await _write_audit(session, audit, key_id)
@@ -370,7 +268,7 @@ class AuthStore:
             if await self.get_tenant(tenant_id) is None:
                 raise UnknownTenant(tenant_id) from None
             raise Conflict(f"key id {key_id!r} is taken") from None
-        return _key_record(row)
+        return key_record(row)
 
     async def get_key(self, key_id: str) -> ResolvedKey | None:
         """The key, its tenant and their plan in one round trip (the token-exchange path)."""
@@ -385,7 +283,7 @@ class AuthStore:
             if found is None:
                 return None
             key, tenant, plan = found
-            return ResolvedKey(_key_record(key), _tenant_record(tenant), _plan_record(plan))
+            return ResolvedKey(key_record(key), tenant_record(tenant), plan_record(plan))
 
     async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
         statement = (
@@ -394,7 +292,7 @@ class AuthStore:
             .order_by(ApiKey.created_at, ApiKey.id)
         )
         async with self._sessions() as session:
-            return [_key_record(row) for row in await session.scalars(statement)]
+            return [key_record(row) for row in await session.scalars(statement)]
 
     async def revoked_key_ids(self, since: datetime) -> list[str]:
         """Keys revoked at or after `since`."""
@@ -413,7 +311,7 @@ class AuthStore:
                 raise UnknownKey(key_id)
             if row.revoked_at is None:
                 row.revoked_at = at
-            return _key_record(row)
+            return key_record(row)
 
     async def rotate_key(
         self,
@@ -444,18 +342,7 @@ class AuthStore:
                     raise Conflict(f"key {old_key_id!r} is revoked")
                 if old.replaced_by is not None:
                     raise Conflict(f"key {old_key_id!r} was already rotated")
-                new = ApiKey(
-                    id=new_key_id,
-                    tenant_id=old.tenant_id,
-                    env=env,
-                    name=name,
-                    secret_hash=secret_hash,
-                    created_at=_now(),
-                    expires_at=expires_at,
-                    last_used_at=None,
-                    revoked_at=None,
-                    replaced_by=None,
-                )
+                new = _new_key_row(new_key_id, old.tenant_id, env, name, secret_hash, expires_at)
                 session.add(new)
                 # The models declare no relationship, so the unit of work cannot know that
                 # old.replaced_by references the new row: insert it first, explicitly.
@@ -466,7 +353,7 @@ class AuthStore:
                 await session.flush()
         except IntegrityError:
             raise Conflict(f"key id {new_key_id!r} is taken") from None
-        return Rotation(old=_key_record(old), new=_key_record(new))
+        return Rotation(old=key_record(old), new=key_record(new))
 
     async def touch_keys(self, last_used: Mapping[str, datetime]) -> None:
         """Record when keys were last used, in one statement; a time only moves forward."""
@@ -496,65 +383,13 @@ class AuthStore:
         row = _audit_row(AuditEntry(actor, action, target, detail or {}), target)
         async with self._sessions.begin() as session:
             session.add(row)
-        return _audit_record(row)
+        return audit_record(row)
 
     async def list_audit(self, limit: int = 100) -> list[AuditRecord]:
         """The latest `limit` entries, newest first."""
         statement = select(AuditLog).order_by(AuditLog.id.desc()).limit(limit)
         async with self._sessions() as session:
-            return [_audit_record(row) for row in await session.scalars(statement)]
-
-
-async def migrate(database_url: str) -> None:
-    """`alembic upgrade head` on an async URL; a no-op when the schema is current."""
-    engine = _create_engine(database_url)
-    try:
-        async with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Replicas starting together: one migrates, the others wait, then find head.
-                await connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
-                )
-            await connection.run_sync(_upgrade)
-    finally:
-        await engine.dispose()
-
-
-def _upgrade(connection: Connection) -> None:
-    config = Config()
-    # configparser interpolation: a literal % in the install path must be doubled.
-    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
-    config.set_main_option("path_separator", "os")
-    # migrations/env.py runs on this connection, inside migrate()'s transaction.
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
-
-
-def _create_engine(database_url: str) -> AsyncEngine:
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite":
-        # pre-ping: a restarted or failed-over server costs one retry, not an error.
-        return create_async_engine(url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
-    event.listen(engine.sync_engine, "connect", _sqlite_connect)
-    event.listen(engine.sync_engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    # Take BEGIN away from the sqlite3 driver (see _sqlite_begin): its legacy mode runs SELECTs
-    # outside the transaction and DDL in autocommit.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys = ON")  # off by default, and per connection
-    cursor.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
-    cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN")
+            return [audit_record(row) for row in await session.scalars(statement)]
 
 
 async def _write_audit(session: AsyncSession, audit: AuditEntry | None, target: str) -> None:
@@ -580,60 +415,28 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # A row written in this call still holds the caller's offset; make it look like a read.
-    return None if value is None else value.astimezone(UTC)
+def _new_key_row(
+    key_id: str,
+    tenant_id: str,
+    env: str,
+    name: str,
+    secret_hash: str,
+    expires_at: datetime | None,
+) -> ApiKey:
+    """A key as it is first written: never used, revoked or replaced yet."""
+    return ApiKey(
+        id=key_id,
+        tenant_id=tenant_id,
+        env=env,
+        name=name,
+        secret_hash=secret_hash,
+        created_at=_now(),
+        expires_at=expires_at,
+        last_used_at=None,
+        revoked_at=None,
+        replaced_by=None,
+    )
 
 
 def _new_tenant_id() -> str:
     return "t_" + "".join(secrets.choice(_TENANT_ID_ALPHABET) for _ in range(16))
-
-
-def _plan_record(row: Plan) -> PlanRecord:
-    return PlanRecord(
-        name=row.name,
-        rate_per_second=row.rate_per_second,
-        burst=row.burst,
-        daily_quota=row.daily_quota,
-        max_items_per_request=row.max_items_per_request,
-        allowed_models=tuple(row.allowed_models),
-        builtin=row.builtin,
-        created_at=row.created_at,
-    )
-
-
-def _tenant_record(row: Tenant) -> TenantRecord:
-    return TenantRecord(
-        id=row.id,
-        name=row.name,
-        plan_name=row.plan_name,
-        roles=tuple(row.roles),
-        created_at=row.created_at,
-        disabled_at=_utc(row.disabled_at),
-    )
-
-
-def _key_record(row: ApiKey) -> KeyRecord:
-    return KeyRecord(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        env=row.env,
-        name=row.name,
-        secret_hash=row.secret_hash,
-        created_at=row.created_at,
-        expires_at=_utc(row.expires_at),
-        last_used_at=_utc(row.last_used_at),
-        revoked_at=_utc(row.revoked_at),
-        replaced_by=row.replaced_by,
-    )
-
-
-def _audit_record(row: AuditLog) -> AuditRecord:
-    return AuditRecord(
-        id=row.id,
-        at=row.at,
-        actor=row.actor,
-        action=row.action,
-        target=row.target,
-        detail=row.detail,
-    )

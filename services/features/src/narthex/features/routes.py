@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from narthex.common import scopes
 from narthex.common.authn import require_role, require_scope
-from narthex.common.security import Principal
+from narthex.common.tokens import Principal
 from narthex.features.schemas import IngestRequest, IngestResponse
 from narthex.features.service import FeaturesService
 from narthex.transactions.lookup import (

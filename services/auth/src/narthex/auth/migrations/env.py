@@ -7,11 +7,13 @@ from sqlalchemy.engine import Connection
 
 from narthex.auth.models import Base
 
-# No alembic.ini and no URL here: narthex.auth.store.migrate() opens the async engine
+# No alembic.ini and no URL here: narthex.auth.database.migrate() opens the async engine
 # (with the same SQLite pragmas as the service) and hands over a sync-facade connection.
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
-    raise RuntimeError("run the auth migrations through narthex.auth.store.migrate(database_url)")
+    raise RuntimeError(
+        "run the auth migrations through narthex.auth.database.migrate(database_url)"
+    )
 
 context.configure(
     connection=connection,

@@ -8,10 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from narthex.auth.database import migrate
 from narthex.auth.main import create_app
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
-from narthex.auth.store import AuthStore, migrate
+from narthex.auth.store import AuthStore
 from tests.support.databases import BACKENDS, throwaway_database
 
 

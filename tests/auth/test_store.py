@@ -14,18 +14,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from narthex.auth.database import migrate
 from narthex.auth.models import ApiKey, Base
-from narthex.auth.store import (
-    AuditEntry,
-    AuthStore,
-    Conflict,
-    KeyRecord,
-    TenantRecord,
-    UnknownKey,
-    UnknownPlan,
-    UnknownTenant,
-    migrate,
-)
+from narthex.auth.records import AuditEntry, KeyRecord, TenantRecord
+from narthex.auth.store import AuthStore, Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from tests.support.databases import postgres_database, sqlite_url
 
 HASH = "ab" * 32

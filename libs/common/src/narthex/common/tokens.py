@@ -1,23 +1,16 @@
-"""Token and key security: RS256 JWT issue/verify, the JWKS cache, and API key hashing."""
+"""Access tokens: signing keys, issuing RS256 JWTs, and verifying them into a Principal."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hashlib
-import hmac
-import json
 import math
 import re
 import secrets
-import string
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
@@ -28,32 +21,22 @@ from jose.backends.base import Key
 from jose.backends.cryptography_backend import CryptographyRSAKey
 from jose.exceptions import ExpiredSignatureError
 
-from narthex.common.deadline import unbounded_context
-from narthex.common.errors import ServiceUnavailable, Unauthorized
+from narthex.common.errors import Unauthorized
+from narthex.common.jwks import ALGORITHM, MIN_RSA_BITS, JwksCache, b64url_uint, thumbprint
 
 __all__ = [
-    "ApiKey",
+    "DEFAULT_LEEWAY",
+    "DEFAULT_TTL",
+    "MAX_TOKEN_LENGTH",
     "InvalidToken",
-    "JwksCache",
-    "JwksUnavailable",
     "Principal",
     "SigningKey",
     "TokenVerifier",
-    "cache_key",
-    "generate_api_key",
-    "hash_secret",
     "issue_token",
-    "looks_like_api_key",
-    "parse_api_key",
-    "secret_matches",
 ]
 
-log = structlog.get_logger("narthex.security")
-
-ALGORITHM = "RS256"
 DEFAULT_TTL = 900
 DEFAULT_LEEWAY = 30
-MIN_RSA_BITS = 2048
 # Our tokens are well under 2 KiB; the cap keeps base64/JSON work on hostile input bounded.
 MAX_TOKEN_LENGTH = 8 * 1024
 _MAX_KID_LENGTH = 256
@@ -82,9 +65,6 @@ _DECODE_OPTIONS: dict[str, Any] = {
 }
 
 
-# -- errors ---------------------------------------------------------------------------------
-
-
 class InvalidToken(Unauthorized):
     """A token we will not accept. The client learns only that; `reason` is for our logs."""
 
@@ -101,38 +81,7 @@ class InvalidToken(Unauthorized):
         self.reason = reason
 
 
-class JwksUnavailable(ServiceUnavailable):
-    """No signing keys to check tokens with: the caller's token may be fine, so 503, not 401."""
-
-    type_slug, title = "jwks-unavailable", "Token signing keys unavailable"
-
-    def __init__(self, retry_after: int = 5) -> None:
-        super().__init__(
-            "The keys that verify access tokens cannot be loaded right now.",
-            headers={"Retry-After": str(max(1, retry_after))},
-        )
-        self.retry_after = max(1, retry_after)
-
-
-# -- signing keys ---------------------------------------------------------------------------
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_uint(value: int) -> str:
-    return _b64url(value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _thumbprint(n: str, e: str) -> str:
-    # RFC 7638: the required members only, sorted, no whitespace.
-    canonical = json.dumps({"e": e, "kty": "RSA", "n": n}, separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+# -- signing ------------------------------------------------------------------------------------
 
 
 class SigningKey:
@@ -149,8 +98,8 @@ class SigningKey:
             raise ValueError(f"RSA signing keys need at least {MIN_RSA_BITS} bits")
         self.private_key = private_key
         numbers = private_key.public_key().public_numbers()
-        n, e = _b64url_uint(numbers.n), _b64url_uint(numbers.e)
-        self.kid = _thumbprint(n, e)
+        n, e = b64url_uint(numbers.n), b64url_uint(numbers.e)
+        self.kid = thumbprint(n, e)
         self._public_jwk = {"kty": "RSA", "use": "sig", "alg": ALGORITHM, "kid": self.kid}
         self._public_jwk |= {"n": n, "e": e}
         # Built once: jose would otherwise re-wrap the key on every token it signs.
@@ -224,162 +173,6 @@ def issue_token(
             raise ValueError("client_id must be non-empty")
         claims["client_id"] = client_id
     return jwt.encode(claims, key._jose_key, algorithm=ALGORITHM, headers={"kid": key.kid})
-
-
-# -- JWKS -----------------------------------------------------------------------------------
-
-
-def _usable_keys(document: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """kid -> JWK for the RS256 signing keys of a JWKS document; ValueError if there are none."""
-    entries = document.get("keys") if isinstance(document, Mapping) else None
-    if not isinstance(entries, list):
-        raise ValueError("JWKS document has no 'keys' list")
-    keys: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        # Anything that is not an RS256 signing key is ignored rather than fatal, so a
-        # JWKS that also publishes other keys still works.
-        if not isinstance(entry, Mapping):
-            continue
-        kid, n, e = entry.get("kid"), entry.get("n"), entry.get("e")
-        if (
-            entry.get("kty") != "RSA"
-            or entry.get("alg", ALGORITHM) != ALGORITHM
-            or entry.get("use", "sig") != "sig"
-            or not isinstance(kid, str)
-            or not kid
-            or not isinstance(n, str)
-            or not isinstance(e, str)
-            or kid in keys
-        ):
-            continue
-        try:
-            modulus = int.from_bytes(_b64url_decode(n), "big")
-            exponent = int.from_bytes(_b64url_decode(e), "big")
-            rsa.RSAPublicNumbers(exponent, modulus).public_key()
-        except ValueError:
-            continue
-        if modulus.bit_length() < MIN_RSA_BITS:
-            continue
-        keys[kid] = dict(entry)
-    if not keys:
-        raise ValueError("JWKS document has no usable RS256 signing key")
-    return keys
-
-
-class JwksCache:
-    """The verification keys of a JWKS endpoint, fetched lazily and shared by all requests.
-
-    - Cold: the first `key()` fetches and waits. Stale (older than `refresh_interval`):
-      the known keys keep serving while one background fetch renews them.
-    - Unknown kid: one refresh, but at most once per `unknown_kid_cooldown` since the last
-      fetch of any kind, so tokens with made-up kids cannot turn into a fetch storm.
-    - Single flight: concurrent callers share the one fetch in progress.
-    - A failed fetch keeps the keys we have (retried after `failure_backoff`); with no keys
-      at all `key()` raises JwksUnavailable, since a 401 would blame a token we cannot check.
-    """
-
-    def __init__(
-        self,
-        fetch: Callable[[], Awaitable[Mapping[str, Any]]],
-        *,
-        refresh_interval: float = 300.0,
-        unknown_kid_cooldown: float = 30.0,
-        failure_backoff: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._fetch = fetch
-        self._refresh_interval = refresh_interval
-        self._cooldown = unknown_kid_cooldown
-        self._failure_backoff = failure_backoff
-        self._clock = clock
-        self._keys: dict[str, dict[str, Any]] = {}
-        self._loaded_at: float | None = None
-        self._attempted_at = -math.inf
-        self._failed = False
-        self._inflight: asyncio.Task[None] | None = None
-        self.fetches = 0
-
-    @classmethod
-    def static(cls, document: Mapping[str, Any]) -> JwksCache:
-        """A cache over a fixed key set (tests, single-process tools): it never refetches."""
-
-        async def same() -> Mapping[str, Any]:
-            return document
-
-        cache = cls(same, refresh_interval=math.inf, unknown_kid_cooldown=math.inf)
-        cache.load(document)
-        return cache
-
-    @property
-    def kids(self) -> frozenset[str]:
-        return frozenset(self._keys)
-
-    def load(self, document: Mapping[str, Any]) -> None:
-        """Replace the key set with `document`'s (ValueError if it has no usable key)."""
-        self._keys = _usable_keys(document)
-        self._loaded_at = self._clock()
-        self._failed = False
-
-    async def refresh(self) -> bool:
-        """Fetch now (or join the fetch under way); True if the key set is fresh after it."""
-        await asyncio.shield(self._start_fetch())
-        return not self._failed
-
-    async def key(self, kid: str) -> Mapping[str, Any] | None:
-        now = self._clock()
-        if self._is_stale(now):
-            task = self._start_fetch()
-            if not self._keys:
-                await asyncio.shield(task)
-        found = self._keys.get(kid)
-        if found is None:
-            # A fetch under way may bring the kid (rotation), so wait for it at no extra cost.
-            if self._inflight is not None:
-                await asyncio.shield(self._inflight)
-            elif now - self._attempted_at >= self._cooldown:
-                await asyncio.shield(self._start_fetch())
-            found = self._keys.get(kid)
-        if not self._keys:
-            wait = self._attempted_at + self._failure_backoff - self._clock()
-            raise JwksUnavailable(retry_after=math.ceil(wait))
-        return found
-
-    def _is_stale(self, now: float) -> bool:
-        if self._loaded_at is not None and now - self._loaded_at < self._refresh_interval:
-            return False
-        if self._inflight is not None:
-            return True
-        return not self._failed or now - self._attempted_at >= self._failure_backoff
-
-    def _start_fetch(self) -> asyncio.Task[None]:
-        if self._inflight is None:
-            self._attempted_at = self._clock()
-            # Shared by every caller: not bounded by the deadline of the one that started it.
-            task = asyncio.get_running_loop().create_task(
-                self._fetch_and_load(), context=unbounded_context()
-            )
-            self._inflight = task
-            task.add_done_callback(self._fetch_done)
-        return self._inflight
-
-    def _fetch_done(self, task: asyncio.Task[None]) -> None:
-        if self._inflight is task:
-            self._inflight = None
-
-    async def _fetch_and_load(self) -> None:
-        self.fetches += 1
-        try:
-            document = await self._fetch()
-            self.load(document)
-        # Whatever the fetch raised (network, HTTP status, a bad document), the keys we
-        # already have are still the best answer; the failure is only worth a warning.
-        except Exception as exc:
-            self._failed = True
-            log.warning(
-                "jwks fetch failed, keeping the keys already loaded",
-                error=f"{type(exc).__name__}: {exc}",
-                keys=len(self._keys),
-            )
 
 
 # -- verification ---------------------------------------------------------------------------
@@ -555,75 +348,3 @@ class TokenVerifier:
             token=token,
             key_id=client_id,
         )
-
-
-# -- API keys -------------------------------------------------------------------------------
-
-API_KEY_PREFIX = "nx_"
-_KEY_ID_ALPHABET = string.ascii_lowercase + string.digits
-_SECRET_ALPHABET = string.ascii_letters + string.digits
-_KEY_ID_LENGTH = 16
-_SECRET_LENGTH = 40
-_ENV = re.compile(r"[a-z]{2,8}")
-# No part can contain "_", so the split into env, id and secret is unambiguous.
-_API_KEY = re.compile(r"nx_([a-z]{2,8})_([a-z0-9]{16})_([A-Za-z0-9]{40})")
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """A parsed `nx_<env>_<id>_<secret>` key. Only the secret's hash is ever stored."""
-
-    env: str
-    key_id: str
-    secret: str = field(repr=False)
-
-    def __post_init__(self) -> None:
-        # Validated here so that every ApiKey prints as a key parse_api_key accepts.
-        if _API_KEY.fullmatch(f"nx_{self.env}_{self.key_id}_{self.secret}") is None:
-            raise ValueError("not a valid API key")
-
-    @property
-    def prefix(self) -> str:
-        """`nx_<env>_<id>`: names the key in listings and logs without revealing it."""
-        return f"{API_KEY_PREFIX}{self.env}_{self.key_id}"
-
-    def __str__(self) -> str:
-        return f"{self.prefix}_{self.secret}"
-
-
-def generate_api_key(env: str) -> ApiKey:
-    if _ENV.fullmatch(env) is None:
-        raise ValueError("env must be 2 to 8 lowercase letters")
-    key_id = "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(_KEY_ID_LENGTH))
-    secret = "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LENGTH))
-    return ApiKey(env, key_id, secret)
-
-
-def parse_api_key(value: str) -> ApiKey | None:
-    match = _API_KEY.fullmatch(value)
-    if match is None:
-        return None
-    env, key_id, secret = match.groups()
-    return ApiKey(env, key_id, secret)
-
-
-def looks_like_api_key(value: str) -> bool:
-    """Tells an API key from a JWT in `Authorization: Bearer` (a JWT starts with `eyJ`)."""
-    return value.startswith(API_KEY_PREFIX)
-
-
-def hash_secret(pepper: str, secret: str) -> str:
-    # The secret has ~238 random bits, so a fast hash is enough; the pepper (kept out of
-    # the database) makes a stolen table useless on its own.
-    return hashlib.sha256((pepper + secret).encode("utf-8")).hexdigest()
-
-
-def secret_matches(pepper: str, secret: str, stored_hash: str) -> bool:
-    # Compared as bytes: compare_digest refuses non-ASCII str, and a stored value is data.
-    computed = hash_secret(pepper, secret).encode("ascii")
-    return hmac.compare_digest(computed, stored_hash.encode("utf-8"))
-
-
-def cache_key(api_key: str) -> str:
-    """What the gateway files an exchanged token under, so the key itself is never kept."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()

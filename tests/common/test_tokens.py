@@ -1,4 +1,5 @@
-"""narthex.common.security with real RSA keys and real tokens, forged ones built by hand."""
+"""narthex.common.tokens and the JWKS cache it reads (narthex.common.jwks), with real RSA keys
+and real tokens, forged ones built by hand; time is a clock the test drives."""
 
 from __future__ import annotations
 
@@ -18,23 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from structlog.testing import capture_logs
 
 from narthex.common.errors import ServiceUnavailable, Unauthorized
-from narthex.common.security import (
-    ApiKey,
-    InvalidToken,
-    JwksCache,
-    JwksUnavailable,
-    Principal,
-    SigningKey,
-    TokenVerifier,
-    _thumbprint,
-    cache_key,
-    generate_api_key,
-    hash_secret,
-    issue_token,
-    looks_like_api_key,
-    parse_api_key,
-    secret_matches,
-)
+from narthex.common.jwks import JwksCache, JwksUnavailable, thumbprint
+from narthex.common.tokens import InvalidToken, Principal, SigningKey, TokenVerifier, issue_token
+from narthex.testing.clock import ManualClock
 
 ISS = "https://auth.narthex.test"
 AUD = "narthex"
@@ -105,17 +92,6 @@ async def rejected(verifier: TokenVerifier, token: str) -> InvalidToken:
     assert problem.detail == InvalidToken.GENERIC_DETAIL
     assert problem.headers == {"WWW-Authenticate": 'Bearer error="invalid_token"'}
     return problem
-
-
-class Clock:
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeJwksEndpoint:
@@ -191,7 +167,7 @@ def test_kid_is_the_rfc7638_thumbprint() -> None:
         "0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTW"
         "hAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
     )
-    assert _thumbprint(n, "AQAB") == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    assert thumbprint(n, "AQAB") == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
 def test_public_jwk_and_stable_kid(key: SigningKey, other_key: SigningKey) -> None:
@@ -454,7 +430,7 @@ def test_invalid_token_is_a_401_problem() -> None:
 
 
 async def test_cached_token_is_not_used_past_exp_plus_leeway(key: SigningKey) -> None:
-    clock = Clock(float(int(time.time())))  # whole seconds, like iat and exp
+    clock = ManualClock(float(int(time.time())))  # whole seconds, like iat and exp
     jwks = CountingJwks(FakeJwksEndpoint(key))
     verifier = TokenVerifier(jwks, issuer=ISS, audience=AUD, clock=clock)
     token = token_for(key, ttl=60, now=clock.now)
@@ -502,7 +478,7 @@ async def test_cache_size_zero_disables_the_cache(key: SigningKey) -> None:
 
 
 async def test_unknown_kids_cause_at_most_one_fetch_per_cooldown(key: SigningKey) -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     endpoint = FakeJwksEndpoint(key)
     jwks = JwksCache(endpoint, unknown_kid_cooldown=30.0, clock=clock)
     verifier = TokenVerifier(jwks, issuer=ISS, audience=AUD)
@@ -524,19 +500,6 @@ async def test_unknown_kids_cause_at_most_one_fetch_per_cooldown(key: SigningKey
     assert jwks.fetches == 3
     await verifier.verify(token_for(key))  # the known key is unaffected throughout
     assert jwks.fetches == 3
-
-
-async def test_cooldown_with_the_real_clock(key: SigningKey) -> None:
-    endpoint = FakeJwksEndpoint(key)
-    jwks = JwksCache(endpoint, unknown_kid_cooldown=0.05)
-    assert await jwks.key(key.kid) is not None
-    for _ in range(20):
-        assert await jwks.key("nope") is None
-    assert jwks.fetches == 1
-    await asyncio.sleep(0.06)
-    for _ in range(20):
-        assert await jwks.key("nope") is None
-    assert jwks.fetches == 2
 
 
 async def test_concurrent_cold_lookups_share_one_fetch(key: SigningKey) -> None:
@@ -572,7 +535,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_fetch(key: SigningK
 async def test_rotated_in_key_is_found_via_the_unknown_kid_refresh(
     key: SigningKey, other_key: SigningKey
 ) -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     endpoint = FakeJwksEndpoint(key)
     verifier = TokenVerifier(JwksCache(endpoint, clock=clock), issuer=ISS, audience=AUD)
     await verifier.verify(token_for(key))
@@ -588,7 +551,7 @@ async def test_rotated_in_key_is_found_via_the_unknown_kid_refresh(
 async def test_stale_keys_serve_while_a_background_fetch_renews_them(
     key: SigningKey, other_key: SigningKey
 ) -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     endpoint = FakeJwksEndpoint(key)
     jwks = JwksCache(endpoint, refresh_interval=300.0, clock=clock)
     assert await jwks.key(key.kid) is not None
@@ -605,7 +568,7 @@ async def test_stale_keys_serve_while_a_background_fetch_renews_them(
 
 
 async def test_failed_fetch_keeps_the_old_keys(key: SigningKey) -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     endpoint = FakeJwksEndpoint(key)
     jwks = JwksCache(endpoint, refresh_interval=300.0, failure_backoff=5.0, clock=clock)
     assert await jwks.key(key.kid) is not None
@@ -647,7 +610,7 @@ async def test_bad_documents_count_as_failures(key: SigningKey) -> None:
 
 
 async def test_no_keys_and_failing_fetch_is_unavailable(key: SigningKey) -> None:
-    clock = Clock(1000.0)
+    clock = ManualClock(1000.0)
     endpoint = FakeJwksEndpoint(key)
     endpoint.fail = True
     jwks = JwksCache(endpoint, failure_backoff=5.0, clock=clock)
@@ -693,104 +656,3 @@ def test_only_rs256_rsa_signing_keys_are_kept(
     with pytest.raises(ValueError, match="usable"):
         jwks.load({"keys": [document["keys"][1]]})
     assert jwks.kids == {key.kid, "no-alg"}
-
-
-# -- API keys -------------------------------------------------------------------------------
-
-
-def test_api_key_round_trip() -> None:
-    key = generate_api_key("live")
-    text = str(key)
-    assert text.startswith("nx_live_")
-    assert key.prefix == f"nx_live_{key.key_id}"
-    assert text == f"{key.prefix}_{key.secret}"
-    assert len(key.key_id) == 16
-    assert set(key.key_id) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
-    assert len(key.secret) == 40
-    assert key.secret.isalnum()
-    assert key.secret.isascii()
-    assert parse_api_key(text) == key
-    assert looks_like_api_key(text)
-    assert key.secret not in repr(key)
-
-
-def test_generated_keys_differ() -> None:
-    keys = [generate_api_key("test") for _ in range(50)]
-    assert len({str(k) for k in keys}) == 50
-    assert len({k.key_id for k in keys}) == 50
-    assert len({k.secret for k in keys}) == 50
-
-
-@pytest.mark.parametrize("env", ["", "a", "toolonger", "Live", "li_ve", "l1ve"])
-def test_generate_refuses_bad_env(env: str) -> None:
-    with pytest.raises(ValueError, match="env"):
-        generate_api_key(env)
-
-
-SECRET = "A" * 20 + "b" * 10 + "0123456789"
-KEY_ID = "abcdefgh12345678"
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "nx_",
-        "xx_live_" + KEY_ID + "_" + SECRET,
-        "NX_live_" + KEY_ID + "_" + SECRET,
-        " nx_live_" + KEY_ID + "_" + SECRET,
-        "nx_live_" + KEY_ID + "_" + SECRET + "\n",
-        "nx_live_" + KEY_ID,
-        "nx_live_" + KEY_ID + "_",
-        "nx__" + KEY_ID + "_" + SECRET,
-        "nx_live__" + SECRET,
-        "nx_live_" + KEY_ID + "_" + SECRET[:-1],
-        "nx_live_" + KEY_ID + "_" + SECRET + "A",
-        "nx_live_" + KEY_ID + "_" + SECRET[:-1] + "_",
-        "nx_live_" + KEY_ID + "_" + SECRET[:20] + "_" + SECRET[21:],
-        "nx_live_" + KEY_ID + "_" + SECRET[:-1] + "-",
-        "nx_live_" + KEY_ID + "_" + SECRET[:-1] + "é",
-        "nx_live_" + KEY_ID.upper() + "_" + SECRET,
-        "nx_live_" + KEY_ID[:-1] + "_" + SECRET,
-        "nx_l_" + KEY_ID + "_" + SECRET,
-        "nx_toolonger_" + KEY_ID + "_" + SECRET,
-        "nx_live_extra_" + KEY_ID + "_" + SECRET,
-        "eyJhbGciOiJSUzI1NiJ9.e30.AAAA",
-    ],
-)
-def test_parse_rejects(value: str) -> None:
-    assert parse_api_key(value) is None
-
-
-def test_parse_accepts_the_exact_format() -> None:
-    parsed = parse_api_key(f"nx_live_{KEY_ID}_{SECRET}")
-    assert parsed == ApiKey("live", KEY_ID, SECRET)
-    with pytest.raises(ValueError, match="API key"):
-        ApiKey("live", KEY_ID, SECRET + "_x")
-
-
-def test_looks_like_api_key() -> None:
-    assert looks_like_api_key("nx_anything")
-    assert not looks_like_api_key("eyJhbGciOiJSUzI1NiJ9.e30.AAAA")
-    assert not looks_like_api_key("NX_live")
-    assert not looks_like_api_key("")
-
-
-def test_hash_secret_and_secret_matches() -> None:
-    key = generate_api_key("test")
-    stored = hash_secret("pepper", key.secret)
-    assert stored == hashlib.sha256(("pepper" + key.secret).encode()).hexdigest()
-    assert secret_matches("pepper", key.secret, stored)
-    wrong_last = "y" if key.secret.endswith("x") else "x"  # always a different secret
-    assert not secret_matches("pepper", key.secret[:-1] + wrong_last, stored)
-    assert not secret_matches("other-pepper", key.secret, stored)
-    assert not secret_matches("pepper", key.secret, stored.upper())
-    assert not secret_matches("pepper", key.secret, "")
-    assert not secret_matches("pepper", key.secret, "é" * 64)
-
-
-def test_cache_key_hashes_the_whole_key() -> None:
-    key = str(generate_api_key("test"))
-    assert cache_key(key) == hashlib.sha256(key.encode()).hexdigest()
-    assert key not in cache_key(key)
-    assert cache_key(key) != cache_key(str(generate_api_key("test")))

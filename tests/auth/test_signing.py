@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from narthex.auth.signing import SigningKeyRing
-from narthex.common.security import SigningKey
+from narthex.common.tokens import SigningKey
 
 
 def kids(ring: SigningKeyRing) -> list[str]:

@@ -1,0 +1,1 @@
+"""What tests, end-to-end runs and benchmarks share: processes, scenarios, Redis, a clock."""
