@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="narthex-bench-") as tmp:
         state = Path(tmp)
         settings = AuthSettings(
-            database_url=f"sqlite+aiosqlite:///{state}/auth.db", signing_keys_dir=state / "keys"
+            env="dev",
+            database_url=f"sqlite+aiosqlite:///{state}/auth.db",
+            signing_keys_dir=state / "keys",
         )
         key = asyncio.run(make_tenant_key(settings))
         auth_target = Target(

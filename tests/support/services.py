@@ -48,6 +48,8 @@ def run_service(
         **os.environ,
         f"{prefix}HOST": "127.0.0.1",
         f"{prefix}PORT": str(port),
+        # Services default to production; tests run them as `narthex up` does.
+        f"{prefix}ENV": "dev",
         **(env or {}),
     }
     with log_path.open("wb") as log:

@@ -16,7 +16,8 @@ from alembic.util.exc import CommandError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from narthex.auth.service import AlreadyBootstrapped, AuthService
+from narthex.auth.errors import AlreadyBootstrapped
+from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import KeyRingError, SigningKeyRing
 from narthex.auth.store import AuthStore, KeyRecord, TenantRecord, migrate
@@ -52,6 +53,9 @@ def auth_settings(target: Target, **overrides: Any) -> AuthSettings:
     """The auth service's settings as it would read them, with the target's overrides."""
     values: dict[str, Any] = {}
     if target.state_dir is not None:
+        # A state directory is a `narthex up` stack's, and that stack runs in dev (its
+        # auth hashes keys with the dev pepper); a database URL is read as the environment says.
+        values["env"] = "dev"
         values["database_url"] = auth_database_url(target.state_dir)
         values["signing_keys_dir"] = signing_keys_dir(target.state_dir)
     if target.database_url is not None:

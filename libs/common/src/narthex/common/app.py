@@ -82,6 +82,11 @@ def service_app(
         description=description,
         version=version,
         lifespan=common_lifespan,
+        # The API's description is for developers: in production it would map the
+        # attack surface for anyone who asks.
+        openapi_url="/openapi.json" if settings.env == "dev" else None,
+        docs_url="/docs" if settings.env == "dev" else None,
+        redoc_url="/redoc" if settings.env == "dev" else None,
         # FastAPI's built-in telemetry would add a second server span per request on
         # top of TracingMiddleware (and cost more): see narthex.common.telemetry.
         telemetry={"tracing": False, "metrics": False, "logs": False},
