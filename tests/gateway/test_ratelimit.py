@@ -16,7 +16,8 @@ from pydantic import AnyHttpUrl
 
 from narthex.common import scopes
 from narthex.common.security import JwksCache, SigningKey, TokenVerifier, issue_token
-from narthex.gateway.cost import InvalidBody, count_request
+from narthex.gateway.cost import count_request
+from narthex.gateway.errors import InvalidBody
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
 from narthex.gateway.plans import TenantPlan

@@ -14,18 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from narthex.auth.errors import Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from narthex.auth.models import ApiKey, Base
-from narthex.auth.store import (
-    AuditEntry,
-    AuthStore,
-    Conflict,
-    KeyRecord,
-    TenantRecord,
-    UnknownKey,
-    UnknownPlan,
-    UnknownTenant,
-    migrate,
-)
+from narthex.auth.store import AuditEntry, AuthStore, KeyRecord, TenantRecord, migrate
 from tests.support.databases import postgres_database, sqlite_url
 
 HASH = "ab" * 32

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from narthex.auth import schemas
-from narthex.auth.service import AuthService, InvalidCredentials
+from narthex.auth.errors import InvalidCredentials
+from narthex.auth.service import AuthService
 from narthex.auth.store import KeyRecord, PlanRecord, TenantRecord
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest

@@ -25,36 +25,13 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from narthex.auth.errors import Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from narthex.auth.models import ApiKey, AuditLog, Plan, Tenant, UTCDateTime
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any constant will do: it only has to be the same for every replica running migrate().
 _MIGRATION_LOCK = 0x6E61727468657801
 _TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
-
-
-class StoreError(Exception):
-    """Base of the errors the store raises on purpose (anything else is a bug or an outage)."""
-
-
-class Conflict(StoreError):
-    """The name or id is taken, or the change contradicts the row's state."""
-
-
-class NotFound(StoreError):
-    """A row the operation needs does not exist."""
-
-
-class UnknownPlan(NotFound):
-    pass
-
-
-class UnknownTenant(NotFound):
-    pass
-
-
-class UnknownKey(NotFound):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
