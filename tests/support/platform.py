@@ -74,12 +74,14 @@ STOP_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class Spec:
-    """One process to start: `{port}` in argv or env is replaced by a free port."""
+    """One process to start: `{port}` in argv or env is replaced by a free port (`port`
+    when given: so that processes started together can be told each other's URLs)."""
 
     label: str
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
+    port: int | None = None
 
 
 def module_argv(module: str, *args: str) -> tuple[str, ...]:
@@ -105,7 +107,7 @@ def running(
     started: list[tuple[Service, str]] = []
     try:
         for spec in specs:
-            port = str(free_port())
+            port = str(spec.port or free_port())
             argv = [a.replace("{port}", port) for a in spec.argv]
             env = {**os.environ, **{k: v.replace("{port}", port) for k, v in spec.env.items()}}
             log_path = directory / f"{spec.label}.log"
