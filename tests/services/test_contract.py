@@ -14,14 +14,17 @@ so that the whole module stays well within three minutes on a small, busy machin
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-from schemathesis import APIOperation, Case
+from hypothesis import strategies as st
+from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
@@ -32,6 +35,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from narthex.common import scopes
+from narthex.transactions.lookup import BATCH_GET
 from tests.support.models import builtin_repository
 from tests.support.platform import KEY_PEPPER, Spec, bootstrap, module_argv, running
 from tests.support.services import free_port
@@ -49,8 +53,10 @@ CHECKS = [
 ]
 # Per operation: enough to walk every parameter's kinds, few enough for the time budget.
 EXAMPLES = 12
+# Small, so that the cap is quick to cross (the default is 1 MiB).
+BODY_CAP = 64 << 10
 # Operations only a platform service may call (inference reading features).
-SERVICE_PATHS = frozenset({"/v1/features/batchGet"})
+SERVICE_PATHS = frozenset({BATCH_GET})
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
                 f"NARTHEX_{name.upper()}_HOST": "127.0.0.1",
                 f"NARTHEX_{name.upper()}_PORT": "{port}",
                 f"NARTHEX_{name.upper()}_ENV": "dev",  # as `narthex up` runs them
+                f"NARTHEX_{name.upper()}_MAX_BODY_BYTES": str(BODY_CAP),
                 **env[name],
             },
             port=ports[name],
@@ -113,15 +120,27 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     with running(specs, directory, timeout=150.0):
         yield Platform(
             urls,
-            admin=token([scopes.ADMIN], sorted(scopes.scopes_for({scopes.ADMIN})), operator),
+            admin=token(
+                [scopes.ADMIN, scopes.TENANT], sorted(scopes.scopes_for({scopes.ADMIN})), operator
+            ),
             service=token([scopes.SERVICE], sorted(scopes.SERVICE_SCOPES), "service-inference"),
         )
 
 
 def exercise(
-    operation: APIOperation[Any, Any, Any, Any], url: str, headers: dict[str, str]
+    operation: APIOperation[Any, Any, Any, Any],
+    url: str,
+    headers: dict[str, str],
+    statuses: Counter[int],
 ) -> None:
-    """Send the operation's bounded examples; the first failing check raises."""
+    """Send the operation's bounded examples, counting their statuses; the first failing
+    check raises."""
+    # Valid requests, which must be served or refused as described, and invalid ones,
+    # which must be refused as described: never a 5xx either way.
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
 
     @settings(
         max_examples=EXAMPLES,
@@ -132,11 +151,25 @@ def exercise(
         suppress_health_check=list(HealthCheck),
         verbosity=Verbosity.quiet,
     )
-    @given(case=operation.as_strategy())
+    @given(case=cases)
     def call(case: Case[Any]) -> None:
-        case.call_and_validate(base_url=url, headers=headers, checks=CHECKS, timeout=10)
+        response = case.call(base_url=url, headers=headers, timeout=10)
+        statuses[response.status_code] += 1
+        case.validate_response(response, checks=CHECKS, headers=headers)
 
     call()
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_body_over_the_cap_is_413_on_every_service(platform: Platform, service: str) -> None:
+    response = httpx.post(
+        f"{platform.urls[service]}/v1/anything",
+        content=b"x" * (BODY_CAP + 1),
+        headers={**platform.headers_for(""), "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413, response.text
+    assert response.json()["type"].endswith("/payload-too-large")
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -147,6 +180,7 @@ def test_every_answer_is_described_and_none_is_a_server_error(
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     failures: list[str] = []
     operations = 0
+    statuses: Counter[int] = Counter()
     for result in schema.get_all_operations():
         if not isinstance(result, Ok):
             failures.append(f"an operation cannot be read: {result.err()}")
@@ -154,8 +188,10 @@ def test_every_answer_is_described_and_none_is_a_server_error(
         operation = result.ok()
         operations += 1
         try:
-            exercise(operation, url, platform.headers_for(operation.path))
+            exercise(operation, url, platform.headers_for(operation.path), statuses)
         except (Exception, FailureGroup) as exc:  # every operation's failures, not the first's
             failures.append(f"{operation.label}: {exc}")
     assert operations > 0
+    # The tokens got the requests past the token check: routes answered, not just refused.
+    assert sum(n for status, n in statuses.items() if status < 300) > statuses[401], statuses
     assert not failures, "\n\n".join(failures)
