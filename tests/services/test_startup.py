@@ -94,7 +94,7 @@ def test_with_nothing_configured_a_service_serves_no_api_docs(tmp_path: Path) ->
         )
     service = Service("features", f"http://127.0.0.1:{port}", process, log_path)
     try:
-        wait_ready(service, 30.0)
+        wait_ready(service, 60.0)  # a busy machine starts a process slowly
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert httpx.get(service.url + path).status_code == 404, path
         assert httpx.get(service.url + "/healthz").status_code == 200
