@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env={
                 "NARTHEX_AUTH_HOST": HOST,
                 "NARTHEX_AUTH_PORT": "{port}",
+                "NARTHEX_AUTH_ENV": "dev",
                 "NARTHEX_AUTH_DATABASE_URL": settings.database_url,
                 "NARTHEX_AUTH_SIGNING_KEYS_DIR": str(settings.signing_keys_dir),
             },
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     env={
                         "NARTHEX_GATEWAY_HOST": HOST,
                         "NARTHEX_GATEWAY_PORT": "{port}",
+                        "NARTHEX_GATEWAY_ENV": "dev",
                         "NARTHEX_GATEWAY_AUTH_URL": auth.url,
                         **{
                             f"NARTHEX_GATEWAY_{name}_URL": upstream.url
