@@ -88,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="narthex-bench-") as tmp:
         state = Path(tmp)
         settings = AuthSettings(
-            database_url=f"sqlite+aiosqlite:///{state}/auth.db", signing_keys_dir=state / "keys"
+            env="dev",
+            database_url=f"sqlite+aiosqlite:///{state}/auth.db",
+            signing_keys_dir=state / "keys",
         )
         key = asyncio.run(make_tenant_key(settings))
         auth_target = Target(
@@ -96,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env={
                 "NARTHEX_AUTH_HOST": HOST,
                 "NARTHEX_AUTH_PORT": "{port}",
+                "NARTHEX_AUTH_ENV": "dev",
                 "NARTHEX_AUTH_DATABASE_URL": settings.database_url,
                 "NARTHEX_AUTH_SIGNING_KEYS_DIR": str(settings.signing_keys_dir),
             },
@@ -112,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     env={
                         "NARTHEX_GATEWAY_HOST": HOST,
                         "NARTHEX_GATEWAY_PORT": "{port}",
+                        "NARTHEX_GATEWAY_ENV": "dev",
                         "NARTHEX_GATEWAY_AUTH_URL": auth.url,
                         **{
                             f"NARTHEX_GATEWAY_{name}_URL": upstream.url

@@ -33,6 +33,7 @@ async def store(database_url: str) -> AsyncIterator[AuthStore]:
 async def auth(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AuthService]]:
     """The auth app (SQLite) through its lifespan: a client to it, and its service."""
     settings = AuthSettings(
+        env="dev",
         database_url=f"sqlite+aiosqlite:///{tmp_path}/auth.db",
         signing_keys_dir=tmp_path / "keys",
         tracing=False,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from narthex.auth.service import AuthService, Conflict
-from narthex.common.errors import Forbidden
+from narthex.auth.service import AuthService
+from narthex.common.errors import Conflict, Forbidden
 from narthex.common.scopes import ADMIN, FEATURES_LOOKUP, SERVICE, TENANT
 
 Auth = tuple[httpx.AsyncClient, AuthService]

@@ -15,9 +15,10 @@ from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from narthex.auth.database import migrate
+from narthex.auth.errors import Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from narthex.auth.models import ApiKey, Base
 from narthex.auth.records import AuditEntry, KeyRecord, TenantRecord
-from narthex.auth.store import AuthStore, Conflict, UnknownKey, UnknownPlan, UnknownTenant
+from narthex.auth.store import AuthStore
 from tests.support.databases import postgres_database, sqlite_url
 
 HASH = "ab" * 32

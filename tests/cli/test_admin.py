@@ -203,7 +203,7 @@ def test_every_change_is_audited_as_the_cli(narthex: CliRunnerCall) -> None:
 def test_database_url_overrides_the_environment(tmp_path: Path) -> None:
     runner = CliRunner()
     url = f"sqlite+aiosqlite:///{tmp_path / 'elsewhere.db'}"
-    env = {"NARTHEX_AUTH_SIGNING_KEYS_DIR": str(tmp_path / "keys")}
+    env = {"NARTHEX_AUTH_SIGNING_KEYS_DIR": str(tmp_path / "keys"), "NARTHEX_AUTH_ENV": "dev"}
     created = runner.invoke(app, ["tenants", "create", "acme", "--database-url", url], env=env)
     assert created.exit_code == 0, created.output
     assert (tmp_path / "elsewhere.db").exists()
@@ -218,7 +218,9 @@ def test_database_url_overrides_the_environment(tmp_path: Path) -> None:
 def test_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     url = "postgresql+asyncpg://narthex:hunter2secret@127.0.0.1:1/auth"
-    result = runner.invoke(app, ["tenants", "list", "--database-url", url])
+    result = runner.invoke(
+        app, ["tenants", "list", "--database-url", url], env={"NARTHEX_AUTH_ENV": "dev"}
+    )
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert "cannot use the auth database postgresql+asyncpg://narthex:***@" in result.stderr

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from narthex.common.app import service_app
 from narthex.common.errors import Forbidden, Problem
 from narthex.common.readiness import CheckResult
-from narthex.common.settings import ServiceSettings
+from narthex.common.settings import Environment, ServiceSettings
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -28,8 +28,10 @@ class Teapot(Problem):
     status, type_slug, title = 418, "teapot", "I am a teapot"
 
 
-def build_app(*, tracing: bool = True) -> FastAPI:
-    app = service_app(ServiceSettings(tracing=tracing), title="demo", description="Demo service.")
+def build_app(*, tracing: bool = True, env: Environment = "dev") -> FastAPI:
+    app = service_app(
+        ServiceSettings(tracing=tracing, env=env), title="demo", description="Demo service."
+    )
     state = {"dependency_up": True}
     app.state.demo = state
 
@@ -120,6 +122,14 @@ async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     assert "/items/{item_id}" in schema["paths"]
     assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("env", ["prod", "test"])
+async def test_outside_dev_the_api_docs_are_not_served(env: Environment) -> None:
+    app = build_app(env=env)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert (await c.get(path)).status_code == 404, path
 
 
 def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, object]:

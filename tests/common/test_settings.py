@@ -25,6 +25,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("NARTHEX_DEMO_"):
             monkeypatch.delenv(name)
+    # DemoSettings ships a placeholder secret, which only dev accepts; the default is below.
+    monkeypatch.setenv("NARTHEX_DEMO_ENV", "dev")
 
 
 def test_reads_typed_values_from_prefixed_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +61,15 @@ def test_several_problems_are_all_named_on_one_line(monkeypatch: pytest.MonkeyPa
     assert "NARTHEX_DEMO_PORT" in caught.value.message
     assert "NARTHEX_DEMO_LOG_LEVEL" in caught.value.message
     assert "\n" not in caught.value.message
+
+
+def test_with_nothing_configured_a_service_is_in_production(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NARTHEX_DEMO_ENV")
+    assert ServiceSettings().env == "prod"
+    with pytest.raises(SettingsError, match="NARTHEX_DEMO_API_SECRET"):
+        load_settings(DemoSettings)
 
 
 def test_placeholder_secret_is_fine_in_dev() -> None:

@@ -83,35 +83,51 @@ def test_the_model_list_shows_only_what_the_plan_allows(callers: Callers) -> Non
     assert callers.restricted.head("/v1/models").status_code < 500  # no list to filter
 
 
+# Each route's refusal comes in the shape of the protocol it speaks.
 REFUSED = [
-    ("GET", "/v1/models/minilm", None),
-    ("POST", "/v1/models/minilm/predict", {"instances": ["a text"]}),
-    ("POST", "/v1/models/minilm/versions/1/predict", {"instances": ["a text"]}),
-    ("GET", "/v2/models/minilm", None),
-    ("GET", "/v2/models/minilm/ready", None),
+    ("GET", "/v1/models/minilm", None, "openai"),
+    ("POST", "/v1/models/minilm/predict", {"instances": ["a text"]}, "problem"),
+    ("POST", "/v1/models/minilm/versions/1/predict", {"instances": ["a text"]}, "problem"),
+    ("GET", "/v2/models/minilm", None, "oip"),
+    ("GET", "/v2/models/minilm/ready", None, "oip"),
     (
         "POST",
         "/v2/models/minilm/infer",
         {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+        "oip",
     ),
-    ("POST", "/v1/embeddings", {"model": "minilm", "input": ["a", "b"]}),
-    ("POST", "/v1/embeddings", {"model": "minilm:1", "input": "a"}),
+    ("POST", "/v1/embeddings", {"model": "minilm", "input": ["a", "b"]}, "openai"),
+    ("POST", "/v1/embeddings", {"model": "minilm:1", "input": "a"}, "openai"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), REFUSED)
+def refusal_message(response: httpx.Response, protocol: str) -> str:
+    """The refusal's message, once its envelope is checked to be the protocol's."""
+    if protocol == "problem":
+        assert response.headers["content-type"] == PROBLEM_JSON
+        problem = response.json()
+        assert problem["type"].endswith("/model-not-allowed")
+        assert problem["model"] == "minilm"
+        return str(problem["detail"])
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    if protocol == "oip":
+        assert set(body) == {"error"}
+        return str(body["error"])
+    assert body["error"]["type"] == "permission_error"
+    assert body["error"]["code"] == "model_not_allowed"
+    return str(body["error"]["message"])
+
+
+@pytest.mark.parametrize(("method", "path", "body", "protocol"), REFUSED)
 def test_another_model_is_403_naming_it_and_costs_nothing(
-    callers: Callers, method: str, path: str, body: object
+    callers: Callers, method: str, path: str, body: object, protocol: str
 ) -> None:
     client = callers.restricted
     ledger = Ledger(client)
     response = client.request(method, path, json=body)
     assert response.status_code == 403, response.text
-    assert response.headers["content-type"] == PROBLEM_JSON
-    problem = response.json()
-    assert problem["type"].endswith("/model-not-allowed")
-    assert problem["model"] == "minilm"
-    assert "'minilm'" in problem["detail"]
+    assert "'minilm'" in refusal_message(response, protocol)
     assert ledger.quota() == ledger.remaining  # refused before it was charged
 
 

@@ -293,7 +293,9 @@ def test_a_body_the_edge_cannot_count_is_refused_and_charged_nothing(
         ledger = Ledger(client)
         response = client.post("/v1/embeddings", content=body, headers=headers)
         assert response.status_code == status, response.text
-        assert response.headers["content-type"] == "application/problem+json"
+        # In the shape of the route's protocol: OpenAI's error object.
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["type"] == "invalid_request_error"
         assert "ratelimit" not in response.headers
         assert ledger.quota() == ledger.remaining
 

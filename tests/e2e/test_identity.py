@@ -25,6 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from narthex.common.errors import protocol_of
 from narthex.common.tokens import SigningKey
 from tests.e2e.conftest import PUBLIC_CACHE_SECONDS, TOKEN_TTL_SECONDS, Platform
 
@@ -98,8 +99,18 @@ def auth_signing_key(platform: Platform) -> SigningKey:
 
 
 def assert_refused(response: httpx.Response) -> None:
-    """401 or 403 with a problem body; a 5xx (or anything else) fails."""
+    """401 or 403 with the error body of the route's protocol (tests/e2e/
+    test_error_protocols.py pins which is which); a 5xx (or anything else) fails."""
     assert response.status_code in (401, 403), (response.status_code, response.text)
+    protocol = protocol_of(response.url.path)
+    if protocol == "oip":
+        assert response.headers["content-type"] == "application/json", response.headers
+        assert isinstance(response.json()["error"], str)
+        return
+    if protocol == "openai":
+        assert response.headers["content-type"] == "application/json", response.headers
+        assert response.json()["error"]["type"] in ("authentication_error", "permission_error")
+        return
     assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers
     body = response.json()
     assert body["status"] == response.status_code

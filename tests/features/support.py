@@ -94,7 +94,7 @@ async def serving(
                 "redis_prefix": scratch.prefix,
                 **settings,
             }
-        config = FeaturesSettings(tracing=False, **settings)
+        config = FeaturesSettings(tracing=False, env="dev", **settings)
         app = create_app(config, verifier=static_verifier)
         await stack.enter_async_context(app.router.lifespan_context(app))
         client = await stack.enter_async_context(

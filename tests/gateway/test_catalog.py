@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from narthex.common.errors import BadGateway
-from narthex.gateway.catalog import ModelNotAllowed, check_model, visible_models
+from narthex.gateway.catalog import check_model, visible_models
+from narthex.gateway.errors import ModelNotAllowed
 from narthex.gateway.plans import TenantPlan
 from narthex.gateway.routing import RouteTable
 

@@ -18,11 +18,11 @@ from narthex.gateway.cost import (
     BINARY_TYPE,
     HEADER_LENGTH,
     JSON_TYPE,
-    InvalidBody,
     count,
     count_request,
     forwarded_headers,
 )
+from narthex.gateway.errors import InvalidBody
 
 LIMIT = 1 << 20
 TEXTS = {"input": [f"text {i} \u00e9\u2603\U0001f600" for i in range(40)], "model": "minilm"}

@@ -12,12 +12,12 @@ import pytest
 from narthex.common.apikeys import generate_api_key
 from narthex.common.authn import MissingToken
 from narthex.common.deadline import deadline
-from narthex.common.errors import GatewayTimeout, ServiceUnavailable
+from narthex.common.errors import GatewayTimeout, InvalidCredentials, ServiceUnavailable
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.tokens import InvalidToken
+from narthex.gateway.errors import KeyInQuery, RateLimited
 from narthex.gateway.guard import ClientGuard
-from narthex.gateway.identity import Identity, InvalidApiKey, KeyInQuery
-from narthex.gateway.ratelimit import RateLimited
+from narthex.gateway.identity import Identity
 from narthex.gateway.revocations import Revocations
 from tests.support import tokens
 from tests.support.delay import DelayProxy
@@ -111,7 +111,7 @@ async def test_a_refused_key_is_401_and_remembered_briefly() -> None:
         identity, client = await identity_for(auth.url, refused_seconds=60.0)
         async with client:
             for _ in range(5):
-                with pytest.raises(InvalidApiKey):
+                with pytest.raises(InvalidCredentials):
                     await identity.authenticate(scope([("X-API-Key", API_KEY)]))
     assert len(auth.requests) == 1
 
@@ -204,9 +204,9 @@ async def test_keys_new_to_the_gateway_pass_the_per_ip_guard_before_reaching_aut
             for i in range(10):
                 try:
                     await identity.authenticate(scope([("X-API-Key", junk_key(i))]))
-                except (InvalidApiKey, RateLimited) as exc:
+                except (InvalidCredentials, RateLimited) as exc:
                     refused.append(type(exc))
-    assert refused == [InvalidApiKey] * 3 + [RateLimited] * 7
+    assert refused == [InvalidCredentials] * 3 + [RateLimited] * 7
     assert len(auth.requests) == 3
 
 
@@ -230,7 +230,7 @@ async def test_junk_keys_never_push_out_an_accepted_key(auth: ScriptedUpstream) 
         await identity.authenticate(scope([("X-API-Key", API_KEY)]))
         auth.reply = Reply(status=401, body=b"{}")
         for i in range(100):
-            with pytest.raises(InvalidApiKey):
+            with pytest.raises(InvalidCredentials):
                 await identity.authenticate(scope([("X-API-Key", junk_key(i))]))
         principal = await identity.authenticate(scope([("X-API-Key", API_KEY)]))
     assert principal.tenant == "t_acme"
@@ -289,7 +289,7 @@ async def test_revoked_keys_and_disabled_tenants_are_refused_whatever_the_creden
             assert (await identity.authenticate(scope([credential]))).key_id == ("keyofacme0000001")
 
         revocations.keys = frozenset({"keyofacme0000001"})
-        with pytest.raises(InvalidApiKey):
+        with pytest.raises(InvalidCredentials):
             await identity.authenticate(scope([("X-API-Key", API_KEY)]))
         with pytest.raises(InvalidToken):
             await identity.authenticate(scope([("Authorization", f"Bearer {minted}")]))
@@ -300,7 +300,7 @@ async def test_revoked_keys_and_disabled_tenants_are_refused_whatever_the_creden
         for refused in (minted, other_key, legacy):
             with pytest.raises(InvalidToken):
                 await identity.authenticate(scope([("Authorization", f"Bearer {refused}")]))
-        with pytest.raises(InvalidApiKey):
+        with pytest.raises(InvalidCredentials):
             await identity.authenticate(scope([("X-API-Key", API_KEY)]))
         assert len(auth.requests) == 1  # all of it decided here, from the polled list
 

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from narthex.gateway.inflight import TenantInFlight, TooManyInFlight
+from narthex.gateway.errors import TooManyInFlight
+from narthex.gateway.inflight import TenantInFlight
 
 
 async def acquire(slots: TenantInFlight, tenant: str) -> None:

@@ -580,7 +580,7 @@ async def test_a_slow_upstream_is_a_504_with_retry_after(upstream: UpstreamServe
     settings = gateway_settings(upstream.url, upstream_try_timeout=0.2, upstream_deadline=0.5)
     async with running(settings) as gw:
         start = time.monotonic()
-        response = await gw.get("/v2/models")
+        response = await gw.get("/v1/admin/models")
         elapsed = time.monotonic() - start
 
     assert_problem(response, 504, "upstream-timeout", absent=(f":{upstream.port}",))
@@ -592,7 +592,7 @@ async def test_a_slow_upstream_is_a_504_with_retry_after(upstream: UpstreamServe
 async def test_nothing_listening_is_a_503_with_retry_after() -> None:
     with refusing_port() as port:
         async with running(gateway_settings(f"http://127.0.0.1:{port}")) as gw:
-            response = await gw.get("/v2/models")
+            response = await gw.get("/v1/admin/models")
     assert_problem(response, 503, "upstream-unavailable", absent=(f":{port}",))
     assert retry_after(response) >= 1
 
@@ -690,12 +690,12 @@ async def test_a_callers_own_deadline_cuts_its_request_and_never_the_breaker(
     async with running(settings) as gw:
         cut = [
             await gw.request(method, path, headers={"x-request-timeout-ms": "1"})
-            for method, path in [("GET", "/v2/models"), ("POST", "/v1/models/x/predict")] * 3
+            for method, path in [("GET", "/v1/admin/models"), ("POST", "/v1/models/x/predict")] * 3
         ]
         states = {name: c.breaker.state for name, c in gw.app.state.clients.items()}
         failures = gw.app.state.clients["inference"].breaker.fail_counter
         upstream.behave(None)
-        served = await gw.get("/v2/models")
+        served = await gw.get("/v1/admin/models")
 
     for response in cut:
         assert_problem(response, 504, "upstream-timeout")
@@ -717,8 +717,8 @@ async def test_a_try_cut_by_the_upstreams_own_try_timeout_still_counts(
         upstream.url, breaker_fail_max=1, upstream_try_timeout=0.1, upstream_retries=False
     )
     async with running(settings) as gw:
-        slow = await gw.get("/v2/models")
-        refused = await gw.get("/v2/models")
+        slow = await gw.get("/v1/admin/models")
+        refused = await gw.get("/v1/admin/models")
 
     assert_problem(slow, 504, "upstream-timeout")
     assert_problem(refused, 503, "circuit-open")
@@ -966,7 +966,7 @@ async def test_an_oversized_upstream_answer_is_a_502_and_counts_against_the_brea
     scripted.reply = Reply(200, body=b"[" + b"1," * 1000 + b"1]")
     settings = gateway_settings(scripted.url, upstream_max_response_bytes=1024, breaker_fail_max=2)
     async with running(settings) as gw:
-        answers = [await gw.get("/v2/models") for _ in range(3)]
+        answers = [await gw.get("/v1/admin/models") for _ in range(3)]
 
     assert_problem(answers[0], 502, "bad-gateway")
     assert_problem(answers[1], 502, "bad-gateway")

@@ -18,7 +18,8 @@ from http_sfv.list import List as SfList
 from pydantic import AnyHttpUrl
 
 from narthex.common import scopes
-from narthex.gateway.cost import InvalidBody, count_request
+from narthex.gateway.cost import count_request
+from narthex.gateway.errors import InvalidBody
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
 from narthex.gateway.plans import TenantPlan

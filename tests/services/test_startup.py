@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.services import run_service
+from tests.support.services import Service, free_port, run_service, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +67,37 @@ def test_service_starts_ready_with_docs_and_metrics(service: str, tmp_path: Path
     assert running.process.returncode in (0, -signal.SIGTERM)
     events = [line["event"] for line in running.log_lines()]
     assert "Application shutdown complete." in events
+
+
+def test_with_nothing_configured_auth_refuses_its_placeholder_pepper() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NARTHEX_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "narthex.auth"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "NARTHEX_AUTH_KEY_PEPPER" in result.stderr
+
+
+def test_with_nothing_configured_a_service_serves_no_api_docs(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NARTHEX_")}
+    env["NARTHEX_FEATURES_PORT"] = str(port)  # only where to listen: nothing else is said
+    log_path = tmp_path / "features.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "narthex.features"], env=env, stdout=log, stderr=log
+        )
+    service = Service("features", f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        wait_ready(service, 60.0)  # a busy machine starts a process slowly
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(service.url + path).status_code == 404, path
+        assert httpx.get(service.url + "/healthz").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

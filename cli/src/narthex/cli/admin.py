@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -17,8 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from narthex.auth.database import migrate
+from narthex.auth.errors import AlreadyBootstrapped
 from narthex.auth.records import KeyRecord, TenantRecord
-from narthex.auth.service import AlreadyBootstrapped, AuthService
+from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import KeyRingError, SigningKeyRing
 from narthex.auth.store import AuthStore
@@ -54,6 +56,13 @@ class Target:
 def auth_settings(target: Target, **overrides: Any) -> AuthSettings:
     """The auth service's settings as it would read them, with the target's overrides."""
     values: dict[str, Any] = {}
+    if target.database_url is None and f"{AuthSettings.model_config['env_prefix']}ENV" not in (
+        os.environ
+    ):
+        # Without a database URL the target is the local `narthex up` stack, which runs in
+        # dev (its auth hashes keys with the dev pepper). Anything else is read as the
+        # service reads it: production unless the environment says otherwise.
+        values["env"] = "dev"
     if target.state_dir is not None:
         values["database_url"] = auth_database_url(target.state_dir)
         values["signing_keys_dir"] = signing_keys_dir(target.state_dir)

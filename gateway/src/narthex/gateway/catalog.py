@@ -12,18 +12,15 @@ from typing import Any
 
 import orjson
 
-from narthex.common.errors import BadGateway, Forbidden
+from narthex.common.errors import BadGateway
+from narthex.gateway.errors import ModelNotAllowed
 from narthex.gateway.plans import TenantPlan
 from narthex.gateway.routing import Route
 
-__all__ = ["MODEL_LIST", "ModelNotAllowed", "check_model", "visible_models"]
+__all__ = ["MODEL_LIST", "check_model", "visible_models"]
 
 MODEL_LIST = "/v1/models"
 _SHOWN = 64  # characters of a client's model name repeated in a refusal
-
-
-class ModelNotAllowed(Forbidden):
-    type_slug, title = "model-not-allowed", "Model not allowed by the plan"
 
 
 def check_model(route: Route, path: str, document: Any, plan: TenantPlan) -> None:

@@ -27,9 +27,9 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from narthex.common.codings import UnsupportedMediaType, decode_content
-from narthex.common.errors import BadRequest
+from narthex.gateway.errors import InvalidBody
 
-__all__ = ["Counted", "InvalidBody", "count", "count_request", "forwarded_headers"]
+__all__ = ["Counted", "count", "count_request", "forwarded_headers"]
 
 HEADER_LENGTH: Final = b"inference-header-content-length"
 JSON_TYPE: Final = b"application/json"
@@ -40,10 +40,6 @@ _UNICODE: Final = frozenset(
     {"utf-8", "ascii", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
 )
 _BOM: Final = "\ufeff"
-
-
-class InvalidBody(BadRequest):
-    type_slug, title = "invalid-body", "The request body cannot be read"
 
 
 class Counted(NamedTuple):

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from narthex.gateway.clientip import Network, client_ip, parse_address
-from narthex.gateway.ratelimit import RateLimited
+from narthex.gateway.errors import RateLimited
 
 log = structlog.get_logger("narthex.gateway.guard")
 

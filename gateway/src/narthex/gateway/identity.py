@@ -11,9 +11,10 @@ from starlette.types import Scope
 
 from narthex.common.apikeys import cache_key, looks_like_api_key
 from narthex.common.authn import MissingToken
-from narthex.common.errors import ServiceUnavailable, Unauthorized
+from narthex.common.errors import InvalidCredentials, ServiceUnavailable
 from narthex.common.http import ServiceClient, UpstreamError
 from narthex.common.tokens import InvalidToken, Principal, TokenVerifier
+from narthex.gateway.errors import KeyInQuery
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.revocations import Revocations
 from narthex.gateway.routing import TOKEN_EXCHANGE
@@ -21,26 +22,6 @@ from narthex.gateway.singleflight import SingleFlight
 
 # Query parameters that carry credentials in other APIs; refused here whatever their value.
 _CREDENTIAL_PARAMS = (b"api_key=", b"apikey=", b"api-key=", b"access_token=", b"key=nx_")
-
-
-class KeyInQuery(Unauthorized):
-    type_slug, title = "credentials-in-query", "Credentials are accepted only in headers"
-
-    def __init__(self) -> None:
-        # Query strings end up in logs, proxies and browser history: refused, not used.
-        super().__init__(
-            "send the key as `X-API-Key` or `Authorization: Bearer`",
-            headers={"WWW-Authenticate": 'Bearer realm="narthex"'},
-        )
-
-
-class InvalidApiKey(Unauthorized):
-    type_slug, title = "invalid-credentials", "Invalid API key"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the API key is not valid", headers={"WWW-Authenticate": 'Bearer realm="narthex"'}
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +161,7 @@ class Identity:
             if guarded:
                 refused_until = self._refused.get(digest)
                 if refused_until is not None and refused_until > now:
-                    raise InvalidApiKey()
+                    raise InvalidCredentials()
             # One exchange per key at a time: concurrent requests wait for it (and for
             # its one pass through the guard).
             entry = await self._exchanges.run(
@@ -188,9 +169,9 @@ class Identity:
             )
             self._remember(digest, entry)
         if entry.principal is None:
-            raise InvalidApiKey()
+            raise InvalidCredentials()
         if self._revoked(entry.principal):
-            raise InvalidApiKey()
+            raise InvalidCredentials()
         return entry.principal
 
     async def _exchange(self, key: str, guarded: Scope | None) -> _Entry:

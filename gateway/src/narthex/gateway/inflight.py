@@ -7,11 +7,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from narthex.gateway.ratelimit import RateLimited
-
-
-class TooManyInFlight(RateLimited):
-    type_slug, title = "too-many-in-flight", "Too many requests in flight"
+from narthex.gateway.errors import TooManyInFlight
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from narthex.common.errors import (
     GatewayTimeout,
     Problem,
     ServiceUnavailable,
-    render_problem,
+    send_error,
 )
 from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
@@ -25,14 +25,14 @@ from narthex.common.transport import Exchange
 from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.cost import Counted, count, forwarded_headers
+from narthex.gateway.errors import KeyInQuery, MethodNotAllowed, TooManyItems
 from narthex.gateway.guard import ClientGuard
-from narthex.gateway.identity import Identity, KeyInQuery, credentials_in_query
+from narthex.gateway.identity import Identity, credentials_in_query
 from narthex.gateway.inflight import TenantInFlight
 from narthex.gateway.plans import PlanBook, TenantPlan
 from narthex.gateway.public import PublicAnswers
 from narthex.gateway.ratelimit import (
     EdgeLimiter,
-    TooManyItems,
     rate_limit_headers,
     refusal,
 )
@@ -103,10 +103,6 @@ class _Admitted(NamedTuple):
     headers: list[tuple[bytes, bytes]]
     plan: TenantPlan
     limit_headers: list[tuple[bytes, bytes]]
-
-
-class MethodNotAllowed(Problem):
-    status, type_slug, title = 405, "method-not-allowed", "Method not allowed"
 
 
 def upstream_headers(scope: Scope, trusted: Sequence[Network] = ()) -> list[tuple[bytes, bytes]]:
@@ -258,7 +254,7 @@ class ProxyMiddleware:
         try:
             await self._forward(route, scope, receive, send)
         except Problem as problem:
-            await render_problem(problem, instance=scope["path"])(scope, receive, send)
+            await send_error(problem, scope, receive, send)
         finally:
             self._release(scope)
 

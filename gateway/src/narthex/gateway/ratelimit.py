@@ -11,7 +11,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
-from narthex.common.errors import Problem, ServiceUnavailable, ValidationFailed
+from narthex.common.errors import Problem, ServiceUnavailable
+from narthex.gateway.errors import QuotaExceeded, RateLimited, TooManyItems
 from narthex.gateway.limits import Decision, Limiter, Limits, MemoryLimiter
 from narthex.gateway.plans import TenantPlan
 
@@ -19,18 +20,6 @@ log = structlog.get_logger("narthex.gateway.ratelimit")
 
 FailureMode = Literal["open", "closed"]
 DAY = 86_400
-
-
-class RateLimited(Problem):
-    status, type_slug, title = 429, "rate-limited", "Rate limit exceeded"
-
-
-class QuotaExceeded(Problem):
-    status, type_slug, title = 429, "quota-exceeded", "Daily quota exceeded"
-
-
-class TooManyItems(ValidationFailed):
-    type_slug, title = "too-many-items", "Too many items in one request"
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

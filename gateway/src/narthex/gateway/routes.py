@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from narthex.common.errors import Forbidden, NotFound
+from narthex.common.openapi import error_responses
 from narthex.common.scopes import ADMIN, ADMIN_SCOPE
 from narthex.gateway.ratelimit import rate_limit_headers
 from narthex.gateway.schemas import Bucket, Daily, Quota, UpstreamStatus
@@ -14,8 +17,15 @@ from narthex.gateway.state import app_identity, app_limits, app_upstreams
 router = APIRouter()
 
 
-@router.get("/v1/quota", response_model=Quota, tags=["quota"])
-async def quota(request: Request, response: Response, tenant: str | None = None) -> Quota:
+@router.get(
+    "/v1/quota", response_model=Quota, responses=error_responses(401, 403, 404), tags=["quota"]
+)
+async def quota(
+    request: Request,
+    response: Response,
+    # A tenant id goes into the path of a call to auth: nothing but an id's characters.
+    tenant: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
+) -> Quota:
     """The caller's plan, token bucket and daily quota as they stand; an admin may name
     any tenant. Reading it consumes nothing."""
     principal = await app_identity(request.scope).authenticate(request.scope)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware import Middleware
 
-from narthex.common.authn import RequireTokenMiddleware, app_verifier
+from narthex.common.authn import OPEN_PATHS, RequireTokenMiddleware, app_verifier
 from narthex.common.body import BodyLimitMiddleware
 from narthex.common.errors import install_error_handlers
 from narthex.common.metrics import (
@@ -20,6 +20,7 @@ from narthex.common.metrics import (
     new_registry,
 )
 from narthex.common.middleware import RequestContextMiddleware
+from narthex.common.openapi import document_errors
 from narthex.common.readiness import CheckResult, Readiness
 from narthex.common.settings import ServiceSettings
 from narthex.common.telemetry import TracingMiddleware, setup_tracing
@@ -82,6 +83,11 @@ def service_app(
         description=description,
         version=version,
         lifespan=common_lifespan,
+        # The API's description is for developers: in production it would map the
+        # attack surface for anyone who asks.
+        openapi_url="/openapi.json" if settings.env == "dev" else None,
+        docs_url="/docs" if settings.env == "dev" else None,
+        redoc_url="/redoc" if settings.env == "dev" else None,
         # FastAPI's built-in telemetry would add a second server span per request on
         # top of TracingMiddleware (and cost more): see narthex.common.telemetry.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -92,6 +98,18 @@ def service_app(
     readiness.add("lifespan", lifespan_started)
 
     install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        # Built once, on first request, when every route is there.
+        if not app.openapi_schema:
+            app.openapi_schema = document_errors(
+                FastAPI.openapi(app),
+                authenticated=authenticate,
+                open_paths=OPEN_PATHS | public_paths,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     # add_middleware puts each one outside the ones before it: innermost first.
     # Bodies are read once the caller is known, within the size every service caps.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from narthex.common import scopes
-from narthex.common.errors import Forbidden, Problem, Unauthorized, render_problem
+from narthex.common.errors import Forbidden, Problem, Unauthorized, send_error
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.jwks import JwksCache, JwksUnavailable
 from narthex.common.settings import AuthClientSettings
@@ -72,7 +72,7 @@ class RequireTokenMiddleware:
                 raise MissingToken()
             principal = await self.verifier(scope).verify(token)
         except (Problem, JwksUnavailable) as problem:
-            await render_problem(problem, instance=scope["path"])(scope, receive, send)
+            await send_error(problem, scope, receive, send)
             return
         state = scope.setdefault("state", {})
         state["principal"] = principal

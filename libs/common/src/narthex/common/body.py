@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from narthex.common.errors import BadRequest, PayloadTooLarge, render_problem
+from narthex.common.errors import BadRequest, PayloadTooLarge, send_error
 
 __all__ = ["BodyLimitMiddleware", "read_body"]
 
@@ -49,8 +49,7 @@ class BodyLimitMiddleware:
         try:
             body = await read_body(scope, receive, self.limit)
         except (BadRequest, PayloadTooLarge) as problem:
-            response = render_problem(problem, instance=scope.get("path"))
-            await response(scope, receive, send)
+            await send_error(problem, scope, receive, send)
             return
         replayed = False
 

@@ -1,21 +1,33 @@
-"""Problem details (RFC 9457): the one error envelope of narthex's own APIs, and its handlers."""
+"""Errors a client may see, and the one renderer that writes them in each route's protocol.
+
+narthex's own APIs answer RFC 9457 problem+json; where a protocol fixes the shape the
+error is written in that shape instead: the Open Inference Protocol under `/v2`
+(`{"error": "..."}`, 400 for bad input as Triton does) and OpenAI's under `/v1/embeddings`
+and its models list (`{"error": {"message", "type", "param", "code"}}`). The protocol is
+chosen by path here, in one place, and every handler and middleware renders through
+`render_error`, so a 401 from the token check and a 403 from a route look alike.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from narthex.common.context import current_request_id, current_trace_id
 
 PROBLEM_BASE = "https://narthex.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+JSON_MEDIA_TYPE = "application/json"
+
+Protocol = Literal["problem", "oip", "openai"]
 
 log = structlog.get_logger("narthex.errors")
 
@@ -51,6 +63,17 @@ class Unauthorized(Problem):
     status, type_slug, title = 401, "unauthorized", "Authentication required"
 
 
+class InvalidCredentials(Unauthorized):
+    type_slug, title = "invalid-credentials", "Invalid API key"
+
+    def __init__(self) -> None:
+        # One answer for every reason (unknown id, wrong secret, revoked, expired):
+        # a caller probing keys learns nothing from the difference.
+        super().__init__(
+            "the API key is not valid", headers={"WWW-Authenticate": 'Bearer realm="narthex"'}
+        )
+
+
 class Forbidden(Problem):
     status, type_slug, title = 403, "forbidden", "Forbidden"
 
@@ -59,12 +82,24 @@ class NotFound(Problem):
     status, type_slug, title = 404, "not-found", "Not found"
 
 
+class Conflict(Problem):
+    status, type_slug, title = 409, "conflict", "Conflicts with the current state"
+
+
 class PayloadTooLarge(Problem):
     status, type_slug, title = 413, "payload-too-large", "Request body too large"
 
 
 class ValidationFailed(Problem):
     status, type_slug, title = 422, "validation-failed", "Request validation failed"
+
+
+class TooManyRequests(Problem):
+    status, type_slug, title = 429, "too-many-requests", "Too many requests"
+
+
+class InternalError(Problem):
+    """What a client sees of a bug: nothing of the bug."""
 
 
 class BadGateway(Problem):
@@ -77,6 +112,21 @@ class ServiceUnavailable(Problem):
 
 class GatewayTimeout(Problem):
     status, type_slug, title = 504, "upstream-timeout", "Upstream service timed out"
+
+
+def protocol_of(path: str) -> Protocol:
+    """The error shape `path` speaks: the gateway and inference serve the same paths, so
+    one answer holds for both."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return "oip"
+    if path == "/v1/embeddings" or path.startswith("/v1/embeddings/"):
+        return "openai"
+    # OpenAI's models API is the list and one model; predictions below it are narthex's.
+    if path == "/v1/models" or (
+        path.startswith("/v1/models/") and "/" not in path[len("/v1/models/") :]
+    ):
+        return "openai"
+    return "problem"
 
 
 def problem_body(
@@ -102,85 +152,112 @@ def problem_body(
     return body
 
 
-def problem_response(
-    status: int,
-    type_slug: str,
-    title: str,
-    detail: str | None = None,
-    *,
-    headers: Mapping[str, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    instance: str | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        problem_body(status, type_slug, title, detail, extra, instance),
-        status_code=status,
-        headers=dict(headers or {}),
-        media_type=PROBLEM_MEDIA_TYPE,
-    )
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
-def render_problem(problem: Problem, instance: str | None = None) -> JSONResponse:
-    return problem_response(
-        problem.status,
-        problem.type_slug,
-        problem.title,
-        problem.detail,
-        headers=problem.headers,
-        extra=problem.extra,
-        instance=instance,
-    )
+def _openai_param(problem: Problem) -> str | None:
+    param = problem.extra.get("param")
+    if isinstance(param, str):
+        return param
+    errors = problem.extra.get("errors")
+    if isinstance(errors, list) and errors:
+        where = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
+        return ".".join(where) or None
+    return None
 
 
-def _slug(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "-")
-    except ValueError:
-        return "error"
+def error_body(problem: Problem, path: str) -> tuple[int, str, dict[str, Any]]:
+    """Status, media type and body of `problem` as the protocol of `path` writes it."""
+    protocol = protocol_of(path)
+    if protocol == "problem":
+        body = problem_body(
+            problem.status, problem.type_slug, problem.title, problem.detail, problem.extra, path
+        )
+        return problem.status, PROBLEM_MEDIA_TYPE, body
+    # Neither protocol has a 422: bad input is a 400 in both.
+    status = 400 if problem.status == 422 else problem.status
+    message = problem.detail or problem.title
+    if protocol == "oip":
+        return status, JSON_MEDIA_TYPE, {"error": message}
+    error = {
+        "message": message,
+        "type": _OPENAI_TYPES.get(problem.status, "api_error"),
+        "param": _openai_param(problem),
+        "code": problem.type_slug.replace("-", "_"),
+    }
+    return status, JSON_MEDIA_TYPE, {"error": error, "request_id": current_request_id()}
 
 
-async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Problem)
-    return render_problem(exc, instance=request.url.path)
+def render_error(problem: Problem, path: str) -> Response:
+    """`problem` as the response a route at `path` answers with."""
+    status, media_type, body = error_body(problem, path)
+    return JSONResponse(body, status_code=status, headers=problem.headers, media_type=media_type)
 
 
-async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+async def send_error(problem: Problem, scope: Scope, receive: Receive, send: Send) -> None:
+    """For middleware, which answers before (or instead of) any route."""
+    await render_error(problem, scope["path"])(scope, receive, send)
+
+
+def _http_problem(exc: StarletteHTTPException) -> Problem:
     status = exc.status_code
-    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    # Starlette's own details ("Not Found", "Method Not Allowed") repeat the title.
-    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-    return problem_response(
-        status,
-        _slug(status),
-        title,
-        detail,
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    problem = Problem(
+        # Starlette's own details ("Not Found", "Method Not Allowed") repeat the title.
+        exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None,
         headers=exc.headers,
-        instance=request.url.path,
+        status=status,
     )
+    problem.type_slug = phrase.lower().replace(" ", "-") if phrase != "Error" else "error"
+    problem.title = phrase
+    return problem
 
 
-async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return render_error(exc, request.url.path)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return render_error(_http_problem(exc), request.url.path)
+
+
+def validation_problem(errors: list[Mapping[str, Any]]) -> ValidationFailed:
+    """A 422 naming where each error is and what is wrong, never echoing the input."""
     # Echoing `input`/`ctx` back could reflect secrets or huge payloads; the location
     # and message are enough for a client to fix its request.
-    errors = [
+    listed = [
         {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors()
+        for err in errors
     ]
-    return problem_response(
-        422,
-        ValidationFailed.type_slug,
-        ValidationFailed.title,
-        "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5]),
-        extra={"errors": errors},
-        instance=request.url.path,
-    )
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in listed[:5])
+    return ValidationFailed(detail, extra={"errors": listed})
 
 
-async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return render_error(validation_problem(list(exc.errors())), request.url.path)
+
+
+async def _on_unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", route=request.url.path)
-    return problem_response(500, "internal", "Internal error", instance=request.url.path)
+    return render_error(InternalError(), request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

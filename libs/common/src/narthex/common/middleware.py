@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from narthex.common.context import accept_request_id, request_id_var
 from narthex.common.deadline import DEFAULT_FLOOR_MS, deadline, parse_header
-from narthex.common.errors import problem_body
+from narthex.common.errors import InternalError, error_body
 from narthex.common.logging import log_line
 from narthex.common.metrics import HttpMetrics
 
@@ -124,12 +124,13 @@ class RequestContextMiddleware:
 
 
 async def _send_internal_error(send: Send, scope: Scope) -> None:
-    body = json.dumps(problem_body(500, "internal", "Internal error", instance=scope["path"]))
+    status, media_type, document = error_body(InternalError(), scope["path"])
+    body = json.dumps(document)
     await send(
         {
             "type": "http.response.start",
-            "status": 500,
-            "headers": [(b"content-type", b"application/problem+json")],
+            "status": status,
+            "headers": [(b"content-type", media_type.encode())],
         }
     )
     await send({"type": "http.response.body", "body": body.encode()})

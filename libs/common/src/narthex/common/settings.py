@@ -34,8 +34,13 @@ class ServiceSettings(BaseSettings):
 
     service_name: ClassVar[str] = "narthex"
 
+    # Production unless told otherwise: a service started with nothing configured must not
+    # serve its API docs or accept placeholder secrets. `narthex up` and the test launchers
+    # say dev explicitly.
     env: Environment = Field(
-        "dev", description="dev, test or prod; outside dev, placeholder secrets are refused"
+        "prod",
+        description="dev, test or prod; outside dev, placeholder secrets are refused and the"
+        " API docs are not served",
     )
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to bind")

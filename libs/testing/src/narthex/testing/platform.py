@@ -174,7 +174,10 @@ async def _auth_service(database_url: str, keys_dir: Path) -> AsyncIterator[Auth
     """An AuthService straight on the (migrated) auth database, as the CLI uses one."""
     await migrate(database_url)
     settings = AuthSettings(
-        database_url=database_url, signing_keys_dir=keys_dir, key_pepper=SecretStr(KEY_PEPPER)
+        env="dev",
+        database_url=database_url,
+        signing_keys_dir=keys_dir,
+        key_pepper=SecretStr(KEY_PEPPER),
     )
     store = await AuthStore.open(database_url)
     try:

@@ -91,12 +91,15 @@ def module_argv(module: str, *args: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Spec:
-    """One process to start: `{port}` in argv or env is replaced by its port."""
+    """One process to start: `{port}` in argv or env is replaced by its port (`port` when
+    given, so that processes started together can be told each other's URLs; else a free
+    one)."""
 
     label: str
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
+    port: int | None = None
 
 
 @dataclass
@@ -143,7 +146,7 @@ def start(
 ) -> Service:
     """Start `spec` (not waiting for it) on `port` or a free one; its environment is this
     process's plus the spec's. The caller stops it (`stop`, or `running` does)."""
-    port = free_port() if port is None else port
+    port = port or spec.port or free_port()
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
     env = {**os.environ, **{k: v.replace("{port}", str(port)) for k, v in spec.env.items()}}
     log_path = directory / f"{log_name or spec.label}.log"
@@ -222,7 +225,8 @@ def run_service(
     spec = Spec(
         name,
         module_argv(f"narthex.{name}"),
-        {f"{prefix}HOST": HOST, f"{prefix}PORT": "{port}", **(env or {})},
+        # Services default to production; tests run them as `narthex up` does.
+        {f"{prefix}HOST": HOST, f"{prefix}PORT": "{port}", f"{prefix}ENV": "dev", **(env or {})},
     )
     with running([spec], directory, timeout) as (service,):
         yield service

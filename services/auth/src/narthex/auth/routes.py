@@ -9,10 +9,12 @@ from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from narthex.auth import schemas
+from narthex.auth.errors import InvalidCredentials
 from narthex.auth.records import KeyRecord, PlanRecord, TenantRecord
-from narthex.auth.service import AuthService, InvalidCredentials
+from narthex.auth.service import AuthService
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
+from narthex.common.openapi import error_responses
 from narthex.common.scopes import KEYS
 from narthex.common.tokens import Principal
 
@@ -74,6 +76,7 @@ def _plan(record: PlanRecord) -> schemas.Plan:
 @router.post(
     "/v1/auth/token",
     response_model=schemas.TokenResponse,
+    responses=error_responses(401),
     tags=["tokens"],
     summary="Exchange an API key for a JWT (header, or OAuth2 client credentials)",
 )
@@ -173,7 +176,12 @@ async def revoke_my_key(key_id: str, service: Service, caller: TenantCaller) -> 
     return _key(await service.revoke_key(key_id, actor=caller.tenant, tenant_id=caller.tenant))
 
 
-@router.post("/v1/keys/{key_id}/rotate", response_model=schemas.Rotated, tags=["keys"])
+@router.post(
+    "/v1/keys/{key_id}/rotate",
+    response_model=schemas.Rotated,
+    responses=error_responses(409),
+    tags=["keys"],
+)
 async def rotate_my_key(key_id: str, service: Service, caller: TenantCaller) -> schemas.Rotated:
     old, key, new = await service.rotate_key(key_id, actor=caller.tenant, tenant_id=caller.tenant)
     return schemas.Rotated(old=_key(old), new=_created(str(key), new))
@@ -185,7 +193,13 @@ async def list_tenants(service: Service, _: AdminCaller) -> list[schemas.Tenant]
     return [_tenant(t) for t in await service.store.list_tenants()]
 
 
-@router.post("/v1/admin/tenants", response_model=schemas.Tenant, status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/tenants",
+    response_model=schemas.Tenant,
+    status_code=201,
+    responses=error_responses(409),
+    tags=["admin"],
+)
 async def create_tenant(
     body: schemas.TenantCreate, service: Service, caller: AdminCaller
 ) -> schemas.Tenant:
@@ -240,7 +254,12 @@ async def revoke_key(key_id: str, service: Service, caller: AdminCaller) -> sche
     return _key(await service.revoke_key(key_id, actor=caller.tenant))
 
 
-@router.post("/v1/admin/keys/{key_id}/rotate", response_model=schemas.Rotated, tags=["admin"])
+@router.post(
+    "/v1/admin/keys/{key_id}/rotate",
+    response_model=schemas.Rotated,
+    responses=error_responses(409),
+    tags=["admin"],
+)
 async def rotate_key(key_id: str, service: Service, caller: AdminCaller) -> schemas.Rotated:
     old, key, new = await service.rotate_key(key_id, actor=caller.tenant)
     return schemas.Rotated(old=_key(old), new=_created(str(key), new))
@@ -251,7 +270,13 @@ async def list_plans(service: Service, _: AdminCaller) -> list[schemas.Plan]:
     return [_plan(p) for p in await service.store.list_plans()]
 
 
-@router.post("/v1/admin/plans", response_model=schemas.Plan, status_code=201, tags=["admin"])
+@router.post(
+    "/v1/admin/plans",
+    response_model=schemas.Plan,
+    status_code=201,
+    responses=error_responses(409),
+    tags=["admin"],
+)
 async def create_plan(
     body: schemas.PlanCreate, service: Service, caller: AdminCaller
 ) -> schemas.Plan:

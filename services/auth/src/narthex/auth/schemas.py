@@ -47,11 +47,15 @@ class TenantLimits(BaseModel):
     allowed_models: list[str]
 
 
+# The column is a 32-bit INTEGER in PostgreSQL: a larger quota is a 422, not a failed insert.
+MAX_DAILY_QUOTA = 2**31 - 1
+
+
 class PlanCreate(Strict):
     name: PlanName
     rate_per_second: float = Field(gt=0, le=100_000)
     burst: int = Field(ge=1, le=1_000_000)
-    daily_quota: int = Field(ge=1)
+    daily_quota: int = Field(ge=1, le=MAX_DAILY_QUOTA)
     max_items_per_request: int = Field(ge=1, le=10_000)
     allowed_models: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
         default_factory=list, max_length=100
@@ -61,7 +65,7 @@ class PlanCreate(Strict):
 class PlanUpdate(Strict):
     rate_per_second: float | None = Field(None, gt=0, le=100_000)
     burst: int | None = Field(None, ge=1, le=1_000_000)
-    daily_quota: int | None = Field(None, ge=1)
+    daily_quota: int | None = Field(None, ge=1, le=MAX_DAILY_QUOTA)
     max_items_per_request: int | None = Field(None, ge=1, le=10_000)
     allowed_models: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
         None, max_length=100

@@ -11,12 +11,16 @@ from typing import Any
 
 import structlog
 
+from narthex.auth.errors import (
+    AlreadyBootstrapped,
+    InvalidCredentials,
+    InvalidScope,
+    UnknownPlan,
+)
 from narthex.auth.records import AuditEntry, KeyRecord, PlanRecord, TenantRecord
 from narthex.auth.settings import AuthSettings
 from narthex.auth.signing import SigningKeyRing
-from narthex.auth.store import AuthStore, StoreError, UnknownPlan
-from narthex.auth.store import Conflict as StoreConflict
-from narthex.auth.store import NotFound as StoreNotFound
+from narthex.auth.store import AuthStore
 from narthex.common.apikeys import (
     ApiKey,
     generate_api_key,
@@ -24,14 +28,7 @@ from narthex.common.apikeys import (
     parse_api_key,
     secret_matches,
 )
-from narthex.common.errors import (
-    BadRequest,
-    Forbidden,
-    NotFound,
-    Problem,
-    Unauthorized,
-    ValidationFailed,
-)
+from narthex.common.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed
 from narthex.common.scopes import ADMIN, SERVICE, TENANT, scopes_for
 from narthex.common.tokens import issue_token
 
@@ -45,43 +42,14 @@ SERVICE_PLAN = "free"
 REVOCATION_LEEWAY = 30 + 60
 
 
-class InvalidCredentials(Unauthorized):
-    type_slug, title = "invalid-credentials", "Invalid API key"
-
-    def __init__(self) -> None:
-        # One answer for every reason (unknown id, wrong secret, revoked, expired):
-        # a caller probing keys learns nothing from the difference.
-        super().__init__(
-            "the API key is not valid", headers={"WWW-Authenticate": 'Bearer realm="narthex"'}
-        )
-
-
-class InvalidScope(BadRequest):
-    type_slug, title = "invalid-scope", "Requested scope not allowed"
-
-
-class Conflict(Problem):
-    status, type_slug, title = 409, "conflict", "Conflict"
-
-
-class AlreadyBootstrapped(Conflict):
-    title = "Already bootstrapped"
-
-
 @contextmanager
 def _as_problems() -> Iterator[None]:
-    """The store's refusals, as the answers a client gets."""
+    """The store's refusals are Problems already, but for one: a plan named in a request
+    body that does not exist. The body is wrong; nothing at the URL is missing."""
     try:
         yield
     except UnknownPlan as exc:
-        # A plan named in a request body: the body is wrong, nothing at the URL is missing.
-        raise ValidationFailed(f"no plan named {str(exc)!r}") from None
-    except StoreConflict as exc:
-        raise Conflict(str(exc)) from None
-    except StoreNotFound as exc:
-        raise NotFound(str(exc)) from None
-    except StoreError as exc:
-        raise BadRequest(str(exc)) from None
+        raise ValidationFailed(exc.detail) from None
 
 
 @dataclass(frozen=True)

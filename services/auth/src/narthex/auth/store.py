@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from narthex.auth.database import create_engine
+from narthex.auth.errors import Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from narthex.auth.models import ApiKey, AuditLog, Plan, Tenant, UTCDateTime
 from narthex.auth.records import (
     AuditEntry,
@@ -33,28 +34,6 @@ from narthex.auth.records import (
 _TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
-class StoreError(Exception):
-    """Base of the errors the store raises on purpose (anything else is a bug or an outage)."""
-
-
-class Conflict(StoreError):
-    """The name or id is taken, or the change contradicts the row's state."""
-
-
-class NotFound(StoreError):
-    """A row the operation needs does not exist."""
-
-
-class UnknownPlan(NotFound):
-    pass
-
-
-class UnknownTenant(NotFound):
-    pass
-
-
-class UnknownKey(NotFound):
-    pass
 
 
 class AuthStore:

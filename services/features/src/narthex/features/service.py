@@ -9,13 +9,14 @@ from typing import Any
 
 import structlog
 
-from narthex.common.errors import ServiceUnavailable, ValidationFailed
+from narthex.common.errors import ValidationFailed
+from narthex.features.errors import StoreUnavailable
 from narthex.features.metrics import FeatureMetrics
 from narthex.features.store import Entity, FeatureStore, FeatureStoreError, IngestCounts
 from narthex.transactions import DEFAULTS, InvalidTransaction, Transaction
 from narthex.transactions.lookup import Answer
 
-__all__ = ["FeaturesService", "StoreUnavailable"]
+__all__ = ["FeaturesService"]
 
 log = structlog.get_logger("narthex.features")
 
@@ -25,16 +26,6 @@ _ERRORS_LISTED = 100
 
 # (where, as in `events[3].amount`; its `loc` in the request; what is wrong)
 Issue = tuple[str, list[str | int], str]
-
-
-class StoreUnavailable(ServiceUnavailable):
-    type_slug, title = "store-unavailable", "Feature store temporarily unavailable"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the online store did not answer; try again (ingestion is idempotent)",
-            headers={"Retry-After": "1"},
-        )
 
 
 def _printable(value: str) -> bool:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from narthex.common import scopes
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.codings import decode_content
+from narthex.common.openapi import error_responses
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
 from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
@@ -93,12 +94,32 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/v2/health/live", tags=["oip"], summary="The server answers")
+# Probes answer with a status and no body, as the protocol says.
+_EMPTY: dict[str, Any] = {"content": {}}
+_PROBE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Yes", **_EMPTY},
+    503: {"description": "Not (yet)", **_EMPTY},
+}
+
+
+@router.get(
+    "/v2/health/live",
+    tags=["oip"],
+    summary="The server answers",
+    response_class=Response,
+    responses=_PROBE,
+)
 async def server_live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready", tags=["oip"], summary="Every default model version is warm")
+@router.get(
+    "/v2/health/ready",
+    tags=["oip"],
+    summary="Every default model version is warm",
+    response_class=Response,
+    responses=_PROBE,
+)
 async def server_ready(registry: Registry) -> Response:
     return Response(status_code=200 if registry.ready() else 503)
 
@@ -138,12 +159,24 @@ def _ready(registry: ModelRegistry, name: str, version: str | None) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/v2/models/{name}/ready", tags=["oip"], dependencies=inference)
+@router.get(
+    "/v2/models/{name}/ready",
+    tags=["oip"],
+    dependencies=inference,
+    response_class=Response,
+    responses=_PROBE,
+)
 async def model_ready(name: str, registry: Registry) -> Response:
     return _ready(registry, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready", tags=["oip"], dependencies=inference)
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready",
+    tags=["oip"],
+    dependencies=inference,
+    response_class=Response,
+    responses=_PROBE,
+)
 async def model_version_ready(name: str, version: str, registry: Registry) -> Response:
     return _ready(registry, name, version)
 
@@ -346,7 +379,11 @@ async def get_model(name: str, registry: Registry) -> ModelInfo:
 
 
 @router.post(
-    "/v1/embeddings", tags=["openai"], dependencies=inference, response_model=EmbeddingsResponse
+    "/v1/embeddings",
+    tags=["openai"],
+    dependencies=inference,
+    response_model=EmbeddingsResponse,
+    responses=error_responses(404),
 )
 async def embeddings(
     body: EmbeddingsRequest, service: Service, caller: CurrentPrincipal, key: CanaryKey = None
