@@ -34,8 +34,6 @@ from narthex.auth.records import (
 _TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
-
-
 class AuthStore:
     """Every method is one short transaction and returns frozen records, never ORM rows."""
 
