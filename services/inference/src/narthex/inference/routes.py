@@ -19,7 +19,8 @@ from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.codings import decode_content
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
-from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
+from narthex.inference.kinds import DEGRADED
+from narthex.inference.models import LoadedVersion, ModelRegistry
 from narthex.inference.repository import RepositoryError, TensorSpec
 from narthex.inference.schemas import (
     DefaultRequest,

@@ -23,6 +23,7 @@ from narthex.inference.batcher import (
     DeadlineExpired,
     QueueFull,
 )
+from narthex.inference.datatypes import DATATYPES
 from narthex.inference.errors import (
     ComputeError,
     DeadlineExceeded,
@@ -30,8 +31,8 @@ from narthex.inference.errors import (
     Overloaded,
     Unavailable,
 )
-from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs
-from narthex.inference.oip import DATATYPES
+from narthex.inference.kinds import Array, Outputs
+from narthex.inference.models import LoadedVersion, ModelRegistry
 from narthex.inference.repository import TensorSpec
 from narthex.inference.text import TextTooLong
 from narthex.transactions import InvalidTransaction, Transaction
