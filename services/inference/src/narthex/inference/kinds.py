@@ -20,7 +20,7 @@ from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.repository import ModelConfig
 from narthex.inference.runtime import Session
 from narthex.inference.text import TextEncoder
-from narthex.transactions import DEFAULTS, Transaction, model_input
+from narthex.transactions import Transaction, model_input
 
 __all__ = [
     "DEGRADED",
@@ -116,7 +116,7 @@ class TransactionKind:
             return
         entities = [(p.tenant, tx.account_id) for p in scoring for tx in p.transactions]
         if self.features is None:
-            lookup = Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason="none")
+            lookup = Lookup.defaults(len(entities), "none")
         else:
             lookup = await self.features.lookup(entities, at=time.time())
         values = iter(lookup.values)
