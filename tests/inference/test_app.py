@@ -237,7 +237,7 @@ async def test_wrong_dtype_unknown_output_and_model(client: httpx.AsyncClient) -
     )
     response = await client.post("/v2/models/affine/infer", content=body, headers=headers)
     assert response.status_code == 400
-    assert "unknown output 'nope'" in response.json()["error"]
+    assert response.json() == {"error": "unknown output 'nope' (the model has: total, y)"}
 
     response = await client.post("/v2/models/absent/infer", content=body, headers=headers)
     assert response.status_code == 404

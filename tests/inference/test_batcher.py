@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,12 +20,13 @@ from narthex.inference.batcher import (
     BatchHooks,
     ComputeFailed,
     DeadlineExpired,
+    Kind,
     QueueFull,
 )
 
 
 class Recorder:
-    """A compute function that records each batch, optionally slow or failing."""
+    """A model kind that records each batch it computes, optionally slow or failing."""
 
     def __init__(self, *, delay: float = 0.0, fail_on: object = None) -> None:
         self.batches: list[list[Any]] = []
@@ -34,7 +35,10 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, payloads: list[Any]) -> list[Any]:
+    async def prepare(self, payloads: list[Any]) -> None:
+        pass
+
+    def compute(self, payloads: list[Any]) -> list[Any]:
         self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
@@ -49,9 +53,7 @@ class Recorder:
 
 
 @asynccontextmanager
-async def running(
-    compute: Callable[[list[Any]], list[Any]], **options: Any
-) -> AsyncIterator[Batcher[Any, Any]]:
+async def running(compute: Kind[Any, Any], **options: Any) -> AsyncIterator[Batcher[Any, Any]]:
     settings: dict[str, Any] = {
         "name": "test",
         "max_batch_size": 8,
@@ -94,6 +96,34 @@ async def test_concurrent_requests_share_batches_and_get_their_own_results() -> 
     assert sorted(compute.computed) == list(range(40))
     assert max(len(b) for b in compute.batches) == 8  # full batches formed...
     assert len(compute.batches) < 40  # ...so fewer runs than requests
+
+
+class Preparing(Recorder):
+    """A kind whose batches are prepared (as a transaction model's are looked up)."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.01)
+        self.prepared: list[list[Any]] = []
+        self.prepared_on: set[int] = set()
+
+    async def prepare(self, payloads: list[Any]) -> None:
+        await asyncio.sleep(0)  # async work, as a lookup is
+        self.prepared.append(list(payloads))
+        self.prepared_on.add(threading.get_ident())
+
+    def compute(self, payloads: list[Any]) -> list[Any]:
+        assert payloads in self.prepared  # this very batch, before its compute
+        return super().compute(payloads)
+
+
+async def test_each_formed_batch_is_prepared_once_on_the_loop_before_compute() -> None:
+    kind = Preparing()
+    async with running(kind) as batcher:
+        results = await asyncio.gather(*(batcher.submit([(i, 1, 0)]) for i in range(20)))
+    assert results == [[("done", i)] for i in range(20)]
+    assert kind.prepared == kind.batches  # one prepare per batch, no more
+    assert len(kind.batches) < 20  # batches of several requests, each prepared once
+    assert kind.prepared_on == {threading.get_ident()}  # the event loop's thread
 
 
 async def test_a_batch_never_exceeds_max_batch_size_in_rows() -> None:

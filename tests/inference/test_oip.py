@@ -74,22 +74,6 @@ def _decode_one(array: npt.NDArray[Any], datatype: str, *, binary: bool) -> oip.
     return tensor
 
 
-# -- the datatype table ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("datatype", list(oip.DATATYPES))
-def test_datatype_table_agrees_with_tritonclient(datatype: str) -> None:
-    assert oip.DATATYPES[datatype] == np.dtype(triton_to_np_dtype(datatype))
-    assert oip.datatype_of(np.dtype(triton_to_np_dtype(datatype))) == datatype
-
-
-def test_datatype_of_text_arrays_and_refusals() -> None:
-    assert oip.datatype_of(np.array(["a"]).dtype) == "BYTES"
-    assert oip.datatype_of(np.array([b"a"]).dtype) == "BYTES"
-    with pytest.raises(ValueError, match="complex"):
-        oip.datatype_of(np.dtype(np.complex64))
-
-
 # -- requests from tritonclient ----------------------------------------------------------
 
 

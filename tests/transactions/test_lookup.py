@@ -21,7 +21,7 @@ ENTITIES = [("t_a", "acct:1"), ("t_b", "acct:1"), ("t_a", "{x}")]
 
 def test_a_request_as_inference_writes_it_is_a_valid_batch_get_request() -> None:
     request = BatchGetRequest.model_validate_json(encode_request(ENTITIES, 12.5))
-    assert [(e["tenant"], e["account"]) for e in request.entities] == ENTITIES
+    assert request.entity_ids() == ENTITIES
     assert request.at == 12.5
     assert BatchGetRequest.model_validate_json(encode_request([], None)).at is None
 

@@ -28,12 +28,16 @@ __all__ = [
     "BatchGetResponse",
     "Entity",
     "EntityFeatures",
+    "EntityId",
     "decode_answer",
     "encode_answer",
     "encode_request",
 ]
 
 BATCH_GET = "/internal/v1/features:batchGet"
+
+# An entity as both sides hold it in memory: (tenant, account).
+EntityId = tuple[str, str]
 
 _Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -58,6 +62,10 @@ class BatchGetRequest(BaseModel):
         allow_inf_nan=False,
         description="the instant the aggregates are read at, UTC epoch seconds (default: now)",
     )
+
+    def entity_ids(self) -> list[EntityId]:
+        """The entities asked for, in order."""
+        return [(entity["tenant"], entity["account"]) for entity in self.entities]
 
 
 class EntityFeatures(BaseModel):
@@ -96,8 +104,8 @@ class Answer:
 _SCHEMA = list(FEATURES)
 
 
-def encode_request(entities: Iterable[tuple[str, str]], at: float | None) -> bytes:
-    """A `BatchGetRequest` body for (tenant, account) pairs."""
+def encode_request(entities: Iterable[EntityId], at: float | None) -> bytes:
+    """A `BatchGetRequest` body for the entities, in order."""
     body: dict[str, object] = {
         "entities": [{"tenant": tenant, "account": account} for tenant, account in entities]
     }
@@ -128,7 +136,7 @@ def encode_answer(as_of: float, answers: Sequence[Answer]) -> bytes:
     )
 
 
-def decode_answer(content: bytes) -> dict[tuple[str, str], dict[str, float]]:
+def decode_answer(content: bytes) -> dict[EntityId, dict[str, float]]:
     """Each entity's values (every name of FEATURES) from a batchGet answer, by (tenant,
     account). An answer of another shape raises ValueError, KeyError or TypeError.
 

@@ -59,7 +59,5 @@ async def ingest_transactions(
 )
 async def batch_get(body: BatchGetRequest, service: Service) -> Response:
     """Unknown entities get the declared defaults, with `known: false`."""
-    as_of, answer = await service.batch_get(
-        [(entity["tenant"], entity["account"]) for entity in body.entities], body.at
-    )
+    as_of, answer = await service.batch_get(body.entity_ids(), body.at)
     return Response(encode_answer(as_of, answer), media_type="application/json")

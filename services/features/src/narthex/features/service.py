@@ -12,9 +12,9 @@ import structlog
 from narthex.common.errors import ValidationFailed
 from narthex.features.errors import StoreUnavailable
 from narthex.features.metrics import FeatureMetrics
-from narthex.features.store import Entity, FeatureStore, FeatureStoreError, IngestCounts
+from narthex.features.store import FeatureStore, FeatureStoreError, IngestCounts
 from narthex.transactions import DEFAULTS, InvalidTransaction, Transaction
-from narthex.transactions.lookup import Answer
+from narthex.transactions.lookup import Answer, EntityId
 
 __all__ = ["FeaturesService"]
 
@@ -138,7 +138,7 @@ class FeaturesService:
         return counts
 
     async def batch_get(
-        self, entities: Sequence[Entity], at: float | None
+        self, entities: Sequence[EntityId], at: float | None
     ) -> tuple[float, list[Answer]]:
         """(as_of, each (tenant, account)'s aggregates at `as_of`, in the order asked)."""
         if len(entities) > self.max_entities:

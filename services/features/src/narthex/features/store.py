@@ -63,10 +63,10 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from narthex.transactions import AccountState, Transaction
+from narthex.transactions.lookup import EntityId
 
 __all__ = [
     "DEDUP_HORIZON_SECONDS",
-    "Entity",
     "FeatureStore",
     "FeatureStoreError",
     "IngestCounts",
@@ -78,8 +78,6 @@ __all__ = [
     "redis_client",
 ]
 
-# (tenant, account)
-Entity = tuple[str, str]
 RedisClient = Redis | RedisCluster
 
 # aggregates.py: an event more than 7 d behind the newest one "counts nowhere and changes
@@ -144,7 +142,7 @@ class FeatureStore(Protocol):
         """Count `events` (already validated) in the states of `tenant`'s accounts, once each."""
         ...
 
-    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
+    async def states(self, entities: Sequence[EntityId]) -> list[AccountState | None]:
         """Each (tenant, account)'s state, None for an unknown (or expired) one."""
         ...
 
@@ -212,10 +210,10 @@ class MemoryFeatureStore:
     def __init__(self, *, ttl_seconds: float, clock: Callable[[], float] = time.time) -> None:
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._entities: dict[Entity, _Entry] = {}
+        self._entities: dict[EntityId, _Entry] = {}
         self._next_sweep = clock() + self._SWEEP_SECONDS
 
-    def _live(self, entity: Entity, now: float) -> _Entry | None:
+    def _live(self, entity: EntityId, now: float) -> _Entry | None:
         entry = self._entities.get(entity)
         if entry is not None and entry.expires_at <= now:
             del self._entities[entity]
@@ -257,7 +255,7 @@ class MemoryFeatureStore:
             del self._entities[entity]
         self._next_sweep = now + self._SWEEP_SECONDS
 
-    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
+    async def states(self, entities: Sequence[EntityId]) -> list[AccountState | None]:
         now = self.clock()
         out: list[AccountState | None] = []
         for entity in entities:
@@ -465,7 +463,7 @@ class RedisFeatureStore:
             replies: list[Any] = await pipe.execute()
         return replies
 
-    async def states(self, entities: Sequence[Entity]) -> list[AccountState | None]:
+    async def states(self, entities: Sequence[EntityId]) -> list[AccountState | None]:
         if not entities:
             return []
         keys = [self.state_key(tenant, account) for tenant, account in entities]

@@ -11,16 +11,19 @@ does not wait for company that is not coming. Text batches keep to a token budge
 texts of similar length, so that padding stays small. Before compute, chunks of requests
 that were cancelled, failed, or are past their deadline are dropped. If a batch fails, each
 request in it is run alone, so that one bad input fails only its own request.
+
+What a batch is run by is the version's model kind (`Kind`; `narthex.inference.kinds`): the
+batcher forms batches and hands them over, and knows nothing of what a model needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -34,6 +37,7 @@ __all__ = [
     "BatcherClosed",
     "ComputeFailed",
     "DeadlineExpired",
+    "Kind",
     "QueueFull",
 ]
 
@@ -41,6 +45,17 @@ log = structlog.get_logger("narthex.inference.batcher")
 
 P = TypeVar("P")  # what one chunk carries into compute
 R = TypeVar("R")  # what compute gives back per chunk
+
+
+class Kind(Protocol[P, R]):
+    """What runs a version's batches: its model kind."""
+
+    async def prepare(self, payloads: list[P]) -> None:
+        """On the event loop, once per formed batch, before `compute`: the batch's own
+        async work (a transaction model's one feature lookup for all of it)."""
+
+    def compute(self, payloads: list[P]) -> list[R]:
+        """In the batcher's thread: one result per payload, in order."""
 
 
 class DeadlineExpired(Exception):
@@ -71,14 +86,14 @@ class BatchHooks:
 class Batcher(Generic[P, R]):
     """`submit` chunks of one request, get their results in order.
 
-    `compute(payloads)` runs in a thread of its own (one per batcher, so batches of one
-    version never run at once and the session is never re-entered), and returns one
-    result per payload.
+    `kind.compute(payloads)` runs in a thread of its own (one per batcher, so batches of
+    one version never run at once and the session is never re-entered), after
+    `kind.prepare(payloads)` on the event loop.
     """
 
     def __init__(
         self,
-        compute: Callable[[list[P]], list[R]],
+        kind: Kind[P, R],
         *,
         name: str,
         max_batch_size: int,
@@ -88,12 +103,9 @@ class Batcher(Generic[P, R]):
         max_batch_tokens: int | None = None,
         quantum: int | None = None,
         hooks: BatchHooks | None = None,
-        prepare: Callable[[list[P]], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._compute = compute
-        # Async work on a formed batch before compute (one feature lookup for all of it).
-        self._prepare = prepare
+        self._kind = kind
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -254,11 +266,9 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            if self._prepare is not None:
-                await self._prepare([c.payload for c in batch])
-            results = await loop.run_in_executor(
-                self._executor, self._compute, [c.payload for c in batch]
-            )
+            payloads = [c.payload for c in batch]
+            await self._kind.prepare(payloads)
+            results = await loop.run_in_executor(self._executor, self._kind.compute, payloads)
         except Exception as exc:
             await self._isolate(batch, exc)
             return
@@ -289,7 +299,7 @@ class Batcher(Generic[P, R]):
                 continue
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._compute, [c.payload for c in chunks]
+                    self._executor, self._kind.compute, [c.payload for c in chunks]
                 )
             except Exception as one:
                 self._fail(chunks, one)

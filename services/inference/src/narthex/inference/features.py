@@ -26,14 +26,11 @@ from narthex.common.credential import CredentialUnavailable, ServiceCredential
 from narthex.common.http import CircuitOpen, ServiceClient, UpstreamTimeout, UpstreamUnavailable
 from narthex.common.metrics import LATENCY_BUCKETS
 from narthex.transactions import DEFAULTS
-from narthex.transactions.lookup import BATCH_GET, decode_answer, encode_request
+from narthex.transactions.lookup import BATCH_GET, EntityId, decode_answer, encode_request
 
-__all__ = ["Entity", "FeatureClient", "FeatureMetrics", "Lookup"]
+__all__ = ["FeatureClient", "FeatureMetrics", "Lookup"]
 
 log = structlog.get_logger("narthex.inference.features")
-
-# (tenant, account)
-Entity = tuple[str, str]
 
 
 class _Refused(Exception):
@@ -48,6 +45,11 @@ class Lookup:
     values: list[dict[str, float]]
     degraded: bool
     reason: str | None = None
+
+    @classmethod
+    def defaults(cls, count: int, reason: str) -> Lookup:
+        """The declared defaults for `count` entities, degraded for `reason`."""
+        return cls([dict(DEFAULTS) for _ in range(count)], degraded=True, reason=reason)
 
 
 class FeatureMetrics:
@@ -84,7 +86,7 @@ class FeatureClient:
         self.budget = budget
         self.metrics = metrics
 
-    async def lookup(self, entities: Sequence[Entity], *, at: float) -> Lookup:
+    async def lookup(self, entities: Sequence[EntityId], *, at: float) -> Lookup:
         """Each (tenant, account)'s aggregates at `at`, in the order given."""
         started = time.monotonic()
         try:
@@ -107,7 +109,7 @@ class FeatureClient:
         return Lookup(values, degraded=False)
 
     async def _fetch(
-        self, entities: Sequence[Entity], at: float, started: float
+        self, entities: Sequence[EntityId], at: float, started: float
     ) -> list[dict[str, float]]:
         if self.credential is None:
             raise CredentialUnavailable("no service key configured")
@@ -131,6 +133,6 @@ class FeatureClient:
         by_entity = decode_answer(response.content)
         return [by_entity[entity] for entity in entities]
 
-    def _degraded(self, entities: Sequence[Entity], reason: str) -> Lookup:
+    def _degraded(self, entities: Sequence[EntityId], reason: str) -> Lookup:
         self.metrics.fallbacks.labels(reason).inc()
-        return Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason=reason)
+        return Lookup.defaults(len(entities), reason)

@@ -22,10 +22,20 @@ import numpy as np
 import structlog
 
 from narthex.inference.batcher import Batcher, QueueFull
+from narthex.inference.datatypes import DATATYPES
 from narthex.inference.errors import BadSplit, Conflict, ModelNotFound, Unavailable
-from narthex.inference.features import FeatureClient, Lookup
+from narthex.inference.features import FeatureClient
+from narthex.inference.kinds import (
+    DEGRADED,
+    Feeds,
+    ModelKind,
+    Outputs,
+    Scoring,
+    TextKind,
+    TransactionKind,
+    kind_for,
+)
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
-from narthex.inference.oip import DATATYPES
 from narthex.inference.repository import (
     MODEL_FILE,
     Metadata,
@@ -37,139 +47,67 @@ from narthex.inference.repository import (
 from narthex.inference.runtime import Session
 from narthex.inference.text import TextEncoder
 from narthex.inference.traffic import Split, check_weights
-from narthex.transactions import DEFAULTS, Transaction, model_input
+from narthex.transactions import Transaction
 
-__all__ = ["DEGRADED", "LoadedVersion", "ModelRegistry", "Scoring"]
+__all__ = ["LoadedVersion", "ModelRegistry"]
 
 log = structlog.get_logger("narthex.inference.models")
 
-Array = np.ndarray[Any, Any]
 # Who the warm-up requests are queued for: no tenant's share of a queue.
 WARMUP_TENANT = ""
-# The extra output of a scored transaction: its aggregates were the defaults.
-DEGRADED = "degraded"
-Outputs = dict[str, Array]
-
-
-@dataclass(eq=False, slots=True)
-class Scoring:
-    """A chunk of transactions to score: their rows are made once the batch is formed,
-    from aggregates looked up for the whole batch (`LoadedVersion._look_up`)."""
-
-    transactions: list[Transaction]
-    tenant: str  # whose accounts these are: each is looked up under it
-    rows: Array | None = None
-    degraded: bool = False
 
 
 class LoadedVersion:
-    """One version in memory: its session, its batcher, its metrics."""
+    """One version in memory: its session, its model kind, its batcher, its metrics."""
 
     def __init__(
         self,
         config: ModelConfig,
         metadata: Metadata,
         session: Session,
-        encoder: TextEncoder | None,
+        kind: ModelKind,
         metrics: VersionMetrics,
-        features: FeatureClient | None = None,
     ) -> None:
         self.config = config
         self.metadata = metadata
         self.name = config.name
         self.version = metadata.version
         self.session = session
-        self.encoder = encoder
+        self.kind = kind
         self.metrics = metrics
         self.outputs: list[TensorSpec] = list(config.outputs)
         self._output_names = [o.name for o in self.outputs]
-        self.features = features
-        self.looks_up = config.preprocessing.kind == "transaction"
         self.loaded_at = time.time()
         self.ready = False
         batching = config.dynamic_batching
-        compute: Any = (
-            self._compute_text
-            if encoder is not None
-            else self._compute_scoring
-            if self.looks_up
-            else self._compute_tensors
-        )
         self.batcher: Batcher[Any, Outputs] = Batcher(
-            compute,
+            kind,
             name=f"{self.name}-v{self.version}",
             max_batch_size=config.max_batch_size,
             max_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
             preferred_batch_sizes=batching.preferred_batch_sizes,
-            max_batch_tokens=batching.max_batch_tokens if encoder is not None else None,
+            max_batch_tokens=batching.max_batch_tokens if isinstance(kind, TextKind) else None,
             hooks=metrics.hooks(),
-            prepare=self._look_up if self.looks_up else None,
         )
 
     @property
     def provider(self) -> str:
         return self.session.provider
 
-    # -- compute (runs in the batcher's thread) --------------------------------------------
+    @property
+    def encoder(self) -> TextEncoder | None:
+        """A text model's tokenizer; None for the other kinds."""
+        return self.kind.encoder if isinstance(self.kind, TextKind) else None
 
-    def _compute_tensors(self, payloads: list[Mapping[str, Array]]) -> list[Outputs]:
-        if len(payloads) == 1:
-            feeds = payloads[0]
-        else:
-            feeds = {name: np.concatenate([p[name] for p in payloads]) for name in payloads[0]}
-        outputs = self.session.run(feeds)
-        if len(payloads) == 1:
-            return [{name: outputs[name] for name in self._output_names}]
-        offsets = np.cumsum([len(next(iter(p.values()))) for p in payloads])[:-1]
-        split = {name: np.split(outputs[name], offsets) for name in self._output_names}
-        return [{name: split[name][i] for name in self._output_names} for i in range(len(payloads))]
-
-    def _compute_scoring(self, payloads: list[Scoring | Mapping[str, Array]]) -> list[Outputs]:
-        """Rows given inline and rows made from looked-up aggregates, in one run."""
-        name = self.config.inputs[0].name
-        feeds: list[Mapping[str, Array]] = []
-        for payload in payloads:
-            rows = payload.rows if isinstance(payload, Scoring) else payload[name]
-            assert rows is not None  # made by `_look_up` before compute
-            feeds.append({name: rows})
-        results = self._compute_tensors(feeds)
-        for payload, result in zip(payloads, results, strict=True):
-            if isinstance(payload, Scoring):
-                count = len(payload.transactions)
-                result[DEGRADED] = np.full(count, payload.degraded, dtype=np.bool_)
-        return results
-
-    async def _look_up(self, payloads: list[Any]) -> None:
-        """One feature lookup for every account in the batch, each under its chunk's tenant
-        (a batch may mix tenants), then each chunk's rows."""
-        scoring = [p for p in payloads if isinstance(p, Scoring)]
-        if not scoring:
-            return
-        entities = [(p.tenant, tx.account_id) for p in scoring for tx in p.transactions]
-        if self.features is None:
-            lookup = Lookup([dict(DEFAULTS) for _ in entities], degraded=True, reason="none")
-        else:
-            lookup = await self.features.lookup(entities, at=time.time())
-        values = iter(lookup.values)
-        for payload in scoring:
-            payload.rows = np.asarray(
-                [model_input(tx, next(values)) for tx in payload.transactions],
-                dtype=np.float32,
-            )
-            payload.degraded = lookup.degraded
-
-    def _compute_text(self, payloads: list[list[int]]) -> list[Outputs]:
-        assert self.encoder is not None
-        outputs = self.session.run(self.encoder.collate(payloads))
-        return [
-            {name: outputs[name][i : i + 1] for name in self._output_names}
-            for i in range(len(payloads))
-        ]
+    @property
+    def looks_up(self) -> bool:
+        """Scores transactions on looked-up aggregates (as well as rows given inline)."""
+        return isinstance(self.kind, TransactionKind)
 
     # -- requests (on the event loop) ------------------------------------------------------
 
-    async def infer(self, inputs: Mapping[str, Array], *, tenant: str, deadline: float) -> Outputs:
+    async def infer(self, inputs: Feeds, *, tenant: str, deadline: float) -> Outputs:
         """Rows of already validated tensors through the batcher; outputs row-aligned."""
         rows = len(next(iter(inputs.values())))
         chunks = [
@@ -398,26 +336,12 @@ class ModelRegistry:
                 intra_op_threads=self.intra_op_threads,
             )
             _check_graph(config, session)
-            encoder = None
-            if config.preprocessing.kind == "text":
-                encoder = TextEncoder(
-                    directory / config.preprocessing.tokenizer,
-                    max_tokens=config.preprocessing.max_tokens,
-                    truncate=config.preprocessing.truncate,
-                    graph_inputs=list(session.inputs),
-                )
+            kind = kind_for(config, session, directory, self.features)
         except RepositoryError:
             raise
         except Exception as exc:
             raise RepositoryError(f"{name} v{version}: cannot load: {exc}") from exc
-        loaded = LoadedVersion(
-            config,
-            metadata,
-            session,
-            encoder,
-            self.metrics.version(name, version),
-            features=self.features,
-        )
+        loaded = LoadedVersion(config, metadata, session, kind, self.metrics.version(name, version))
         loaded.batcher.start()
         try:
             await self._warm(loaded)

@@ -27,9 +27,10 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from narthex.inference.datatypes import DATATYPES, datatype_of
+
 __all__ = [
     "BINARY_CONTENT_TYPE",
-    "DATATYPES",
     "HEADER_LENGTH",
     "JSON_CONTENT_TYPE",
     "InferRequest",
@@ -38,7 +39,6 @@ __all__ = [
     "OutputTensor",
     "RequestedOutput",
     "check_outputs",
-    "datatype_of",
     "decode_request",
     "encode_response",
     "parse_header_length",
@@ -50,31 +50,6 @@ __all__ = [
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE: Final = "application/json"
 BINARY_CONTENT_TYPE: Final = "application/octet-stream"
-
-# OIP datatype -> numpy dtype. The byte order is spelled out because the wire is
-# little-endian whatever the host is; on the (little-endian) hosts we run on these are the
-# native dtypes, so `np.frombuffer` views need no conversion. BF16 is left out: numpy has no
-# such dtype without ml_dtypes, and no narthex model uses it.
-DATATYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
-    {
-        "BOOL": np.dtype("?"),
-        "UINT8": np.dtype("u1"),
-        "UINT16": np.dtype("<u2"),
-        "UINT32": np.dtype("<u4"),
-        "UINT64": np.dtype("<u8"),
-        "INT8": np.dtype("i1"),
-        "INT16": np.dtype("<i2"),
-        "INT32": np.dtype("<i4"),
-        "INT64": np.dtype("<i8"),
-        "FP16": np.dtype("<f2"),
-        "FP32": np.dtype("<f4"),
-        "FP64": np.dtype("<f8"),
-        "BYTES": np.dtype("O"),
-    }
-)
-_BY_KIND: Final = {
-    (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"
-}
 
 # Which JSON value types each datatype accepts. Integers are fine for floating point (JSON
 # writers emit `1` for 1.0), but not the other way round, and a boolean is never a number:
@@ -173,17 +148,6 @@ class OutputTensor:
     name: str
     data: npt.NDArray[Any]
     binary: bool = False
-
-
-def datatype_of(dtype: np.dtype[Any]) -> str:
-    """The OIP datatype for a numpy dtype; str, bytes and object arrays are BYTES."""
-    if dtype.kind in "OUS":
-        return "BYTES"
-    try:
-        return _BY_KIND[dtype.kind, dtype.itemsize]
-    except KeyError:
-        # A server-side bug (a model output narthex cannot represent), not the client's.
-        raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {dtype}") from None
 
 
 def parse_header_length(value: str | None) -> int | None:

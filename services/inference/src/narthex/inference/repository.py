@@ -23,13 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from narthex.inference.datatypes import DataType
 from narthex.inference.traffic import check_weights
 
 __all__ = [
     "CONFIG_FILE",
     "METADATA_FILE",
     "MODEL_FILE",
-    "DataType",
     "DynamicBatching",
     "Metadata",
     "ModelConfig",
@@ -48,8 +48,6 @@ CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 
-# Open Inference Protocol datatypes that narthex serves.
-DataType = Literal["BOOL", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

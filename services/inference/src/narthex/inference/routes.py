@@ -19,9 +19,10 @@ from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.codings import decode_content
 from narthex.common.openapi import error_responses
 from narthex.inference import oip
-from narthex.inference.errors import InvalidInput, LoadFailed, ModelNotFound, Unavailable
-from narthex.inference.models import DEGRADED, LoadedVersion, ModelRegistry
-from narthex.inference.repository import RepositoryError, TensorSpec
+from narthex.inference.errors import InvalidInput, ModelNotFound
+from narthex.inference.kinds import DEGRADED
+from narthex.inference.models import LoadedVersion
+from narthex.inference.repository import TensorSpec
 from narthex.inference.schemas import (
     DefaultRequest,
     EmbeddingsRequest,
@@ -36,7 +37,7 @@ from narthex.inference.schemas import (
     UnloadResponse,
     VersionInfo,
 )
-from narthex.inference.service import InferenceService, Tensor
+from narthex.inference.service import InferenceService, ModelState, Tensor
 from narthex.inference.settings import InferenceSettings
 from narthex.inference.traffic import KEY_HEADER, KEY_MAX_LENGTH
 
@@ -44,11 +45,6 @@ SERVER_NAME = "narthex"
 SERVER_VERSION = "0.1.0"
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 VERSION_HEADER = "x-narthex-model-version"
-
-
-async def _registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
 
 
 async def _service(request: Request) -> InferenceService:
@@ -61,7 +57,6 @@ async def _settings(request: Request) -> InferenceSettings:
     return settings
 
 
-Registry = Annotated[ModelRegistry, Depends(_registry)]
 Service = Annotated[InferenceService, Depends(_service)]
 Settings = Annotated[InferenceSettings, Depends(_settings)]
 # Keeps an unpinned caller on one version of a split (a user id, a session): hashed.
@@ -120,20 +115,20 @@ async def server_live() -> Response:
     response_class=Response,
     responses=_PROBE,
 )
-async def server_ready(registry: Registry) -> Response:
-    return Response(status_code=200 if registry.ready() else 503)
+async def server_ready(service: Service) -> Response:
+    return Response(status_code=200 if service.ready() else 503)
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}
 
 
-def _model_metadata(registry: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:
-    loaded = registry.resolve(name, _version(version))
+def _model_metadata(service: InferenceService, name: str, version: str | None) -> dict[str, Any]:
+    loaded = service.version(name, _version(version))
     config = loaded.config
     return {
         "name": name,
-        "versions": [str(v.version) for v in registry.versions(name)],
+        "versions": [str(v.version) for v in service.model(name).versions],
         "platform": config.platform,
         "inputs": [_tensor_metadata(t) for t in config.inputs],
         "outputs": [_tensor_metadata(t) for t in config.outputs],
@@ -142,21 +137,17 @@ def _model_metadata(registry: ModelRegistry, name: str, version: str | None) -> 
 
 
 @router.get("/v2/models/{name}", tags=["oip"], dependencies=inference)
-async def model_metadata(name: str, registry: Registry) -> dict[str, Any]:
-    return _model_metadata(registry, name, None)
+async def model_metadata(name: str, service: Service) -> dict[str, Any]:
+    return _model_metadata(service, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}", tags=["oip"], dependencies=inference)
-async def model_version_metadata(name: str, version: str, registry: Registry) -> dict[str, Any]:
-    return _model_metadata(registry, name, version)
+async def model_version_metadata(name: str, version: str, service: Service) -> dict[str, Any]:
+    return _model_metadata(service, name, version)
 
 
-def _ready(registry: ModelRegistry, name: str, version: str | None) -> Response:
-    try:
-        registry.resolve(name, _version(version))
-    except Unavailable:  # known, with no version ready
-        return Response(status_code=503)
-    return Response(status_code=200)
+def _ready(service: InferenceService, name: str, version: str | None) -> Response:
+    return Response(status_code=200 if service.model_ready(name, _version(version)) else 503)
 
 
 @router.get(
@@ -166,8 +157,8 @@ def _ready(registry: ModelRegistry, name: str, version: str | None) -> Response:
     response_class=Response,
     responses=_PROBE,
 )
-async def model_ready(name: str, registry: Registry) -> Response:
-    return _ready(registry, name, None)
+async def model_ready(name: str, service: Service) -> Response:
+    return _ready(service, name, None)
 
 
 @router.get(
@@ -177,13 +168,13 @@ async def model_ready(name: str, registry: Registry) -> Response:
     response_class=Response,
     responses=_PROBE,
 )
-async def model_version_ready(name: str, version: str, registry: Registry) -> Response:
-    return _ready(registry, name, version)
+async def model_version_ready(name: str, version: str, service: Service) -> Response:
+    return _ready(service, name, version)
 
 
 @router.get("/v2/models/{name}/config", tags=["oip"], dependencies=inference)
-async def model_config(name: str, registry: Registry) -> dict[str, Any]:
-    config = registry.config(name)
+async def model_config(name: str, service: Service) -> dict[str, Any]:
+    config = service.model(name).config
     return {
         "name": config.name,
         "platform": config.platform,
@@ -225,11 +216,15 @@ async def _infer(
         oip.parse_header_length(request.headers.get(oip.HEADER_LENGTH)),
         max_elements=settings.max_body_bytes,
     )
-    pinned = _version(version)
-    # Against the config: resolving the version here would take a turn of the split.
-    oip.check_outputs(decoded, [o.name for o in service.registry.config(name).outputs])
     tensors = [Tensor(t.name, t.datatype, t.shape, t.data) for t in decoded.inputs]
-    loaded, results = await service.infer(name, pinned, tensors, tenant=caller.tenant, key=key)
+    loaded, results = await service.infer(
+        name,
+        _version(version),
+        tensors,
+        tenant=caller.tenant,
+        key=key,
+        outputs=[o.name for o in decoded.outputs],
+    )
     body, header_length = oip.encode_response(
         model_name=name,
         model_version=str(loaded.version),
@@ -340,14 +335,14 @@ async def predict_version(
     return await _predict(service, name, version, body, caller, None)
 
 
-def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:
-    default = registry.default_version(name)
-    versions = registry.versions(name)
+def _model_info(model: ModelState) -> ModelInfo:
+    default = model.default
+    versions = model.versions
     return ModelInfo(
-        id=name,
+        id=model.config.name,
         created=int(min((v.metadata.created_at.timestamp() for v in versions), default=0)),
         default_version=None if default is None else str(default),
-        traffic=_weights(registry.traffic(name)),
+        traffic=_weights(model.traffic),
         versions=[
             VersionInfo(
                 version=str(v.version),
@@ -364,15 +359,14 @@ def _model_info(registry: ModelRegistry, name: str) -> ModelInfo:
 
 
 @router.get("/v1/models", tags=["v1"], dependencies=inference)
-async def list_models(registry: Registry) -> ModelList:
+async def list_models(service: Service) -> ModelList:
     """Loaded models and versions (OpenAI's list shape, with narthex's fields)."""
-    return ModelList(data=[_model_info(registry, n) for n in registry.names()])
+    return ModelList(data=[_model_info(model) for model in service.models()])
 
 
 @router.get("/v1/models/{name}", tags=["v1"], dependencies=inference)
-async def get_model(name: str, registry: Registry) -> ModelInfo:
-    registry.config(name)  # 404 for an unknown model
-    return _model_info(registry, name)
+async def get_model(name: str, service: Service) -> ModelInfo:
+    return _model_info(service.model(name))
 
 
 # -- OpenAI-compatible embeddings -------------------------------------------------------------
@@ -428,63 +422,57 @@ admin = [require_admin()]
 
 @router.post("/v1/admin/models/{name}/versions/{version}/load", tags=["admin"], dependencies=admin)
 async def load_version(
-    name: str, version: int, registry: Registry, body: LoadRequest | None = None
+    name: str, version: int, service: Service, body: LoadRequest | None = None
 ) -> ModelInfo:
     """Load and warm a version; with `default`, it then takes the default traffic."""
-    try:
-        await registry.load(name, version, make_default=body is not None and body.default)
-    except RepositoryError as exc:
-        raise LoadFailed(str(exc)) from None
-    return _model_info(registry, name)
+    model = await service.load(name, version, make_default=body is not None and body.default)
+    return _model_info(model)
 
 
 @router.post(
     "/v1/admin/models/{name}/versions/{version}/unload", tags=["admin"], dependencies=admin
 )
-async def unload_version(name: str, version: int, registry: Registry) -> UnloadResponse:
+async def unload_version(name: str, version: int, service: Service) -> UnloadResponse:
     """Stop routing to a version, let it finish what it holds, then free it."""
-    drained = await registry.unload(name, version)
+    drained = await service.unload(name, version)
     return UnloadResponse(model=name, version=str(version), drained=drained)
 
 
 @router.put("/v1/admin/models/{name}/default", tags=["admin"], dependencies=admin)
-async def set_default(name: str, body: DefaultRequest, registry: Registry) -> ModelInfo:
+async def set_default(name: str, body: DefaultRequest, service: Service) -> ModelInfo:
     """Send unpinned requests to another loaded version, at once (ending a traffic split)."""
-    registry.set_default(name, body.version)
-    return _model_info(registry, name)
+    return _model_info(service.set_default(name, body.version))
 
 
 def _weights(weights: dict[int, int] | None) -> dict[str, int] | None:
     return None if weights is None else {str(v): w for v, w in weights.items()}
 
 
-def _traffic(registry: ModelRegistry, name: str) -> Traffic:
-    default = registry.default_version(name)
+def _traffic(model: ModelState) -> Traffic:
+    default = model.default
     return Traffic(
-        model=name,
-        weights=_weights(registry.traffic(name)),
+        model=model.config.name,
+        weights=_weights(model.traffic),
         default_version=None if default is None else str(default),
         key_header=KEY_HEADER,
     )
 
 
 @router.get("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
-async def get_traffic(name: str, registry: Registry) -> Traffic:
+async def get_traffic(name: str, service: Service) -> Traffic:
     """Where the model's unpinned requests go: its split, or (`weights` null) the default."""
-    return _traffic(registry, name)
+    return _traffic(service.model(name))
 
 
 @router.put("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
-async def set_traffic(name: str, body: TrafficRequest, registry: Registry) -> Traffic:
+async def set_traffic(name: str, body: TrafficRequest, service: Service) -> Traffic:
     """Split unpinned requests between loaded versions by weights summing to 100 (a
     model-level canary), from the next request on. Invalid weights change nothing (422).
     Held in memory, as the default is: `traffic` in config.yaml is the split at start."""
-    registry.set_traffic(name, body.weights)
-    return _traffic(registry, name)
+    return _traffic(service.set_traffic(name, body.weights))
 
 
 @router.delete("/v1/admin/models/{name}/traffic", tags=["admin"], dependencies=admin)
-async def clear_traffic(name: str, registry: Registry) -> Traffic:
+async def clear_traffic(name: str, service: Service) -> Traffic:
     """End the split: unpinned requests all go to the default version again."""
-    registry.set_traffic(name, None)
-    return _traffic(registry, name)
+    return _traffic(service.set_traffic(name, None))

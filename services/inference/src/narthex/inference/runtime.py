@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["PREFERENCE", "GraphTensor", "Session", "choose_providers", "onnx_datatype"]
+from narthex.inference.datatypes import onnx_datatype
+
+__all__ = ["PREFERENCE", "GraphTensor", "Session", "choose_providers"]
 
 # Fastest first; whichever the installed onnxruntime offers is used.
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -20,22 +22,6 @@ _BY_CHOICE = {
     "cpu": PREFERENCE[2:],
     "auto": PREFERENCE,
 }
-_ONNX_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(int8)": "INT8",
-    "tensor(uint8)": "UINT8",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-
-
-def onnx_datatype(onnx_type: str) -> str:
-    """The Open Inference Protocol datatype of an ONNX Runtime type string."""
-    return _ONNX_TO_OIP.get(onnx_type, onnx_type)
 
 
 def choose_providers(choice: str, available: Sequence[str] | None = None) -> list[str]:

@@ -2,6 +2,9 @@
 
 Protocol-neutral: the OIP, v1 and OpenAI routes decode their own wire formats, call these,
 and encode the answer. Every check that can refuse a request runs before it is queued.
+The metadata and admin routes read and change the loaded models here too: the routes
+call only this service, and which version serves a request is decided once, in
+`_with_model`.
 """
 
 from __future__ import annotations
@@ -23,20 +26,22 @@ from narthex.inference.batcher import (
     DeadlineExpired,
     QueueFull,
 )
+from narthex.inference.datatypes import DATATYPES
 from narthex.inference.errors import (
     ComputeError,
     DeadlineExceeded,
     InvalidInput,
+    LoadFailed,
     Overloaded,
     Unavailable,
 )
-from narthex.inference.models import Array, LoadedVersion, ModelRegistry, Outputs
-from narthex.inference.oip import DATATYPES
-from narthex.inference.repository import TensorSpec
+from narthex.inference.kinds import Array, Outputs, TextKind
+from narthex.inference.models import LoadedVersion, ModelRegistry
+from narthex.inference.repository import ModelConfig, RepositoryError, TensorSpec
 from narthex.inference.text import TextTooLong
 from narthex.transactions import InvalidTransaction, Transaction
 
-__all__ = ["Embeddings", "InferenceService", "Tensor"]
+__all__ = ["Embeddings", "InferenceService", "ModelState", "Tensor"]
 
 T = TypeVar("T")
 
@@ -60,6 +65,16 @@ class Embeddings:
     model: LoadedVersion
     vectors: Array  # [n, dim] float32, L2-normalised by the graph
     tokens: list[int]  # per text, after truncation
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """A loaded model as the metadata and admin routes show it."""
+
+    config: ModelConfig
+    versions: list[LoadedVersion]  # in version order
+    default: int | None
+    traffic: dict[int, int] | None  # version -> weight; None: unpinned requests go to default
 
 
 class InferenceService:
@@ -88,14 +103,18 @@ class InferenceService:
         *,
         tenant: str,
         key: str | None = None,
+        outputs: Sequence[str] = (),
     ) -> tuple[LoadedVersion, Outputs]:
         """Run named input tensors through a model (text models take one BYTES tensor)
         for the caller's `tenant` (every method here takes it: queues are shared). An
         unpinned request (`version` None) goes where the model's traffic split sends it,
-        by `key` when the caller gave one (`ModelRegistry.route`)."""
+        by `key` when the caller gave one (`ModelRegistry.route`). `outputs`: the names
+        the caller asks for (all when empty); an unknown one is refused first."""
+        # Against the config: a refused request takes no turn of the split.
+        _check_outputs(self.registry.config(name), outputs)
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
-            if loaded.encoder is not None:
+            if isinstance(loaded.kind, TextKind):
                 texts = _texts_from_tensor(loaded, tensors)
                 embedded = await self._embed(loaded, texts, tenant)
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
@@ -114,7 +133,7 @@ class InferenceService:
         key: str | None = None,
     ) -> Embeddings:
         async def attempt(loaded: LoadedVersion) -> Embeddings:
-            if loaded.encoder is None:
+            if not isinstance(loaded.kind, TextKind):
                 raise InvalidInput(f"{name} is not a text model", extra={"param": "model"})
             return await self._embed(loaded, texts, tenant)
 
@@ -135,7 +154,7 @@ class InferenceService:
         looked up (under `tenant`, with inference's own credential)."""
 
         async def attempt(loaded: LoadedVersion) -> tuple[LoadedVersion, Outputs]:
-            if loaded.encoder is not None:
+            if isinstance(loaded.kind, TextKind):
                 embedded = await self._embed(loaded, instances, tenant)
                 return loaded, {loaded.outputs[0].name: embedded.vectors}
             if loaded.looks_up and _names_accounts(instances):
@@ -150,6 +169,62 @@ class InferenceService:
             return loaded, await loaded.infer(arrays, tenant=tenant, deadline=self._deadline())
 
         return await self._with_model(name, version, attempt, tenant, key)
+
+    # -- models: what the metadata and admin routes read and change ---------------------------
+
+    def ready(self) -> bool:
+        """Every loaded model has a warm default version."""
+        return self.registry.ready()
+
+    def model_ready(self, name: str, version: int | None) -> bool:
+        """The pinned `version` (else the default) is loaded and warm; False for a known
+        model with no version ready, ModelNotFound for an unknown model or version."""
+        try:
+            self.registry.resolve(name, version)
+        except Unavailable:
+            return False
+        return True
+
+    def version(self, name: str, version: int | None) -> LoadedVersion:
+        """The pinned `version`, else the default one, as metadata describes it (not a
+        request: no turn of the split)."""
+        return self.registry.resolve(name, version)
+
+    def model(self, name: str) -> ModelState:
+        """A loaded model (ModelNotFound when it is not)."""
+        return ModelState(
+            self.registry.config(name),
+            self.registry.versions(name),
+            self.registry.default_version(name),
+            self.registry.traffic(name),
+        )
+
+    def models(self) -> list[ModelState]:
+        return [self.model(name) for name in self.registry.names()]
+
+    async def load(self, name: str, version: int, *, make_default: bool) -> ModelState:
+        """Load and warm a version; with `make_default`, it then takes the default traffic."""
+        try:
+            await self.registry.load(name, version, make_default=make_default)
+        except RepositoryError as exc:
+            raise LoadFailed(str(exc)) from None
+        return self.model(name)
+
+    async def unload(self, name: str, version: int) -> bool:
+        """Stop routing to a version, let it finish what it holds, free it: True if it
+        finished in time."""
+        return await self.registry.unload(name, version)
+
+    def set_default(self, name: str, version: int) -> ModelState:
+        self.registry.set_default(name, version)
+        return self.model(name)
+
+    def set_traffic(self, name: str, weights: Mapping[int, int] | None) -> ModelState:
+        """Split unpinned requests by `weights`, or (None) send them all to the default."""
+        self.registry.set_traffic(name, weights)
+        return self.model(name)
+
+    # -- requests ----------------------------------------------------------------------------
 
     async def _with_model(
         self,
@@ -196,7 +271,8 @@ class InferenceService:
             await self.wait(hold)
 
     async def _embed(self, loaded: LoadedVersion, texts: Sequence[Any], tenant: str) -> Embeddings:
-        assert loaded.encoder is not None
+        encoder = loaded.encoder
+        assert encoder is not None  # a text model's
         _check_count(loaded, len(texts), "input")
         limit = self.max_text_bytes
         size = 0
@@ -218,15 +294,24 @@ class InferenceService:
         loaded.check(len(texts), tenant=tenant)
         try:
             if size <= INLINE_TOKENIZE_CHARS:
-                ids = loaded.encoder.encode(texts)
+                ids = encoder.encode(texts)
             else:
                 # Off the event loop: 100 long texts take milliseconds, which would stall
                 # every other request (the tokenizer releases the GIL while it works).
-                ids = await asyncio.to_thread(loaded.encoder.encode, texts)
+                ids = await asyncio.to_thread(encoder.encode, texts)
         except TextTooLong as exc:
             raise InvalidInput(str(exc), extra={"param": "input"}) from None
         outputs = await loaded.embed(ids, tenant=tenant, deadline=self._deadline())
         return Embeddings(loaded, outputs[loaded.outputs[0].name], [len(one) for one in ids])
+
+
+def _check_outputs(config: ModelConfig, requested: Sequence[str]) -> None:
+    names = {o.name for o in config.outputs}
+    for name in requested:
+        if name not in names:
+            raise InvalidInput(
+                f"unknown output {name!r} (the model has: {', '.join(sorted(names))})"
+            )
 
 
 def _names_accounts(instances: Sequence[Any]) -> bool:
