@@ -15,6 +15,7 @@ from tests.support.dashboards import (
     load_dashboards,
     metric_names,
     recording_rules,
+    scraped_names,
     source_metrics,
 )
 
@@ -142,3 +143,23 @@ def test_dashboard_variables_and_intervals_are_substituted_before_parsing() -> N
     }
     queries = dashboard_queries(board)
     assert [sorted(metric_names(expr)) for _, expr in queries] == [["a_total"], ["b"]]
+
+
+def test_a_scrape_declares_families_with_their_suffixes_samples_or_not() -> None:
+    page = (
+        "# HELP c_total A counter without a sample yet.\n"
+        "# TYPE c_total counter\n"
+        "# HELP h A histogram.\n"
+        "# TYPE h histogram\n"
+        'h_bucket{le="1.0"} 1.0\n'
+        'h_bucket{le="+Inf"} 1.0\n'
+        "h_count 1.0\n"
+        "h_sum 0.5\n"
+        "# HELP g A gauge.\n"
+        "# TYPE g gauge\n"
+        "g 3.0\n"
+    )
+    names = scraped_names(page)
+    assert {"c_total", "h_bucket", "h_count", "h_sum", "g"} <= names
+    assert "h_total" not in names
+    assert "other_total" not in names
