@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -55,13 +56,17 @@ def port_free(port: int) -> bool:
 
 
 def free_port_base(count: int = 5) -> int:
-    """The first of `count` consecutive free ports from 18000 up, never the same twice
-    (6 for `--observe`: its Prometheus takes the port after the services')."""
-    for base in range(18000, 60000, count):
-        if base in _handed_out:
+    """`count` consecutive free ports (6 for `--observe`: its Prometheus takes the port after
+    the services'), never the same twice. From a random start in 20000-29999: on a machine
+    shared by several test runs, the same first free ports would be raced for."""
+    span = range(20000, 30000 - count, count)
+    start = random.randrange(len(span))
+    for step in range(len(span)):
+        base = span[(start + step) % len(span)]
+        if any(base + offset in _handed_out for offset in range(count)):
             continue
         if all(port_free(base + offset) for offset in range(count)):
-            _handed_out.add(base)
+            _handed_out.update(base + offset for offset in range(count))
             return base
     raise RuntimeError(f"no {count} consecutive free ports")
 
