@@ -22,7 +22,7 @@ run: install ## Start the whole platform locally; prints URLs and a curl line th
 test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
-test-tools: ## Debian's prometheus and promtool: the canary gate, rules and --observe tests (CI fails without)
+test-tools: ## Debian's prometheus, for the canary gate's test (skipped without it; CI fails)
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus >/dev/null) \

@@ -16,11 +16,12 @@ from tests.support.databases import service_unavailable
 PROMETHEUS = Path(__file__).resolve().parents[2] / "observability" / "prometheus"
 RULES = sorted((PROMETHEUS / "rules").glob("*.yml"))
 UNIT_TESTS = sorted((PROMETHEUS / "tests").glob("*.yml"))
-# Every Prometheus configuration kept here (the local one, and any for containers).
+# Every Prometheus configuration: the local one, and docker-compose's where it is.
+COMPOSE_CONFIG = PROMETHEUS.parents[1] / "deploy" / "compose" / "prometheus.yml"
 CONFIGS = sorted(
     path
-    for path in PROMETHEUS.glob("*.yml")
-    if "scrape_configs" in (yaml.safe_load(path.read_text()) or {})
+    for path in (*PROMETHEUS.glob("*.yml"), COMPOSE_CONFIG)
+    if path.is_file() and "scrape_configs" in (yaml.safe_load(path.read_text()) or {})
 )
 
 
