@@ -22,6 +22,7 @@ from narthex.cli.supervisor import (
     STOP_GRACE_S,
     ChildFailed,
     ChildProcess,
+    Observer,
     StopRequested,
     Supervisor,
     UpOptions,
@@ -261,3 +262,30 @@ def test_stop_all_kills_what_ignores_sigterm_after_the_grace(rig: Rig) -> None:
     for name in SERVICES:
         if name != "inference":
             assert rig.launches.current(name).signals == [signal.SIGTERM]
+
+
+def _observer(rig: Rig) -> FakeProcess:
+    """An --observe Prometheus beside the fake services."""
+    process = FakeProcess("prometheus")
+    log_path = rig.state_dir / "logs" / "prometheus.log"
+    rig.supervisor.observer = Observer("http://127.0.0.1:18005", log_path, process)
+    return process
+
+
+def test_a_dead_prometheus_is_reported_once_and_the_services_keep_running(rig: Rig) -> None:
+    prometheus = _observer(rig)
+    prometheus.returncode = -signal.SIGKILL
+    for _ in range(3):
+        rig.tick()
+    assert rig.err.getvalue().count("prometheus was killed by SIGKILL") == 1
+    assert "the services keep running" in rig.err.getvalue()
+    assert all(len(rig.launches.started[name]) == 1 for name in SERVICES)
+    assert all(rig.launches.current(name).poll() is None for name in SERVICES)
+
+
+def test_stop_all_stops_prometheus_with_the_services_and_the_run_file_names_it(rig: Rig) -> None:
+    prometheus = _observer(rig)
+    assert rig.supervisor.run_info().children["prometheus"] == prometheus.pid
+    rig.supervisor.stop_all()
+    assert prometheus.signals == [signal.SIGTERM]
+    assert all(rig.launches.current(name).signals == [signal.SIGTERM] for name in SERVICES)

@@ -272,6 +272,23 @@ async def test_admin_routes_are_not_rate_limited(upstream: UpstreamServer) -> No
     assert statuses == [200, 200, 200]
 
 
+async def test_decisions_and_quota_are_counted_per_tenant(upstream: UpstreamServer) -> None:
+    """One tenant floods; the other's series count only its own requests."""
+    async with gateway(upstream, plan(burst=3, daily_quota=10)) as gw:
+        flooded = await statuses_of(gw, 5)
+        quiet = {"Authorization": f"Bearer {token('t_quiet')}"}
+        calm = (await gw.post("/v1/models/m/predict", json=predict(2), headers=quiet)).status_code
+        metrics = (await gw.get("/metrics")).text
+    assert flooded == [200, 200, 200, 429, 429]
+    assert calm == 200
+    assert 'ratelimit_tenant_decisions_total{result="ok",tenant="t_acme"} 3.0' in metrics
+    assert 'ratelimit_tenant_decisions_total{result="rate",tenant="t_acme"} 2.0' in metrics
+    assert 'ratelimit_tenant_decisions_total{result="ok",tenant="t_quiet"} 1.0' in metrics
+    assert 'result="rate",tenant="t_quiet"' not in metrics
+    assert 'ratelimit_tenant_quota_used_ratio{tenant="t_acme"} 0.3' in metrics
+    assert 'ratelimit_tenant_quota_used_ratio{tenant="t_quiet"} 0.2' in metrics
+
+
 # -- the shared limiter and its failure policy ------------------------------------------------
 async def test_replicas_share_one_bucket_in_redis(
     upstream: UpstreamServer, clock: ManualClock

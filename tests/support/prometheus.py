@@ -67,15 +67,16 @@ def prometheus(
         yield server
 
 
-def query(server: Service, promql: str) -> float | None:
-    """One instant query's single value (None for an empty answer)."""
-    response = httpx.get(server.url + "/api/v1/query", params={"query": promql}, timeout=5.0)
+def query(server: Service | str, promql: str) -> float | None:
+    """One instant query's single value (None for an empty answer); `server` or its URL."""
+    url = server if isinstance(server, str) else server.url
+    response = httpx.get(url + "/api/v1/query", params={"query": promql}, timeout=5.0)
     response.raise_for_status()
     result = response.json()["data"]["result"]
     return float(result[0]["value"][1]) if result else None
 
 
-def wait_for(server: Service, promql: str, at_least: float, timeout: float = 30.0) -> float:
+def wait_for(server: Service | str, promql: str, at_least: float, timeout: float = 30.0) -> float:
     """Poll until `promql` reaches `at_least` (Prometheus has scraped what was sent)."""
     deadline = time.monotonic() + timeout
     value = None

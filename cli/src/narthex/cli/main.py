@@ -59,6 +59,14 @@ def up(
     crash_window: Annotated[
         float, typer.Option(min=1.0, help="Seconds over which --max-crashes counts crashes.")
     ] = RestartPolicy.window,
+    observe: Annotated[
+        bool,
+        typer.Option(
+            "--observe",
+            help="Also start Prometheus (Debian's `prometheus`) with the project's rules,"
+            " scraping every service, on 127.0.0.1 at the port after analytics'.",
+        ),
+    ] = False,
 ) -> None:
     """Start all five services, wait until they are ready, and supervise them until Ctrl-C:
     a service that crashes is restarted, after a backoff that doubles with each recent crash,
@@ -69,6 +77,7 @@ def up(
         state_dir=state_dir,
         timeout=timeout,
         restarts=RestartPolicy(max_crashes=max_crashes, window=crash_window),
+        observe=observe,
     )
     raise typer.Exit(run_up(options))
 

@@ -1,5 +1,6 @@
 """The supervisor behind `narthex up`: start the services in order, wait until they are
-ready, watch them (restarting one that crashes, by `narthex.cli.restarts`), stop them all."""
+ready, watch them (restarting one that crashes, by `narthex.cli.restarts`), stop them all;
+with --observe, a Prometheus scraping them (`narthex.cli.observe`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ from typing import IO, TYPE_CHECKING, Protocol
 import httpx
 
 from narthex.cli.models import build_models, models_dir
+from narthex.cli.observe import (
+    LISTEN_HOST,
+    ObserveError,
+    find_observability,
+    find_prometheus,
+    prometheus_argv,
+    prometheus_port,
+    render_config,
+)
 from narthex.cli.restarts import CrashHistory, RestartPolicy
 from narthex.cli.runfile import RunInfo, remove_run_file, write_run_file
 from narthex.cli.stack import SERVICES, UPSTREAMS, plan_ports, service_env, service_url
@@ -49,6 +59,8 @@ class UpOptions:
     state_dir: Path = Path(".state")
     timeout: float = 60.0
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    # Also start Prometheus (Debian's binary) on the port after the services'.
+    observe: bool = False
 
 
 class Clock(Protocol):
@@ -171,6 +183,17 @@ class _ProvisionFailed(Exception):
     pass
 
 
+@dataclass
+class Observer:
+    """The Prometheus of `--observe`: not a service, so never restarted; if it dies the
+    platform keeps serving and the supervisor says so once."""
+
+    url: str
+    log_path: Path
+    process: ChildProcess
+    reported: bool = False
+
+
 class _NotReady(Exception):
     def __init__(self, children: Sequence[Child]) -> None:
         super().__init__(", ".join(child.name for child in children))
@@ -202,6 +225,7 @@ class Supervisor:
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         # This run's key for inference, kept for its restarts.
         self.inference_key: str | None = None
+        self.observer: Observer | None = None
         self._prctl = _libc_prctl()
 
     # -- output -------------------------------------------------------------------
@@ -215,12 +239,15 @@ class Supervisor:
     # -- run file -----------------------------------------------------------------
 
     def run_info(self) -> RunInfo:
+        children = {name: child.process.pid for name, child in self.children.items()}
+        if self.observer is not None:
+            children["prometheus"] = self.observer.process.pid
         return RunInfo(
             pid=os.getpid(),
             host=self.options.host,
             ports=self.ports,
             started_at=self.started_at,
-            children={name: child.process.pid for name, child in self.children.items()},
+            children=children,
             log_dir=str(self.log_dir),
             restarts={name: child.restarts for name, child in self.children.items()},
         )
@@ -274,6 +301,8 @@ class Supervisor:
                 self.say("narthex: starting gateway ...")
                 gateway = self.spawn("gateway")
                 self._wait_ready(client, [gateway], deadline)
+                if self.options.observe:
+                    self.observe(client, deadline)
                 self.print_summary(client, provisioned)
                 self._watch(client)
         except StopRequested as stop:
@@ -281,6 +310,10 @@ class Supervisor:
             return 0
         except ChildFailed as failed:
             self.report_failure(failed.child, failed.starting)
+            self._say_stopping_rest()
+            return 1
+        except ObserveError as failed:
+            self.warn(f"narthex: {failed}")
             self._say_stopping_rest()
             return 1
         except _ProvisionFailed as failed:
@@ -302,12 +335,20 @@ class Supervisor:
         return 1  # _watch only returns through an exception
 
     def _say_stopping_rest(self) -> None:
-        if any(child.process.poll() is None for child in self.children.values()):
+        processes = [child.process for child in self.children.values()]
+        if self.observer is not None:
+            processes.append(self.observer.process)
+        if any(process.poll() is None for process in processes):
             self.warn("narthex: stopping the services still running ...")
 
     def _popen(self, name: str, env: Mapping[str, str], log: IO[bytes]) -> ChildProcess:
+        return self._popen_argv([sys.executable, "-m", f"narthex.{name}"], env, log)
+
+    def _popen_argv(
+        self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes]
+    ) -> ChildProcess:
         return subprocess.Popen(
-            [sys.executable, "-m", f"narthex.{name}"],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -373,6 +414,40 @@ class Supervisor:
                 raise _NotReady(pending)
             self.clock.sleep(POLL_INTERVAL_S)
 
+    def observe(self, client: httpx.Client, deadline: float) -> None:
+        """Prometheus with the project's config and rules, scraping this run's services;
+        returns once it answers /-/ready. `ObserveError` if it cannot start."""
+        config = render_config(find_observability(), self.options.host, self.ports)
+        port = prometheus_port(self.options.port_base)
+        argv = prometheus_argv(find_prometheus(), self.options.state_dir, config, port)
+        self.say("narthex: starting prometheus ...")
+        log_path = self.log_dir / "prometheus.log"
+        with log_path.open("ab") as log:
+            offset = log.tell()
+            process = self._popen_argv(argv, dict(os.environ), log)
+        self.observer = Observer(f"http://{LISTEN_HOST}:{port}", log_path, process)
+        write_run_file(self.options.state_dir, self.run_info())
+        last = "no answer yet"
+        while True:
+            self._check_starting()
+            code = process.poll()
+            if code is not None:
+                tail = "\n".join(tail_lines(log_path, offset))
+                raise ObserveError(f"prometheus {describe_exit(code)} while starting:\n{tail}")
+            try:
+                response = client.get(f"{self.observer.url}/-/ready")
+                if response.status_code == 200:
+                    return
+                last = f"{response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            if self.clock.monotonic() >= deadline:
+                raise ObserveError(
+                    f"prometheus not ready after {self.options.timeout:g} s"
+                    f" ({self.observer.url}/-/ready: {last}); log: {log_path}"
+                )
+            self.clock.sleep(POLL_INTERVAL_S)
+
     def _watch(self, client: httpx.Client) -> None:
         while True:
             self.watch_once(client)
@@ -385,6 +460,15 @@ class Supervisor:
         serving throughout: theirs is to degrade while a dependency is away."""
         if self.signals:
             raise StopRequested(self.signals[0])
+        observer = self.observer
+        if observer is not None and not observer.reported:
+            code = observer.process.poll()
+            if code is not None:
+                observer.reported = True
+                self.warn(
+                    f"narthex: prometheus {describe_exit(code)}; the services keep running"
+                    f" without it (log: {observer.log_path})"
+                )
         for child in self.children.values():
             if child.restart_at is not None:
                 if self.clock.monotonic() >= child.restart_at:
@@ -452,6 +536,11 @@ class Supervisor:
         self.say(f"  API docs   {gateway}/docs")
         self.say(f"  logs       {self.log_dir}/<service>.log")
         self.say(f"  status     curl -s {gateway}/v1/status/inference")
+        if self.observer is not None:
+            self.say(
+                f"  prometheus {self.observer.url}/targets  (pid {self.observer.process.pid};"
+                " recording rules at /rules, alerts at /alerts)"
+            )
         self.say("")
         if provisioned.operator_key is not None:
             self.say(f"  operator key (shown once, keep it): {provisioned.operator_key}")
@@ -506,22 +595,26 @@ class Supervisor:
         self.warn("---")
 
     def stop_all(self) -> None:
-        """SIGTERM every child (gateway first), wait up to STOP_GRACE_S, then SIGKILL."""
-        running = [c for c in reversed(self.children.values()) if c.process.poll() is None]
+        """SIGTERM every child (prometheus, then the gateway first of the services), wait up
+        to STOP_GRACE_S, then SIGKILL."""
+        named = [(c.name, c.process) for c in reversed(self.children.values())]
+        if self.observer is not None:
+            named.insert(0, ("prometheus", self.observer.process))
+        running = [(name, process) for name, process in named if process.poll() is None]
         if not running:
             return
-        for child in running:
+        for _, process in running:
             with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGTERM)
         deadline = self.clock.monotonic() + STOP_GRACE_S
-        while self.clock.monotonic() < deadline and any(c.process.poll() is None for c in running):
+        while self.clock.monotonic() < deadline and any(p.poll() is None for _, p in running):
             self.clock.sleep(0.05)
-        for child in running:
-            if child.process.poll() is None:
-                self.warn(f"narthex: {child.name} ignored SIGTERM for {STOP_GRACE_S:g} s; killing")
+        for name, process in running:
+            if process.poll() is None:
+                self.warn(f"narthex: {name} ignored SIGTERM for {STOP_GRACE_S:g} s; killing")
                 with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                child.process.wait()
+                    process.kill()
+                process.wait()
 
 
 def _crashes(count: int) -> str:

@@ -1,5 +1,5 @@
-"""`narthex up` and `narthex status`: refuse a second start, hand over to the supervisor,
-report on a running one."""
+"""`narthex up` and `narthex status`: refuse a second start (or one whose ports are taken, or
+whose --observe cannot work), hand over to the supervisor, report on a running one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from typing import IO
 
 import httpx
 
+from narthex.cli.observe import (
+    LISTEN_HOST,
+    ObserveError,
+    find_observability,
+    find_prometheus,
+    prometheus_port,
+)
 from narthex.cli.runfile import RUN_FILE, exclusive_lock, live_run, read_run_file
 from narthex.cli.stack import SERVICES, plan_ports, port_in_use
 from narthex.cli.supervisor import PROBE_TIMEOUT, Supervisor, UpOptions
@@ -33,11 +40,23 @@ def run_up(options: UpOptions, out: IO[str] = sys.stdout, err: IO[str] = sys.std
                 flush=True,
             )
             return 1
-        ports = plan_ports(options.port_base)
-        for name in SERVICES:
-            if port_in_use(options.host, ports[name]):
+        wanted = [
+            (name, options.host, port) for name, port in plan_ports(options.port_base).items()
+        ]
+        if options.observe:
+            # Before anything starts: a missing prometheus would otherwise surface only
+            # after the services' start-up.
+            try:
+                find_prometheus()
+                find_observability()
+            except ObserveError as exc:
+                print(f"narthex: {exc}; nothing was started.", file=err, flush=True)
+                return 1
+            wanted.append(("prometheus", LISTEN_HOST, prometheus_port(options.port_base)))
+        for name, host, port in wanted:
+            if port_in_use(host, port):
                 print(
-                    f"narthex: port {ports[name]} ({name}) on {options.host} is already in use"
+                    f"narthex: port {port} ({name}) on {host} is already in use"
                     " by another process; nothing was started. Free it or pick another"
                     " --port-base.",
                     file=err,

@@ -74,6 +74,21 @@ class LimiterMetrics:
             "1 while the per-replica memory limiter stands in for the shared one.",
             registry=registry,
         )
+        # By tenant: the dashboards' top-k and per-tenant 429s. One series per tenant and
+        # result, bounded by the tenants the operator creates (never by what a client sends:
+        # the tenant comes from a verified credential).
+        self.tenant_decisions = Counter(
+            "ratelimit_tenant_decisions",
+            "Rate-limit decisions by tenant and result.",
+            ["tenant", "result"],
+            registry=registry,
+        )
+        self.tenant_quota_used = Gauge(
+            "ratelimit_tenant_quota_used_ratio",
+            "The share of its daily quota a tenant has used, as of its last request here.",
+            ["tenant"],
+            registry=registry,
+        )
 
 
 class EdgeLimiter:
@@ -149,7 +164,7 @@ class EdgeLimiter:
                 )
             else:
                 self.metrics.fallback.set(0)
-                self._count(decision, cost, "shared")
+                self._count(plan.tenant, decision, cost, "shared")
                 return decision
         if self.shared is not None and self.failure_mode == "closed":
             raise ServiceUnavailable(
@@ -162,9 +177,14 @@ class EdgeLimiter:
             if cost is None
             else self.local.acquire(plan.tenant, local, cost)
         )
-        self._count(decision, cost, "memory")
+        self._count(plan.tenant, decision, cost, "memory")
         return decision
 
-    def _count(self, decision: Decision, cost: int | None, backend: str) -> None:
+    def _count(self, tenant: str, decision: Decision, cost: int | None, backend: str) -> None:
         if cost is not None:
             self.metrics.decisions.labels(decision.reason, backend).inc()
+            self.metrics.tenant_decisions.labels(tenant, decision.reason).inc()
+            if decision.quota_limit > 0:
+                self.metrics.tenant_quota_used.labels(tenant).set(
+                    min(1.0, decision.quota_used / decision.quota_limit)
+                )

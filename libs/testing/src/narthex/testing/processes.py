@@ -74,14 +74,24 @@ def port_free(port: int, host: str = HOST) -> bool:
     return True
 
 
+_handed_out: set[int] = set()
+
+
 def free_port_base(count: int = 5) -> int:
-    """The first of `count` consecutive free ports (for `narthex up --port-base`), drawn at
-    random from 20000-29999 so that stacks started at once rarely race for the same ones."""
-    for _ in range(200):
-        base = random.randrange(20_000, 30_000 - count)
+    """`count` consecutive free ports (for `narthex up --port-base`; 6 with `--observe`, its
+    Prometheus takes the port after the services'), never the same twice in one process.
+    From a random start in 20000-29999: on a machine shared by several test runs, the same
+    first free ports would be raced for."""
+    span = range(20000, 30000 - count, count)
+    start = random.randrange(len(span))
+    for step in range(len(span)):
+        base = span[(start + step) % len(span)]
+        if any(base + offset in _handed_out for offset in range(count)):
+            continue
         if all(port_free(base + offset) for offset in range(count)):
+            _handed_out.update(base + offset for offset in range(count))
             return base
-    raise RuntimeError(f"no {count} consecutive free ports in 20000-29999")
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def module_argv(module: str, *args: str) -> tuple[str, ...]:
