@@ -53,7 +53,7 @@ async def make_tenant_key(settings: AuthSettings) -> str:
             name="bench-unlimited",
             rate_per_second=100_000.0,
             burst=1_000_000,
-            daily_quota=10**12,
+            daily_quota=2_000_000_000,
             max_items_per_request=100,
         )
         tenant = await service.ensure_tenant("bench", "bench-unlimited", actor="bench")

@@ -72,7 +72,7 @@ from narthex.testing.platform import (
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ACCURACY_PLAN = PlanNumbers(rate=20.0, burst=40)
 # Never refuses at loopback speeds: the limiter decides every request, and admits it.
-UNLIMITED_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
+UNLIMITED_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=2_000_000_000)
 LIMITED = "/v1/models"
 NOT_LIMITED = "/v1/admin/models"
 # Few items (the plan's rate caps items/s, at most 100k), each with some text to read.

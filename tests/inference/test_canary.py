@@ -42,7 +42,7 @@ KEY_HEADER = "x-narthex-canary-key"
 ONE_ROW = orjson.dumps({"instances": [[1, 1, 1]]})
 TOTALS = {"1": 9.0, "2": 12.0}
 CLIENTS = 32
-PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
+PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=2_000_000_000)
 
 
 @dataclass(frozen=True)

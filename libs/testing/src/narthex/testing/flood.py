@@ -60,7 +60,7 @@ FLOOD_TEXTS = 100
 QUIET_INTERVAL = 0.2
 EMBEDDINGS = "/v1/embeddings"
 # Within its plan: the gateway admits every request of the flood.
-FLOOD_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
+FLOOD_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=2_000_000_000)
 QUIET_PLAN = PlanNumbers(rate=50.0, burst=50)
 _KEPT_ERRORS = 20
 
