@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import structlog
 
+from narthex.common.events import EventBuffer
 from narthex.inference.batcher import Batcher, QueueFull
 from narthex.inference.errors import Conflict, ModelNotFound, Unavailable
 from narthex.inference.features import FeatureClient, Lookup
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
 from narthex.inference.oip import DATATYPES
+from narthex.inference.predictions import score_events
 from narthex.inference.repository import (
     MODEL_FILE,
     Metadata,
@@ -266,9 +268,11 @@ class ModelRegistry:
         intra_op_threads: int = 0,
         drain_timeout: float = 30.0,
         features: FeatureClient | None = None,
+        predictions: EventBuffer | None = None,
     ) -> None:
         self.repository = repository
         self.features = features
+        self.predictions = predictions
         self.metrics = metrics
         self.provider = provider
         self.intra_op_threads = intra_op_threads
@@ -391,6 +395,16 @@ class ModelRegistry:
         loaded.batcher.start()
         try:
             await self._warm(loaded)
+            # After the warm-up: its rows are no one's predictions.
+            events = score_events(
+                self.predictions,
+                name,
+                version,
+                metadata.model_extra,
+                [o.name for o in loaded.outputs],
+            )
+            if events is not None:
+                loaded.batcher.on_computed(events.computed)
         except BaseException:
             await loaded.batcher.close()
             raise

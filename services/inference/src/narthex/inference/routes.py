@@ -182,12 +182,13 @@ async def _infer(
         request_id=decoded.id,
         outputs=oip.select_outputs(decoded, results),
     )
+    version_header = {MODEL_VERSION_HEADER: str(loaded.version)}
     if header_length is None:
-        return Response(body, media_type=oip.JSON_CONTENT_TYPE)
+        return Response(body, media_type=oip.JSON_CONTENT_TYPE, headers=version_header)
     return Response(
         body,
         media_type=oip.BINARY_CONTENT_TYPE,
-        headers={oip.HEADER_LENGTH: str(header_length)},
+        headers={oip.HEADER_LENGTH: str(header_length), **version_header},
     )
 
 
@@ -221,12 +222,18 @@ def _predictions(loaded: LoadedVersion, outputs: dict[str, Any]) -> list[dict[st
     return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
 
-def _json(content: Any) -> Response:
+# The version that answered, for the gateway's usage events (the body names it too).
+MODEL_VERSION_HEADER = "x-model-version"
+
+
+def _json(content: Any, version: object = None) -> Response:
     """A JSON response written by orjson straight from numpy arrays. The hot routes skip
     FastAPI's response validation this way: 384 floats per embedding through pydantic cost
     more than the model's own time per text. Their `response_model` still documents them."""
     return Response(
-        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json",
+        headers=None if version is None else {MODEL_VERSION_HEADER: str(version)},
     )
 
 
@@ -245,7 +252,8 @@ async def _predict(
             "model": name,
             "version": str(loaded.version),
             "predictions": _predictions(loaded, outputs),
-        }
+        },
+        loaded.version,
     )
 
 
@@ -348,7 +356,8 @@ async def embeddings(
             ],
             "model": f"{name}:{result.model.version}",
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        },
+        result.model.version,
     )
 
 
