@@ -230,9 +230,10 @@ class StreamConsumer(Generic[T]):
         assert floor is not None
         if floor == (0, 0):
             return 0
-        # Approximate (`~`) trims at most to the floor, never past it.
+        # Exact: a stream trimmed every few seconds holds little, and exact trimming is
+        # what lets the stream's length be read as the backlog.
         trimmed = await self.redis.xtrim(
-            self.stream, minid=f"{floor[0]}-{floor[1]}", approximate=True
+            self.stream, minid=f"{floor[0]}-{floor[1]}", approximate=False
         )
         await self.update_lag()
         return int(trimmed)
