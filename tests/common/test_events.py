@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -48,7 +49,7 @@ async def test_events_wait_out_an_outage_and_the_overflow_is_counted(tmp_path: P
 
             server.start()
             await wait_until_written(buffer, 80)
-        entries = await redis.xrange(stream)
+        entries: Any = await redis.xrange(stream)
     finally:
         await redis.aclose()
         server.stop()

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -169,11 +170,11 @@ def wait_for_usage(
     tenant: str,
     requests: int,
     timeout: float = 90.0,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The tenant's usage totals once they count `requests` (or whatever they are at the end
     of `timeout`: the caller's assertion then says what is missing)."""
     deadline = time.monotonic() + timeout
-    totals: dict[str, object] = {}
+    totals: dict[str, Any] = {}
     while time.monotonic() < deadline:
         response = httpx.get(
             gateway_url + "/v1/admin/usage",

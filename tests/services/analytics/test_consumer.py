@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -67,6 +68,11 @@ async def produce(scratch: RedisScratch, count: int, tenant: str = "t1") -> list
     return ids
 
 
+async def stream_ids(scratch: RedisScratch) -> list[str]:
+    entries: Any = await scratch.client.xrange(f"{scratch.prefix}:usage")
+    return [orjson.loads(fields[b"d"])["id"] for _, fields in entries]
+
+
 async def requests(store: AnalyticsStore, tenant: str = "t1") -> int:
     return sum(r["requests"] for r in await store.usage_rows(tenant, T0, T0 + HOUR))
 
@@ -96,7 +102,6 @@ async def test_a_dead_consumers_pending_events_are_claimed_and_counted_once(
 async def test_trimming_keeps_every_unacknowledged_entry(
     scratch: RedisScratch, sqlite_store: AnalyticsStore
 ) -> None:
-    stream = f"{scratch.prefix}:usage"
     ids = await produce(scratch, 300)
     first = consumer(scratch, sqlite_store, "first")
     await first.ensure_group()
@@ -106,7 +111,7 @@ async def test_trimming_keeps_every_unacknowledged_entry(
 
     await first.trim()
 
-    left = [orjson.loads(f[b"d"])["id"] for _, f in await scratch.client.xrange(stream)]
+    left = await stream_ids(scratch)
     assert left == ids[50:]  # the acknowledged ones gone; pending and undelivered all kept
 
     # Once all are acknowledged, a trim can remove all but the last delivered.
@@ -116,7 +121,7 @@ async def test_trimming_keeps_every_unacknowledged_entry(
         await second.handle(entries)
     await second.trim()
     assert await requests(sqlite_store) == 300
-    left = [orjson.loads(f[b"d"])["id"] for _, f in await scratch.client.xrange(stream)]
+    left = await stream_ids(scratch)
     assert left == ids[-1:]  # the last delivered entry marks the group's position
 
 
