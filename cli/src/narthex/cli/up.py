@@ -3,14 +3,16 @@ report on a running one."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import IO
 
 import httpx
 
+from narthex.cli.localredis import redis_binary
 from narthex.cli.runfile import RUN_FILE, exclusive_lock, live_run, read_run_file
-from narthex.cli.stack import SERVICES, plan_ports, port_in_use
+from narthex.cli.stack import SERVICES, plan_ports, port_in_use, redis_port
 from narthex.cli.supervisor import PROBE_TIMEOUT, Supervisor, UpOptions
 
 
@@ -34,7 +36,9 @@ def run_up(options: UpOptions, out: IO[str] = sys.stdout, err: IO[str] = sys.std
             )
             return 1
         ports = plan_ports(options.port_base)
-        for name in SERVICES:
+        if not os.environ.get("REDIS_URL") and redis_binary() is not None:
+            ports = {**ports, "redis-server": redis_port(options.port_base)}
+        for name in ports:
             if port_in_use(options.host, ports[name]):
                 print(
                     f"narthex: port {ports[name]} ({name}) on {options.host} is already in use"
