@@ -51,7 +51,10 @@ async def admin_usage(
 
 
 @router.get("/v1/admin/drift", tags=["admin"], summary="PSI of each model version's scores")
-async def admin_drift(service: Service, caller: Operator) -> dict[str, Any]:
+async def admin_drift(
+    service: Service, caller: Operator, tenant: TenantParam = None
+) -> dict[str, Any]:
     """Each model version's score distribution over the window against the baseline in its
-    metadata.json; flagged above the threshold."""
-    return await service.drift()
+    metadata.json; flagged above the threshold. All tenants' predictions together, or one
+    tenant's (`tenant`): whose traffic moved."""
+    return await service.drift(tenant)

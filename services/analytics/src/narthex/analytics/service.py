@@ -244,10 +244,12 @@ class AnalyticsService:
         rows = await self.store.usage_rows(tenant, period.start, period.end)
         return usage_report(rows, period, tenant)
 
-    async def drift(self) -> dict[str, Any]:
+    async def drift(self, tenant: str | None = None) -> dict[str, Any]:
+        """PSI per model version over the window: of every tenant's predictions together
+        (and then the gauges are set), or of one tenant's."""
         now = self.clock()
         since = int(now) // HOUR * HOUR - (self.drift_window_hours - 1) * HOUR
-        counts = await self.store.score_counts(since)
+        counts = await self.store.score_counts(since, tenant)
         versions = []
         for (model, version), bins in sorted(counts.items()):
             baseline = baseline_of(self.repository, model, version)
@@ -266,10 +268,11 @@ class AnalyticsService:
                     "baseline_fractions": baseline,
                 }
             )
-            if value is not None:
+            if value is not None and tenant is None:
                 self.drift_metrics.psi.labels(model, version).set(value)
                 self.drift_metrics.flagged.labels(model, version).set(1.0 if flagged else 0.0)
         return {
+            "tenant": tenant,
             "window_hours": self.drift_window_hours,
             "since": _iso(since),
             "threshold": self.drift_threshold,

@@ -200,13 +200,18 @@ class AnalyticsStore:
             result = await connection.execute(statement)
             return [dict(row._mapping) for row in result]
 
-    async def score_counts(self, since_hour: int) -> dict[tuple[str, str], list[int]]:
-        """Every model version's score bin counts over the hours from `since_hour`, all
-        tenants together."""
+    async def score_counts(
+        self, since_hour: int, tenant: str | None = None
+    ) -> dict[tuple[str, str], list[int]]:
+        """Every model version's score bin counts over the hours from `since_hour`, of one
+        tenant's predictions or (None) of all tenants together."""
         columns = [func.sum(score_hourly.c[name]) for name in SCORE_COLUMNS]
+        where = [score_hourly.c.hour >= since_hour]
+        if tenant is not None:
+            where.append(score_hourly.c.tenant == tenant)
         statement = (
             select(score_hourly.c.model, score_hourly.c.version, *columns)
-            .where(score_hourly.c.hour >= since_hour)
+            .where(and_(*where))
             .group_by(score_hourly.c.model, score_hourly.c.version)
         )
         async with self._engine.connect() as connection:
