@@ -22,11 +22,19 @@ run: install ## Start the whole platform locally; prints URLs and a curl line th
 test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
-test-tools: ## Debian's prometheus, for the canary gate's test (skipped without it; CI fails)
+test-tools: ## Debian's prometheus (canary gate), chromium (dashboard), redis-server (analytics)
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus >/dev/null) \
 		|| echo "could not install prometheus: tests/mesh/test_gate.py will skip it"; }
+	@test -x /usr/bin/chromium || { echo "installing chromium (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium >/dev/null) \
+		|| echo "could not install chromium: tests/e2e/test_dashboard.py will skip it"; }
+	@command -v redis-server >/dev/null || { echo "installing redis-server (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server >/dev/null) \
+		|| echo "could not install redis-server: the analytics tests will skip"; }
 
 lint: install ## ruff (lint + format check) and mypy --strict on the whole tree
 	$(UV) run ruff check .

@@ -16,98 +16,25 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.analytics import AnalyticsProcess, metric_sum, mixed_load, wait_for_usage
-from tests.support.databases import postgres_database, sqlite_url
-from tests.support.platform import (
-    Admin,
-    Edge,
-    Ledger,
-    PlanNumbers,
-    PrivateRedis,
-    Tenant,
-    edge,
-    running,
+from tests.support.analytics import (
+    PLAN,
+    AnalyticsProcess,
+    metric_sum,
+    mixed_load,
+    usage_stack,
+    wait_for_usage,
 )
-from tests.support.services import Service
+from tests.support.platform import Ledger, PrivateRedis
 
 pytestmark = pytest.mark.slow
 
 TOTAL = 5_000
-# A plan the load outruns, so that some requests are refused with 429.
-PLAN = PlanNumbers(rate=50.0, burst=20)
 PROBLEM_JSON = "application/problem+json"
-
-
-@dataclass
-class Stack:
-    edge: Edge
-    redis: PrivateRedis
-    gateway: Service
-    analytics: list[AnalyticsProcess]
-    admin: Admin
-    tenant: Tenant
-
-
-@contextmanager
-def usage_stack(directory: Path, replicas: int = 1, **gateway_env: str) -> Iterator[Stack]:
-    """A private append-only redis-server, auth, the trivial upstream, `replicas` analytics
-    processes (SQLite for one, a PostgreSQL database of its own for more) and a gateway
-    whose limits and usage events use that Redis; a tenant on PLAN."""
-    with ExitStack() as stack:
-        redis = PrivateRedis(directory, ["--appendonly", "yes"])
-        redis.start()
-        stack.callback(redis.stop)
-        platform = stack.enter_context(edge(directory))
-        if replicas == 1:
-            database_url = sqlite_url(directory, "analytics.db")
-        else:
-            runner = stack.enter_context(asyncio.Runner())
-            database = postgres_database()
-            database_url = runner.run(database.__aenter__())
-            stack.callback(lambda: runner.run(database.__aexit__(None, None, None)))
-        analytics = []
-        for i in range(replicas):
-            process = AnalyticsProcess(
-                directory,
-                f"analytics{i}",
-                {
-                    "NARTHEX_ANALYTICS_AUTH_URL": platform.auth.url,
-                    "NARTHEX_ANALYTICS_DATABASE_URL": database_url,
-                    "NARTHEX_ANALYTICS_REDIS_URL": redis.url,
-                    # A killed replica's pending entries are claimed soon after.
-                    "NARTHEX_ANALYTICS_CLAIM_IDLE_SECONDS": "1",
-                    "NARTHEX_ANALYTICS_CLAIM_INTERVAL_SECONDS": "0.5",
-                    "NARTHEX_ANALYTICS_BLOCK_MS": "200",
-                },
-            )
-            stack.callback(process.stop)
-            process.start()
-            analytics.append(process)
-        (gateway,) = stack.enter_context(
-            running(
-                [
-                    platform.gateway(
-                        "gateway",
-                        redis_url=redis.url,
-                        analytics_url=analytics[0].url,
-                        **gateway_env,
-                    )
-                ],
-                directory,
-            )
-        )
-        admin = Admin(gateway.url, platform.admin_key)
-        stack.callback(admin.close)
-        tenant = admin.create_tenant("usage", admin.create_plan("usage", PLAN))
-        yield Stack(platform, redis, gateway, analytics, admin, tenant)
 
 
 def restart(process: AnalyticsProcess) -> None:

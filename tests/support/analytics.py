@@ -12,7 +12,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,36 @@ from typing import Any
 import aiohttp
 import httpx
 
-from tests.support.platform import HOST, ONE_ITEM, PREDICT, ROOT, module_argv
-from tests.support.services import free_port
+from tests.support.databases import postgres_database, sqlite_url
+from tests.support.platform import (
+    HOST,
+    ONE_ITEM,
+    PREDICT,
+    ROOT,
+    Admin,
+    Edge,
+    PlanNumbers,
+    PrivateRedis,
+    Tenant,
+    edge,
+    module_argv,
+    running,
+)
+from tests.support.services import Service, free_port
 
-__all__ = ["AnalyticsProcess", "LoadResult", "metric_sum", "mixed_load", "wait_for_usage"]
+__all__ = [
+    "PLAN",
+    "AnalyticsProcess",
+    "LoadResult",
+    "UsageStack",
+    "metric_sum",
+    "mixed_load",
+    "usage_stack",
+    "wait_for_usage",
+]
+
+# A plan the load outruns, so that some requests are refused with 429.
+PLAN = PlanNumbers(rate=50.0, burst=20)
 
 
 class AnalyticsProcess:
@@ -188,3 +215,69 @@ def wait_for_usage(
                 return totals
         time.sleep(0.5)
     return totals
+
+
+@dataclass
+class UsageStack:
+    edge: Edge
+    redis: PrivateRedis
+    gateway: Service
+    analytics: list[AnalyticsProcess]
+    admin: Admin
+    tenant: Tenant
+    plan: str
+
+
+@contextmanager
+def usage_stack(directory: Path, replicas: int = 1, **gateway_env: str) -> Iterator[UsageStack]:
+    """A private append-only redis-server, auth, the trivial upstream, `replicas` analytics
+    processes (SQLite for one, a PostgreSQL database of its own for more) and a gateway
+    whose limits and usage events use that Redis; a tenant on PLAN."""
+    with ExitStack() as stack:
+        redis = PrivateRedis(directory, ["--appendonly", "yes"])
+        redis.start()
+        stack.callback(redis.stop)
+        platform = stack.enter_context(edge(directory))
+        if replicas == 1:
+            database_url = sqlite_url(directory, "analytics.db")
+        else:
+            runner = stack.enter_context(asyncio.Runner())
+            database = postgres_database()
+            database_url = runner.run(database.__aenter__())
+            stack.callback(lambda: runner.run(database.__aexit__(None, None, None)))
+        analytics = []
+        for i in range(replicas):
+            process = AnalyticsProcess(
+                directory,
+                f"analytics{i}",
+                {
+                    "NARTHEX_ANALYTICS_AUTH_URL": platform.auth.url,
+                    "NARTHEX_ANALYTICS_DATABASE_URL": database_url,
+                    "NARTHEX_ANALYTICS_REDIS_URL": redis.url,
+                    # A killed replica's pending entries are claimed soon after.
+                    "NARTHEX_ANALYTICS_CLAIM_IDLE_SECONDS": "1",
+                    "NARTHEX_ANALYTICS_CLAIM_INTERVAL_SECONDS": "0.5",
+                    "NARTHEX_ANALYTICS_BLOCK_MS": "200",
+                },
+            )
+            stack.callback(process.stop)
+            process.start()
+            analytics.append(process)
+        (gateway,) = stack.enter_context(
+            running(
+                [
+                    platform.gateway(
+                        "gateway",
+                        redis_url=redis.url,
+                        analytics_url=analytics[0].url,
+                        **gateway_env,
+                    )
+                ],
+                directory,
+            )
+        )
+        admin = Admin(gateway.url, platform.admin_key)
+        stack.callback(admin.close)
+        plan = admin.create_plan("usage", PLAN)
+        tenant = admin.create_tenant("usage", plan)
+        yield UsageStack(platform, redis, gateway, analytics, admin, tenant, plan)

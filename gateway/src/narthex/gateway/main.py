@@ -16,6 +16,7 @@ from narthex.common.http import ServiceClient
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
 from narthex.common.security import JwksCache
+from narthex.gateway.dashboard import router as dashboard_router
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight
@@ -172,4 +173,5 @@ def create_app(settings: GatewaySettings | None = None, *, background: bool = Tr
         BreakerStates(lambda: {name: client.breaker for name, client in clients.items()})
     )
     app.include_router(router)
+    app.include_router(dashboard_router)
     return app
