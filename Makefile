@@ -45,7 +45,7 @@ format: install ## Apply ruff's fixes and formatting
 	$(UV) run ruff check --fix .
 	$(UV) run ruff format .
 
-bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios against baselines
+bench: install ## Benchmarks (needs wrk, redis-server: apt-get install); prints ratios against baselines
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
 		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(UV) run python -m bench.proxy
@@ -54,6 +54,7 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.inference
 	$(UV) run python -m bench.fairness
 	$(UV) run python -m bench.features
+	$(UV) run python -m bench.analytics
 
 models: install ## Build the built-in models (fraud, minilm) into .state/models if missing
 	$(UV) run narthex models build

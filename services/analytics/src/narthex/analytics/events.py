@@ -19,7 +19,9 @@ from narthex.common.events import DATA_FIELD
 HOUR = 3600
 
 
-def entry_document(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
+def entry_documents(fields: dict[bytes, bytes]) -> list[Any] | None:
+    """The events of one stream entry (a JSON array of objects, or one object); None if the
+    entry is not that at all."""
     raw = fields.get(DATA_FIELD.encode())
     if raw is None:
         return None
@@ -27,7 +29,9 @@ def entry_document(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    return document if isinstance(document, dict) else None
+    if isinstance(document, dict):
+        return [document]
+    return document if isinstance(document, list) else None
 
 
 def _text(document: dict[str, Any], name: str, limit: int, *, required: bool = False) -> str:

@@ -82,6 +82,7 @@ def create_app(settings: AnalyticsSettings | None = None) -> FastAPI:
                     "claim_idle_seconds": settings.claim_idle_seconds,
                     "claim_interval_seconds": settings.claim_interval_seconds,
                     "trim_interval_seconds": settings.trim_interval_seconds,
+                    "min_round_seconds": settings.min_round_seconds,
                 }
                 consumers = [
                     StreamConsumer(

@@ -9,7 +9,8 @@ class ConsumerMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.lag = Gauge(
             "analytics_stream_lag",
-            "Entries of the stream not yet acknowledged by the group (undelivered + pending).",
+            "Stream entries (each a producer's batch of events) not yet acknowledged by the"
+            " group: undelivered + pending.",
             ["stream"],
             registry=registry,
         )
@@ -27,7 +28,7 @@ class ConsumerMetrics:
         )
         self.invalid = Counter(
             "analytics_events_invalid",
-            "Stream entries that are no valid event (acknowledged, not counted).",
+            "Events (or whole entries) that cannot be read (acknowledged, not counted).",
             ["stream"],
             registry=registry,
         )

@@ -28,8 +28,21 @@ class AnalyticsSettings(AuthClientSettings):
         "narthex:events", min_length=1, description="key prefix of the event streams"
     )
     group: str = Field("analytics", min_length=1, description="the consumer group")
-    consumer_batch: int = Field(500, ge=1, le=10_000, description="events read per round")
+    consumer_batch: int = Field(
+        50,
+        ge=1,
+        le=1000,
+        description="stream entries read per round (each holds up to a producer's batch of"
+        " events; they are applied in one transaction)",
+    )
     block_ms: int = Field(1000, ge=1, description="how long one read waits for new events")
+    min_round_seconds: float = Field(
+        0.25,
+        ge=0,
+        le=5.0,
+        description="a round that found less than a full batch waits this long from its"
+        " start before the next (fewer, larger transactions; events counted that much later)",
+    )
     claim_idle_seconds: float = Field(
         30.0,
         gt=0,

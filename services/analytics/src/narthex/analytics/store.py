@@ -226,12 +226,14 @@ async def _claim_ids(connection: AsyncConnection, ids: Iterable[str]) -> set[str
         return set()
     now = int(time.time())
     insert = _insert(connection, processed_events)
-    statement = (
-        insert.values([{"id": i, "applied_at": now} for i in unique])
-        .on_conflict_do_nothing(index_elements=["id"])
-        .returning(processed_events.c.id)
+    # Many rows through one cached statement (SQLAlchemy's insertmanyvalues batches them,
+    # within each driver's parameter limits), not a statement compiled per batch size.
+    statement = insert.on_conflict_do_nothing(index_elements=["id"]).returning(
+        processed_events.c.id
     )
-    return set((await connection.scalars(statement)).all())
+    result = await connection.execute(statement, [{"id": i, "applied_at": now} for i in unique])
+    fresh: set[str] = set(result.scalars().all())
+    return fresh
 
 
 async def _add(
