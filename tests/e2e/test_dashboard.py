@@ -16,7 +16,8 @@ from tests.support.analytics import UsageStack, mixed_load, usage_stack, wait_fo
 from tests.support.databases import service_unavailable
 from tests.support.platform import ROOT
 
-pytestmark = pytest.mark.slow
+# Real processes on a small shared machine: minutes, not the default two.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "dashboard.png"

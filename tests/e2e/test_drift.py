@@ -26,7 +26,8 @@ from tests.support.databases import sqlite_url
 from tests.support.models import builtin_repository
 from tests.support.platform import Admin, PlanNumbers, PrivateRedis, Tenant, edge, running
 
-pytestmark = pytest.mark.slow
+# Real processes on a small shared machine: minutes, not the default two.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DAY = 86_400
 DRIFT_FROM_DAY = 10
