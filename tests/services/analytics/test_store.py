@@ -6,6 +6,8 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
+
 from narthex.analytics.events import score_record, usage_record
 from narthex.analytics.service import usage_range, usage_report
 from narthex.analytics.store import AnalyticsStore
@@ -103,3 +105,25 @@ async def test_score_counts_add_up_once(store: AnalyticsStore) -> None:
 
     counts = await store.score_counts(T0)
     assert counts == {("fraud", "2"): [10, 2, 0, 0, 0, 0, 0, 0, 0, 8]}
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"t": 1e300},
+        {"t": -1},
+        {"items": 2**63},
+        {"items": -1},
+        {"status": 99},
+        {"ms": float("inf")},
+        {"tenant": ""},
+        {"id": "x" * 65},
+        {"items": True},
+    ],
+)
+def test_an_event_out_of_bounds_is_invalid_not_a_failing_transaction(
+    field: dict[str, Any],
+) -> None:
+    (name,) = field
+    with pytest.raises(ValueError, match=f"^{name}$"):  # the error names the field
+        usage_record(usage(**field))

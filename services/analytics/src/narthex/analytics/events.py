@@ -17,6 +17,10 @@ from narthex.analytics.store import ScoreRecord, UsageRecord
 from narthex.common.events import DATA_FIELD
 
 HOUR = 3600
+# Bounds that keep every stored value inside its column on every database: an event
+# outside them is invalid, never a transaction that fails on each delivery.
+MAX_TIME = 253_402_300_800  # 10000-01-01
+MAX_COUNT = 2**31 - 1
 
 
 def entry_documents(fields: dict[bytes, bytes]) -> list[Any] | None:
@@ -52,14 +56,14 @@ def _number(document: dict[str, Any], name: str) -> float:
 
 def _count(document: dict[str, Any], name: str) -> int:
     value = document.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         raise ValueError(name)
     return value
 
 
 def _hour(document: dict[str, Any]) -> int:
     seconds = _number(document, "t")
-    if seconds < 0:
+    if not 0 <= seconds < MAX_TIME:
         raise ValueError("t")
     return int(seconds) // HOUR * HOUR
 
@@ -73,8 +77,10 @@ def usage_record(document: dict[str, Any]) -> UsageRecord:
     """Raises ValueError naming the first field that is missing or wrong."""
     latency = _number(document, "ms")
     status = _count(document, "status")
-    if not 100 <= status <= 599 or latency < 0:
-        raise ValueError("status" if latency >= 0 else "ms")
+    if not 100 <= status <= 599:
+        raise ValueError("status")
+    if not 0 <= latency < 1e12:
+        raise ValueError("ms")
     return UsageRecord(
         id=_text(document, "id", 64, required=True),
         hour=_hour(document),
@@ -96,7 +102,7 @@ def score_record(document: dict[str, Any]) -> ScoreRecord:
     if (
         not isinstance(counts, list)
         or len(counts) != SCORE_BINS
-        or not all(type(c) is int and c >= 0 for c in counts)
+        or not all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts)
     ):
         raise ValueError("counts")
     return ScoreRecord(
