@@ -154,6 +154,11 @@ def test_reading_usage_is_scoped_to_the_caller_and_charges_nothing(tmp_path: Pat
     assert report["tenant"] == s.tenant.id  # its own, whatever it asks for
     assert report["totals"]["requests"] == 10
     assert len(report["series"]) == 25  # the last 24 h, hour by hour, the current one too
+    # Split by the key that spent it (nx_<env>_<id>_<secret>), route and model.
+    assert [k["key_id"] for k in report["by_key"]] == [s.tenant.key.split("_")[2]]
+    routes = {r["route"]: r["requests"] for r in report["by_route"]}
+    assert routes == {"/v1/models": 9, "/v1/admin/tenants": 1}  # mixed_load's 9th is a 403
+    assert [(m["model"], m["version"]) for m in report["by_model"]] == [("x", None)]
     assert remaining == ledger.remaining - report["totals"]["items"]
     for refused in (bad, wide):
         assert refused.status_code == 400
