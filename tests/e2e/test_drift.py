@@ -169,11 +169,12 @@ def test_drifted_traffic_is_flagged_on_both_versions_and_the_control_is_not(
         assert calm[version]["flagged"] is False
         assert moved[version]["psi"] > THRESHOLD, moved[version]
         assert moved[version]["flagged"] is True
-    # Every tenant together: the gauges carry the mixture's PSI per version.
-    for version in ("1", "2"):
-        assert (
-            metric_sum(
-                drift_stack.analytics.url, "analytics_drift_psi", model="fraud", version=version
-            )
-            > 0
-        )
+    # Every tenant together: the gauges carry the mixture's PSI per version, set by the
+    # drift loop (every 0.5 s here), which may not have run since the last events.
+    deadline = time.monotonic() + 30
+    while not all(
+        metric_sum(drift_stack.analytics.url, "analytics_drift_psi", model="fraud", version=v) > 0
+        for v in ("1", "2")
+    ):
+        assert time.monotonic() < deadline, "no drift gauges"
+        time.sleep(0.3)
