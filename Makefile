@@ -22,7 +22,7 @@ run: install ## Start the whole platform locally; prints URLs and a curl line th
 test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
-test-tools: ## Debian's prometheus and docker-compose, for tests that run them (skipped without; CI fails)
+test-tools: ## Debian's prometheus, docker-compose, chromium (dashboard) and redis-server (analytics), for tests that run them (skipped without; CI fails)
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus >/dev/null) \
@@ -31,6 +31,14 @@ test-tools: ## Debian's prometheus and docker-compose, for tests that run them (
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends docker-compose >/dev/null) \
 		|| echo "could not install docker-compose: tests/deploy/test_compose.py will skip it"; }
+	@test -x /usr/bin/chromium || { echo "installing chromium (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium >/dev/null) \
+		|| echo "could not install chromium: tests/e2e/test_dashboard.py will skip it"; }
+	@command -v redis-server >/dev/null || { echo "installing redis-server (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server >/dev/null) \
+		|| echo "could not install redis-server: the analytics tests will skip"; }
 
 # LOCAL_BASE=1: no Docker Hub, no PyPI from a build (this project's CI machines): debootstrapped
 # base images and a wheelhouse from uv.lock, made first (deploy/compose/make-base.sh, wheelhouse.sh).
@@ -55,7 +63,7 @@ format: install ## Apply ruff's fixes and formatting
 	$(UV) run ruff check --fix .
 	$(UV) run ruff format .
 
-bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios against baselines
+bench: install ## Benchmarks (needs wrk, redis-server: apt-get install); prints ratios against baselines
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
 		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(UV) run python -m bench.proxy
@@ -64,6 +72,7 @@ bench: install ## Benchmarks (needs wrk: `apt-get install wrk`); prints ratios a
 	$(UV) run python -m bench.inference
 	$(UV) run python -m bench.fairness
 	$(UV) run python -m bench.features
+	$(UV) run python -m bench.analytics
 
 # `make loadtest` options: the gateway (default: the running stack of .state, or one started
 # for the run on PORT_BASE and up), how long, how many users, how fast they arrive, the

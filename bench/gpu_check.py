@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 
 from bench.proxy import ROOT, BenchError, wrk_post
-from tests.support.models import builtin_repository
-from tests.support.platform import Spec, edge, exchange, inference_spec, running
-from tests.support.texts import texts
+from narthex.testing.models import builtin_repository
+from narthex.testing.platform import Spec, edge, exchange, inference_spec, running
+from narthex.testing.texts import texts
 
 EXIT_NO_CUDA = 3
 BATCH_SIZES = (1, 8, 32, 64, 128)

@@ -38,9 +38,9 @@ from bench.inference import minilm_raw
 from bench.limits import gateway_env, private_prefix
 from bench.peers import edges, embedders
 from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
-from tests.support.models import builtin_repository
-from tests.support.platform import Edge, edge, exchange, inference_spec, running
-from tests.support.texts import texts
+from narthex.testing.models import builtin_repository
+from narthex.testing.platform import Edge, edge, exchange, inference_spec, running
+from narthex.testing.texts import texts
 
 EDGE_TARGET = 0.75  # narthex's whole edge / Envoy
 INFERENCE_VS_RAW = 0.95

@@ -26,8 +26,8 @@ from pathlib import Path
 from bench.limits import gateway_env, private_prefix
 from bench.peers.edges import PATH, cpu_seconds, unlimited_token
 from bench.proxy import ROOT, BenchError, WrkResult, run_wrk
-from tests.support.platform import edge, running
-from tests.support.services import Service
+from narthex.testing.platform import edge, running
+from narthex.testing.processes import Service
 
 # The packages a gateway process imports from this repository.
 PACKAGES = ("libs/common/src", "gateway/src")

@@ -28,7 +28,7 @@ from bench.limits import UNLIMITED_PLAN
 from bench.peers import install
 from narthex.auth.signing import SigningKeyRing
 from narthex.common.tokens import issue_token
-from tests.support.platform import HOST, Admin, Edge, Spec, exchange, module_argv
+from narthex.testing.platform import HOST, Admin, Edge, Spec, exchange, module_argv
 
 ISSUER = "narthex-auth"
 AUDIENCE = "narthex"

@@ -19,8 +19,8 @@ from ruamel.yaml import YAML
 
 from bench.peers import install
 from narthex.inference.repository import CONFIG_FILE
-from tests.support.platform import Spec
-from tests.support.services import free_port
+from narthex.testing.platform import Spec
+from narthex.testing.processes import free_port
 
 MODEL = "minilm"
 TRITON_SCRIPT = Path(__file__).with_name("triton_minilm.py")

@@ -18,7 +18,7 @@ from narthex.auth.store import AuthStore
 from narthex.cli.admin import Provisioned, Target, auth_settings, open_service, provision
 from narthex.cli.main import app
 from narthex.cli.paths import auth_database_url
-from narthex.cli.stack import plan_ports, service_env
+from narthex.cli.stack import REDIS_USERS, plan_ports, service_env
 from narthex.common.apikeys import ApiKey, parse_api_key
 
 KEY = re.compile(r"nx_[a-z]+_[a-z0-9]{16}_[A-Za-z0-9]{40}")
@@ -322,3 +322,24 @@ def test_up_gives_the_gateway_redis_only_when_the_operator_names_one(
     monkeypatch.setenv("NARTHEX_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/5")
     explicit = service_env("gateway", "127.0.0.1", plan_ports(18000), Path("state"))
     assert explicit["NARTHEX_GATEWAY_REDIS_URL"] == "redis://127.0.0.1:6379/5"
+
+
+def test_up_points_every_redis_user_at_the_stacks_redis_and_analytics_at_its_state_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("REDIS_URL", *(f"NARTHEX_{s.upper()}_REDIS_URL" for s in REDIS_USERS)):
+        monkeypatch.delenv(name, raising=False)
+    url = "redis://127.0.0.1:18005/0"
+    envs = {
+        s: service_env(s, "127.0.0.1", plan_ports(18000), tmp_path, redis_url=url)
+        for s in ("gateway", "auth", "features", "inference", "analytics")
+    }
+
+    for service in REDIS_USERS:
+        assert envs[service][f"NARTHEX_{service.upper()}_REDIS_URL"] == url
+    assert "NARTHEX_AUTH_REDIS_URL" not in envs["auth"]
+    analytics = envs["analytics"]
+    assert analytics["NARTHEX_ANALYTICS_DATABASE_URL"].endswith(
+        str(tmp_path.resolve() / "analytics.db")
+    )
+    assert analytics["NARTHEX_ANALYTICS_AUTH_URL"] == "http://127.0.0.1:18001"

@@ -289,3 +289,27 @@ def test_stop_all_stops_prometheus_with_the_services_and_the_run_file_names_it(r
     rig.supervisor.stop_all()
     assert prometheus.signals == [signal.SIGTERM]
     assert all(rig.launches.current(name).signals == [signal.SIGTERM] for name in SERVICES)
+
+
+def test_without_redis_url_or_redis_server_up_says_analytics_is_off_and_how_to_turn_it_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on it
+    out, err = io.StringIO(), io.StringIO()
+    supervisor = Supervisor(UpOptions(state_dir=tmp_path), out, err)
+
+    assert supervisor.start_redis() is None
+    assert "usage analytics is off" in err.getvalue()
+    assert "apt-get install redis-server" in err.getvalue()
+    assert "REDIS_URL=" in err.getvalue()
+
+
+def test_a_redis_url_given_is_the_stacks_and_nothing_is_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://10.0.0.5:6379/2")
+    supervisor = Supervisor(UpOptions(state_dir=tmp_path), io.StringIO(), io.StringIO())
+
+    assert supervisor.start_redis() == "redis://10.0.0.5:6379/2"
+    assert supervisor.local_redis is None

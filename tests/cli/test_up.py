@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 
 from narthex.cli.runfile import live_run
 from narthex.common.apikeys import parse_api_key
+from tests.support.databases import service_unavailable
 from tests.support.up import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -94,6 +96,31 @@ def test_summary_names_urls_docs_logs_and_a_working_curl(
     assert match.group(1) == f"{stack.urls['gateway']}/v1/status/inference"
     assert client.get(match.group(1)).status_code == 200
     assert client.get(f"{stack.urls['gateway']}/docs").status_code == 200
+
+
+def test_the_printed_usage_curl_line_shows_the_demo_tenants_requests(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """With redis-server installed and no REDIS_URL, up starts one: the gateway's usage
+    events reach analytics, and the printed curl line shows them."""
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server is not installed")
+    assert "analytics  on: redis://127.0.0.1:" in stack.up.output
+    match = re.search(r'usage +curl -s -H "Authorization: Bearer (\S+)" (\S+)', stack.up.output)
+    assert match is not None, stack.up.output
+    headers = {"Authorization": f"Bearer {match.group(1)}"}
+    assert match.group(2) == f"{stack.urls['gateway']}/v1/usage"
+    assert client.get(f"{stack.urls['gateway']}/v1/keys", headers=headers).status_code == 200
+
+    deadline = time.monotonic() + 30  # a bound for a loaded machine; ~1 s is usual
+    while True:
+        response = client.get(match.group(2), headers=headers)
+        assert response.status_code == 200, response.text
+        if response.json()["totals"]["requests"] >= 1:
+            break
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.25)
+    assert any(r["route"] == "/v1/keys" for r in response.json()["by_route"])
 
 
 @pytest.mark.parametrize("service", SERVICES)

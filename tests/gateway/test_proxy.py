@@ -360,7 +360,7 @@ async def test_hop_by_hop_response_headers_stay_behind(scripted: ScriptedUpstrea
     assert response.status_code == 200
     assert response.content == body
     assert response.headers["content-type"] == "application/json"
-    assert response.headers["x-model-version"] == "7"
+    assert response.headers["x-narthex-model-version"] == "7"
     assert response.headers["content-length"] == str(len(body))
     assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
     for name in ("connection", "keep-alive", "transfer-encoding", "server", "proxy-authenticate"):
@@ -385,7 +385,7 @@ async def test_headers_the_upstreams_connection_header_names_stay_behind(
 
     assert response.status_code == 200
     assert "x-upstream-hop" not in response.headers
-    assert response.headers["x-model-version"] == "7"
+    assert response.headers["x-narthex-model-version"] == "7"
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ def running_up(
     state_dir: Path,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
-    port_count: int = 5,
+    port_count: int = 6,
 ) -> Iterator[Up]:
     up = Up(state_dir, free_port_base(port_count), env, args)
     try:

@@ -36,8 +36,9 @@ class ObserveError(Exception):
 
 
 def prometheus_port(port_base: int) -> int:
-    """The port after the five services' ports."""
-    return port_base + len(SERVICES)
+    """Two after the five services' ports (the one right after them is the local
+    redis-server's, `stack.redis_port`)."""
+    return port_base + len(SERVICES) + 1
 
 
 def find_prometheus() -> str:

@@ -1,4 +1,5 @@
-"""Where a state directory keeps the auth service's database and signing keys."""
+"""Where a state directory keeps the auth service's database and signing keys, and the
+analytics service's database."""
 
 from __future__ import annotations
 
@@ -12,3 +13,7 @@ def auth_database_url(state_dir: Path) -> str:
 
 def signing_keys_dir(state_dir: Path) -> Path:
     return state_dir.resolve() / "keys"
+
+
+def analytics_database_url(state_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{state_dir.resolve() / 'analytics.db'}"

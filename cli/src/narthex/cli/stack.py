@@ -8,15 +8,22 @@ import socket
 from pathlib import Path
 
 from narthex.cli.models import models_dir
-from narthex.cli.paths import auth_database_url, signing_keys_dir
+from narthex.cli.paths import analytics_database_url, auth_database_url, signing_keys_dir
 
 # Port order (port_base + index) and URL order; the gateway is first here but started last.
 SERVICES: tuple[str, ...] = ("gateway", "auth", "features", "inference", "analytics")
 UPSTREAMS: tuple[str, ...] = SERVICES[1:]
+# The services that use Redis when the stack has one: limits, the online store, events.
+REDIS_USERS: tuple[str, ...] = ("gateway", "features", "inference", "analytics")
 
 
 def plan_ports(port_base: int) -> dict[str, int]:
     return {name: port_base + index for index, name in enumerate(SERVICES)}
+
+
+def redis_port(port_base: int) -> int:
+    """The local redis-server's port, right after the services'."""
+    return port_base + len(SERVICES)
 
 
 def connect_host(host: str) -> str:
@@ -51,9 +58,10 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _shared_redis(env: dict[str, str], prefix: str) -> None:
-    if os.environ.get("REDIS_URL") and f"{prefix}REDIS_URL" not in os.environ:
-        env[f"{prefix}REDIS_URL"] = os.environ["REDIS_URL"]
+def _shared_redis(env: dict[str, str], prefix: str, redis_url: str | None) -> None:
+    url = redis_url or os.environ.get("REDIS_URL")
+    if url and f"{prefix}REDIS_URL" not in os.environ:  # a per-service setting wins
+        env[f"{prefix}REDIS_URL"] = url
 
 
 def service_env(
@@ -62,11 +70,14 @@ def service_env(
     ports: dict[str, int],
     state_dir: Path,
     inference_key: str | None = None,
+    redis_url: str | None = None,
 ) -> dict[str, str]:
     """The child's environment: the caller's, with everything `up` decides set explicitly.
 
     `inference_key`: the inference service's own API key (this run's), which it exchanges
-    at auth for the token it reads features with."""
+    at auth for the token it reads features with. `redis_url`: the stack's Redis (the
+    operator's REDIS_URL, or the redis-server `up` started); without one, the gateway's
+    limits and the online store are in process and usage analytics is off."""
     prefix = f"NARTHEX_{service.upper()}_"
     env = dict(os.environ)
     env.update(
@@ -82,20 +93,25 @@ def service_env(
     if service == "gateway":
         for upstream in UPSTREAMS:
             env[f"{prefix}{upstream.upper()}_URL"] = service_url(host, ports[upstream])
-        # Shared limits when the operator names a Redis; in-process limits otherwise,
-        # which are exact for this single-gateway stack.
-        _shared_redis(env, prefix)
+        # Shared limits and usage events when the stack has a Redis; in-process limits
+        # otherwise, which are exact for this single-gateway stack.
+        _shared_redis(env, prefix, redis_url)
     if service not in ("gateway", "auth"):
         # Internal services verify callers' tokens against this auth's JWKS themselves.
         env[f"{prefix}AUTH_URL"] = service_url(host, ports["auth"])
     if service == "features":
-        # The online store in Redis when the operator names one; in process otherwise.
-        _shared_redis(env, prefix)
+        # The online store in Redis when the stack has one; in process otherwise.
+        _shared_redis(env, prefix, redis_url)
     if service == "inference":
         env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
         env[f"{prefix}FEATURES_URL"] = service_url(host, ports["features"])
         if inference_key is not None:
             env[f"{prefix}SERVICE_KEY"] = inference_key
+        _shared_redis(env, prefix, redis_url)  # prediction events, for drift
+    if service == "analytics":
+        env[f"{prefix}DATABASE_URL"] = analytics_database_url(state_dir)
+        env[f"{prefix}MODEL_REPOSITORY"] = str(models_dir(state_dir))
+        _shared_redis(env, prefix, redis_url)
     if service == "auth":
         # In the state directory, not the caller's env or working directory: each
         # --state-dir is a platform of its own, tenants and keys included.

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 import httpx
 
+from narthex.cli.localredis import ANALYTICS_OFF, LocalRedis, redis_binary
 from narthex.cli.models import build_models, models_dir
 from narthex.cli.observe import (
     LISTEN_HOST,
@@ -33,7 +34,14 @@ from narthex.cli.observe import (
 )
 from narthex.cli.restarts import CrashHistory, RestartPolicy
 from narthex.cli.runfile import RunInfo, remove_run_file, write_run_file
-from narthex.cli.stack import SERVICES, UPSTREAMS, plan_ports, service_env, service_url
+from narthex.cli.stack import (
+    SERVICES,
+    UPSTREAMS,
+    plan_ports,
+    redis_port,
+    service_env,
+    service_url,
+)
 
 if TYPE_CHECKING:
     from narthex.cli.admin import Provisioned
@@ -226,6 +234,9 @@ class Supervisor:
         # This run's key for inference, kept for its restarts.
         self.inference_key: str | None = None
         self.observer: Observer | None = None
+        # The stack's Redis: the operator's REDIS_URL, or the redis-server started here.
+        self.redis_url: str | None = None
+        self.local_redis: LocalRedis | None = None
         self._prctl = _libc_prctl()
 
     # -- output -------------------------------------------------------------------
@@ -271,6 +282,8 @@ class Supervisor:
             code = self._start_and_watch()
         finally:
             self.stop_all()
+            if self.local_redis is not None:  # last: the services flush their events to it
+                self.local_redis.stop()
             remove_run_file(self.options.state_dir)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -287,6 +300,7 @@ class Supervisor:
         except Exception as exc:  # a build that fails says why; nothing was started yet
             self.warn(f"narthex: could not build the built-in models: {exc}")
             return 1
+        self.redis_url = self.start_redis()
         deadline = self.clock.monotonic() + self.options.timeout
         try:
             # Straight on the auth database, before anything starts: inference needs its
@@ -334,6 +348,30 @@ class Supervisor:
             return 1
         return 1  # _watch only returns through an exception
 
+    def start_redis(self) -> str | None:
+        """The stack's Redis URL: REDIS_URL if set, else a private redis-server started
+        now if one is installed; None (usage analytics off, said so) otherwise."""
+        named = os.environ.get("REDIS_URL")
+        if named:
+            return named
+        binary = redis_binary()
+        if binary is None:
+            self.warn(ANALYTICS_OFF)
+            return None
+        local = LocalRedis(binary, redis_port(self.options.port_base), self.options.state_dir)
+        try:
+            with (self.log_dir / "redis.log").open("ab") as log:
+                local.start(log, _die_with_parent(self._prctl, os.getpid()))
+        except (OSError, RuntimeError) as exc:
+            self.warn(
+                f"narthex: could not start redis-server ({exc}; see {self.log_dir}/redis.log):"
+                " usage analytics is off"
+            )
+            return None
+        self.local_redis = local
+        self.say(f"narthex: redis-server on {local.url} (append-only, data in {local.directory})")
+        return local.url
+
     def _say_stopping_rest(self) -> None:
         processes = [child.process for child in self.children.values()]
         if self.observer is not None:
@@ -362,7 +400,12 @@ class Supervisor:
     def _start(self, name: str) -> tuple[ChildProcess, int]:
         """A new process for `name`, and where its output starts in the log."""
         env = service_env(
-            name, self.options.host, self.ports, self.options.state_dir, self.inference_key
+            name,
+            self.options.host,
+            self.ports,
+            self.options.state_dir,
+            self.inference_key,
+            self.redis_url,
         )
         with (self.log_dir / f"{name}.log").open("ab") as log:
             offset = log.tell()  # the end of what earlier runs and processes wrote
@@ -536,6 +579,8 @@ class Supervisor:
         self.say(f"  API docs   {gateway}/docs")
         self.say(f"  logs       {self.log_dir}/<service>.log")
         self.say(f"  status     curl -s {gateway}/v1/status/inference")
+        self.say(f"  dashboard  {gateway}/dashboard  (paste the demo key)")
+        self.say(f"  analytics  {'on: ' + self.redis_url if self.redis_url else 'off (no Redis)'}")
         if self.observer is not None:
             self.say(
                 f"  prometheus {self.observer.url}/targets  (pid {self.observer.process.pid};"
@@ -558,6 +603,10 @@ class Supervisor:
         self.say(
             f'  try        curl -s -H "Authorization: Bearer {provisioned.demo_key}"'
             f" {gateway}/v1/keys"
+        )
+        self.say(
+            f'  usage      curl -s -H "Authorization: Bearer {provisioned.demo_key}"'
+            f" {gateway}/v1/usage"
         )
         self.say(
             f'  embed      curl -s -H "Authorization: Bearer {provisioned.demo_key}"'

@@ -3,12 +3,14 @@ whose --observe cannot work), hand over to the supervisor, report on a running o
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import IO
 
 import httpx
 
+from narthex.cli.localredis import redis_binary
 from narthex.cli.observe import (
     LISTEN_HOST,
     ObserveError,
@@ -17,7 +19,7 @@ from narthex.cli.observe import (
     prometheus_port,
 )
 from narthex.cli.runfile import RUN_FILE, exclusive_lock, live_run, read_run_file
-from narthex.cli.stack import SERVICES, plan_ports, port_in_use
+from narthex.cli.stack import SERVICES, plan_ports, port_in_use, redis_port
 from narthex.cli.supervisor import PROBE_TIMEOUT, Supervisor, UpOptions
 
 
@@ -43,6 +45,8 @@ def run_up(options: UpOptions, out: IO[str] = sys.stdout, err: IO[str] = sys.std
         wanted = [
             (name, options.host, port) for name, port in plan_ports(options.port_base).items()
         ]
+        if not os.environ.get("REDIS_URL") and redis_binary() is not None:
+            wanted.append(("redis-server", options.host, redis_port(options.port_base)))
         if options.observe:
             # Before anything starts: a missing prometheus would otherwise surface only
             # after the services' start-up.

@@ -12,10 +12,12 @@ from starlette.middleware import Middleware
 from narthex.common.app import service_app
 from narthex.common.authn import verifier_for
 from narthex.common.background import every
+from narthex.common.events import USAGE_STREAM, event_buffers
 from narthex.common.http import ServiceClient
 from narthex.common.jwks import JwksCache
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
+from narthex.gateway.dashboard import router as dashboard_router
 from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight
@@ -29,7 +31,7 @@ from narthex.gateway.revocations import Revocations
 from narthex.gateway.routes import router
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
-from narthex.gateway.state import app_identity, app_limits
+from narthex.gateway.state import app_identity, app_limits, app_usage_events
 from narthex.gateway.upstreams import UpstreamHealth
 
 
@@ -96,6 +98,20 @@ def create_app(
                 monotonic=clock or time.monotonic,
             )
 
+            app.state.usage_events = None
+            events_url = settings.events_url()
+            if events_url:
+                buffers = await stack.enter_async_context(
+                    event_buffers(
+                        events_url,
+                        settings.events_prefix,
+                        (USAGE_STREAM,),
+                        app.state.metrics_registry,
+                        capacity=settings.events_buffer,
+                    )
+                )
+                app.state.usage_events = buffers[USAGE_STREAM]
+
             upstreams = UpstreamHealth(clients, timeout=settings.status_probe_timeout)
             app.state.upstreams = upstreams
             readiness = app.state.readiness
@@ -147,6 +163,7 @@ def create_app(
                 clients=clients,
                 identity=app_identity,
                 limits=app_limits,
+                events=app_usage_events,
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
                 max_decoded_bytes=settings.max_decoded_body_bytes,
@@ -160,9 +177,11 @@ def create_app(
         ],
     )
     app.state.clients = clients
+    app.state.usage_events = None
     app.state.guard = guard
     app.state.metrics_registry.register(
         BreakerStates(lambda: {name: client.breaker for name, client in clients.items()})
     )
     app.include_router(router)
+    app.include_router(dashboard_router)
     return app

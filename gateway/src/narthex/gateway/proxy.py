@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import quote, quote_from_bytes, urlsplit
@@ -18,6 +20,7 @@ from narthex.common.errors import (
     ServiceUnavailable,
     send_error,
 )
+from narthex.common.events import EventBuffer
 from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.tokens import Principal
@@ -92,6 +95,15 @@ _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 # Where the scope records the tenant whose in-flight count this request holds.
 _IN_FLIGHT_KEY = "narthex.in_flight"
+# What the usage event of a request needs, gathered on its way through (scope keys).
+_PRINCIPAL_KEY = "narthex.principal"
+_CHARGED_KEY = "narthex.charged"
+_LIMITED_KEY = "narthex.limited"
+_MODEL_KEY = "narthex.model"
+_STATUS_KEY = "narthex.status"
+# The model version that answered, as inference names it on its answers.
+MODEL_VERSION_HEADER = b"x-narthex-model-version"
+_VERSIONS = "/versions/"
 # Response headers that may hold an upstream's own URL.
 _URL_HEADERS = frozenset({b"location", b"content-location"})
 
@@ -212,6 +224,24 @@ def check_upstream_status(response: Exchange) -> None:
     raise BadGateway()
 
 
+def model_of(
+    path: str, route: Route, response: Exchange, named: tuple[str, str] | None
+) -> tuple[str, str]:
+    """The model a request reached and the version that answered (the upstream's header),
+    else the one its path or body pinned; "" where unknown."""
+    model, version = named or ("", "")
+    if route.model_path is not None and path.startswith(route.model_path):
+        rest = path[len(route.model_path) :]
+        model = rest.partition("/")[0][:128]
+        if _VERSIONS in rest:
+            version = rest.split(_VERSIONS, 1)[1].partition("/")[0][:32]
+    for name, value in response.headers:
+        if name.lower() == MODEL_VERSION_HEADER:
+            version = value.decode("latin-1")[:32]
+            break
+    return model, version
+
+
 class ProxyMiddleware:
     """Forwards what the route table names; everything else goes on to the gateway's app.
 
@@ -233,6 +263,7 @@ class ProxyMiddleware:
         public: PublicAnswers,
         in_flight: TenantInFlight,
         max_decoded_bytes: int | None = None,
+        events: Callable[[Scope], EventBuffer | None] = lambda scope: None,
     ) -> None:
         self.app = app
         self.table = table
@@ -244,19 +275,49 @@ class ProxyMiddleware:
         self.guard = guard
         self.public = public
         self.in_flight = in_flight
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         scope[ROUTE_SCOPE_KEY] = route.prefix
         try:
             await self._forward(route, scope, receive, send)
         except Problem as problem:
+            scope[_STATUS_KEY] = problem.status
             await send_error(problem, scope, receive, send)
         finally:
             self._release(scope)
+            if _PRINCIPAL_KEY in scope:
+                self._usage_event(scope, route, started)
+
+    def _usage_event(self, scope: Scope, route: Route, started: float) -> None:
+        """One usage event for an authenticated request, queued (never awaited): who, what
+        it was charged, how it ended. A request that ended in an exception of ours is a
+        500 (the outer middleware answers it so)."""
+        events = self.events(scope)
+        if events is None:
+            return
+        principal: Principal = scope[_PRINCIPAL_KEY]
+        model, version = scope.get(_MODEL_KEY) or ("", "")
+        events.emit(
+            {
+                "id": os.urandom(16).hex(),  # a random 128-bit id; uuid4 costs 5x more
+                "t": time.time(),
+                "tenant": principal.tenant,
+                "key": principal.key_id or "",
+                "route": route.prefix,
+                "model": model,
+                "version": version,
+                "items": scope.get(_CHARGED_KEY, 0),
+                "status": scope.get(_STATUS_KEY, 500),
+                "ms": round((time.perf_counter() - started) * 1000.0, 3),
+                "limited": scope.get(_LIMITED_KEY, False),
+            }
+        )
 
     def _release(self, scope: Scope) -> None:
         tenant = scope.pop(_IN_FLIGHT_KEY, None)
@@ -295,7 +356,15 @@ class ProxyMiddleware:
             )
         decision = await limiter.acquire(plan, cost)
         if not decision.allowed:
+            scope[_LIMITED_KEY] = True
             raise refusal(decision, cost)
+        scope[_CHARGED_KEY] = cost
+        if route.model_field is not None:
+            document = counted.document
+            named = document.get(route.model_field) if type(document) is dict else None
+            if isinstance(named, str):
+                name, _, version = named.partition(":")
+                scope[_MODEL_KEY] = (name[:128], version[:32])
         # The parsed document stays here: it is garbage before the upstream is called.
         return _Admitted(
             counted.body, forwarded_headers(headers, counted), plan, rate_limit_headers(decision)
@@ -322,6 +391,7 @@ class ProxyMiddleware:
                 raise KeyInQuery()
         else:
             principal = await self.identity(scope).authenticate(scope)
+            scope[_PRINCIPAL_KEY] = principal
             check_access(principal, role=route.role, scope=route.scope)
             scope.setdefault("state", {})["tenant"] = principal.tenant
             if not self.in_flight.try_acquire(principal.tenant):
@@ -361,8 +431,11 @@ class ProxyMiddleware:
         ):
             content = visible_models(content, plan)
         headers = response_headers(response, client)
+        if route.model_path is not None or route.model_field is not None:
+            scope[_MODEL_KEY] = model_of(scope["path"], route, response, scope.get(_MODEL_KEY))
         headers.append((b"content-length", b"%d" % len(content)))
         headers.extend(limit_headers)
+        scope[_STATUS_KEY] = response.status_code
         start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
         await send(start)
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else content})

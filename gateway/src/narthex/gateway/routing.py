@@ -99,7 +99,8 @@ ROUTES: tuple[Route, ...] = (
     # features: event ingestion
     Route("/v1/events", "features", scope=scopes.EVENTS, limited=True, cost_field="events"),
     # analytics: usage and drift
-    Route("/v1/usage", "analytics", scope=scopes.USAGE, limited=True),
+    # Reading one's own usage is not usage: never charged, never counted against a quota.
+    Route("/v1/usage", "analytics", methods=GET, scope=scopes.USAGE),
     Route("/v1/admin/usage", "analytics", role=scopes.ADMIN, scope=scopes.ADMIN_SCOPE),
     Route("/v1/admin/drift", "analytics", role=scopes.ADMIN, scope=scopes.ADMIN_SCOPE),
     # Each upstream's status (`/v1/status/{upstream}`) is the gateway's own route: it

@@ -84,6 +84,23 @@ class GatewaySettings(AuthClientSettings):
         description="requests one tenant may have in flight through this replica (no tenant"
         " can hold every pooled upstream connection)",
     )
+    events: bool = Field(
+        True,
+        description="emit one usage event per authenticated request to Redis Streams"
+        " (needs events_redis_url or redis_url)",
+    )
+    events_redis_url: str | None = Field(
+        None, description="Redis of the event streams (unset: redis_url)"
+    )
+    events_prefix: str = Field(
+        "narthex:events", min_length=1, description="key prefix of the event streams"
+    )
+    events_buffer: int = Field(
+        100_000,
+        ge=1,
+        description="events held in memory while Redis is away; beyond it they are dropped"
+        " (and counted)",
+    )
     upstream_max_response_bytes: int = Field(
         16 << 20, ge=1024, description="a larger upstream answer is a 502, never buffered whole"
     )
@@ -99,7 +116,7 @@ class GatewaySettings(AuthClientSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "events_redis_url")
     @classmethod
     def _parse_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
@@ -113,6 +130,10 @@ class GatewaySettings(AuthClientSettings):
         if len(parse_many(value)) != 1:
             raise ValueError("expected exactly one limit, such as 30/minute")
         return value
+
+    def events_url(self) -> str | None:
+        """Where usage events go, or None when they are off."""
+        return (self.events_redis_url or self.redis_url) if self.events else None
 
     def upstream_urls(self) -> dict[str, str]:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
+from narthex.common.events import EventBuffer
 from narthex.gateway.identity import Identity
 from narthex.gateway.plans import PlanBook
 from narthex.gateway.ratelimit import EdgeLimiter
@@ -25,3 +26,8 @@ def app_limits(scope: Scope) -> tuple[PlanBook, EdgeLimiter]:
 def app_upstreams(scope: Scope) -> UpstreamHealth:
     upstreams: UpstreamHealth = scope["app"].state.upstreams
     return upstreams
+
+
+def app_usage_events(scope: Scope) -> EventBuffer | None:
+    events: EventBuffer | None = scope["app"].state.usage_events
+    return events

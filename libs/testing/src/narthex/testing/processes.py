@@ -77,9 +77,10 @@ def port_free(port: int, host: str = HOST) -> bool:
 _handed_out: set[int] = set()
 
 
-def free_port_base(count: int = 5) -> int:
-    """`count` consecutive free ports (for `narthex up --port-base`; 6 with `--observe`, its
-    Prometheus takes the port after the services'), never the same twice in one process.
+def free_port_base(count: int = 6) -> int:
+    """`count` consecutive free ports for `narthex up --port-base`: by default the five
+    services' and the local redis-server's; 7 with `--observe`, whose Prometheus takes the
+    next one. Never the same twice in one process.
     From a random start in 20000-29999: on a machine shared by several test runs, the same
     first free ports would be raced for."""
     span = range(20000, 30000 - count, count)

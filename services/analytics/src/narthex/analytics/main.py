@@ -1,20 +1,135 @@
-"""App factory of the analytics service."""
+"""App factory of the analytics service: the store, the stream consumers, the drift loop."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from narthex.analytics.consumer import StreamConsumer
+from narthex.analytics.events import score_record, usage_record
+from narthex.analytics.metrics import ConsumerMetrics, DriftMetrics
+from narthex.analytics.routes import router
+from narthex.analytics.service import AnalyticsService
 from narthex.analytics.settings import AnalyticsSettings
+from narthex.analytics.store import AnalyticsStore, migrate
 from narthex.common.app import service_app
 from narthex.common.authn import remote_verifier
+from narthex.common.background import every
+from narthex.common.events import PREDICTION_STREAM, USAGE_STREAM, stream_name
+from narthex.common.readiness import CheckResult
+
+
+@asynccontextmanager
+async def _running(consumers: list[StreamConsumer[Any]]) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(c.run(), name=f"consume:{c.stream}") for c in consumers]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def create_app(settings: AnalyticsSettings | None = None) -> FastAPI:
     settings = settings or AnalyticsSettings()
-    return service_app(
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await migrate(settings.database_url)
+            store = await stack.enter_async_context(
+                await AnalyticsStore.open(settings.database_url)
+            )
+            registry = app.state.metrics_registry
+            service = AnalyticsService(
+                store,
+                repository=settings.model_repository,
+                drift_window_hours=settings.drift_window_hours,
+                drift_threshold=settings.drift_threshold,
+                drift_metrics=DriftMetrics(registry),
+                max_range_days=settings.max_range_days,
+            )
+            app.state.service = service
+            readiness = app.state.readiness
+
+            async def database() -> CheckResult:
+                try:
+                    await store.ping()
+                except Exception as exc:  # any failure means not ready; the kind is logged
+                    return CheckResult(False, {"error": type(exc).__name__})
+                return CheckResult(True)
+
+            readiness.add("database", database)
+            consumers: list[StreamConsumer[Any]] = []
+            if settings.redis_url:
+                redis = Redis.from_url(
+                    settings.redis_url, socket_timeout=5.0, socket_connect_timeout=1.0
+                )
+                stack.push_async_callback(redis.aclose)
+                metrics = ConsumerMetrics(registry)
+                options: dict[str, Any] = {
+                    "metrics": metrics,
+                    "batch": settings.consumer_batch,
+                    "block_ms": settings.block_ms,
+                    "claim_idle_seconds": settings.claim_idle_seconds,
+                    "claim_interval_seconds": settings.claim_interval_seconds,
+                    "trim_interval_seconds": settings.trim_interval_seconds,
+                    "min_round_seconds": settings.min_round_seconds,
+                }
+                consumers = [
+                    StreamConsumer(
+                        redis,
+                        stream_name(settings.stream_prefix, USAGE_STREAM),
+                        settings.group,
+                        decode=usage_record,
+                        apply=store.apply_usage,
+                        **options,
+                    ),
+                    StreamConsumer(
+                        redis,
+                        stream_name(settings.stream_prefix, PREDICTION_STREAM),
+                        settings.group,
+                        decode=score_record,
+                        apply=store.apply_scores,
+                        **options,
+                    ),
+                ]
+
+                async def streams() -> CheckResult:
+                    healthy = {c.stream: c.healthy for c in consumers}
+                    return CheckResult(all(healthy.values()), healthy)
+
+                # Reported, not required: the reports still answer while Redis is away.
+                readiness.add("streams", streams, required=False)
+                await stack.enter_async_context(_running(consumers))
+            app.state.consumers = consumers
+            await stack.enter_async_context(
+                every(settings.drift_interval_seconds, service.drift, name="drift")
+            )
+            await stack.enter_async_context(
+                every(
+                    3600.0,
+                    lambda: service.forget_old_ids(settings.dedup_retention_days),
+                    name="forget-event-ids",
+                )
+            )
+            yield
+
+    app = service_app(
         settings,
         title="narthex analytics",
         authenticate=True,
         verifier=remote_verifier,
         description="Usage and prediction aggregates, drift.",
+        lifespan=lifespan,
     )
+    app.include_router(router)
+    return app

@@ -81,6 +81,8 @@ class BatchHooks:
     waited: Callable[[float], None] = lambda seconds: None  # one chunk's time in the queue
     expired: Callable[[int], None] = lambda chunks: None  # dropped past their deadline
     refused: Callable[[str], None] = lambda reason: None  # a request refused: FULL, PUSHED_OUT
+    # Results computed, with the tenant of each chunk (prediction events); on the loop.
+    computed: Callable[[list[str], list[Any]], None] = lambda tenants, results: None
 
 
 class Batcher(Generic[P, R]):
@@ -140,6 +142,10 @@ class Batcher(Generic[P, R]):
     def tenants(self) -> int:
         """Tenants with items waiting."""
         return self._queue.active
+
+    def on_computed(self, hook: Callable[[list[str], list[Any]], None]) -> None:
+        """Report each computed batch's tenants and results to `hook` from now on."""
+        self._hooks.computed = hook
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
@@ -274,6 +280,7 @@ class Batcher(Generic[P, R]):
             return
         finally:
             self._hooks.batch(sum(c.rows for c in batch), time.monotonic() - started)
+        self._hooks.computed([c.job.tenant for c in batch], results)
         self._deliver(batch, results)
 
     def _deliver(self, batch: list[Chunk[P]], results: list[R]) -> None:
@@ -304,6 +311,7 @@ class Batcher(Generic[P, R]):
             except Exception as one:
                 self._fail(chunks, one)
             else:
+                self._hooks.computed([c.job.tenant for c in chunks], results)
                 self._deliver(chunks, results)
 
     def _fail(self, chunks: list[Chunk[P]], exc: Exception) -> None:

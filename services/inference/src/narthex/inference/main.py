@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from narthex.common.app import VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.credential import ServiceCredential
+from narthex.common.events import PREDICTION_STREAM, EventBuffer, event_buffers
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.readiness import CheckResult
 from narthex.inference.errors import install_error_handlers
@@ -57,6 +58,19 @@ def create_app(
             metrics=FeatureMetrics(app.state.metrics_registry),
         )
         app.state.features = features
+        events = AsyncExitStack()
+        predictions: EventBuffer | None = None
+        if settings.redis_url:
+            buffers = await events.enter_async_context(
+                event_buffers(
+                    settings.redis_url,
+                    settings.events_prefix,
+                    (PREDICTION_STREAM,),
+                    app.state.metrics_registry,
+                    capacity=settings.events_buffer,
+                )
+            )
+            predictions = buffers[PREDICTION_STREAM]
         registry = ModelRegistry(
             Repository(settings.model_repository),
             InferenceMetrics(app.state.metrics_registry),
@@ -64,6 +78,7 @@ def create_app(
             intra_op_threads=settings.intra_op_threads,
             drain_timeout=settings.drain_timeout,
             features=features,
+            predictions=predictions,
         )
         app.state.registry = registry
         app.state.service = InferenceService(
@@ -85,6 +100,7 @@ def create_app(
             yield
         finally:
             await registry.close()
+            await events.aclose()  # after the last batch: its events are written
             if credential is not None:
                 await credential.aclose()
                 await credential.auth.aclose()

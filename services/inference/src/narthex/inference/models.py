@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from narthex.common.events import EventBuffer
 from narthex.inference.batcher import Batcher, QueueFull
 from narthex.inference.datatypes import DATATYPES
 from narthex.inference.errors import BadSplit, Conflict, ModelNotFound, Unavailable
@@ -36,6 +37,7 @@ from narthex.inference.kinds import (
     kind_for,
 )
 from narthex.inference.metrics import InferenceMetrics, VersionMetrics
+from narthex.inference.predictions import score_events
 from narthex.inference.repository import (
     MODEL_FILE,
     Metadata,
@@ -209,9 +211,11 @@ class ModelRegistry:
         intra_op_threads: int = 0,
         drain_timeout: float = 30.0,
         features: FeatureClient | None = None,
+        predictions: EventBuffer | None = None,
     ) -> None:
         self.repository = repository
         self.features = features
+        self.predictions = predictions
         self.metrics = metrics
         self.provider = provider
         self.intra_op_threads = intra_op_threads
@@ -345,6 +349,16 @@ class ModelRegistry:
         loaded.batcher.start()
         try:
             await self._warm(loaded)
+            # After the warm-up: its rows are no one's predictions.
+            events = score_events(
+                self.predictions,
+                name,
+                version,
+                metadata.model_extra,
+                [o.name for o in loaded.outputs],
+            )
+            if events is not None:
+                loaded.batcher.on_computed(events.computed)
         except BaseException:
             await loaded.batcher.close()
             raise

@@ -67,6 +67,15 @@ class InferenceSettings(AuthClientSettings):
     features_breaker_reset_timeout: float = Field(
         10.0, gt=0, description="seconds the breaker to features stays open before a trial"
     )
+    redis_url: str | None = Field(
+        None, description="Redis of the event streams: prediction events for drift (unset: off)"
+    )
+    events_prefix: str = Field(
+        "narthex:events", min_length=1, description="key prefix of the event streams"
+    )
+    events_buffer: int = Field(
+        100_000, ge=1, description="events held in memory while Redis is away, at most"
+    )
     drain_timeout: float = Field(
         30.0, gt=0, description="an unloaded version finishes its requests within this time"
     )
