@@ -12,17 +12,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, Table, and_, delete, event, func, select, text
+from sqlalchemy import Table, and_, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from narthex.analytics.models import (
     LATENCY_COLUMNS,
@@ -33,11 +27,12 @@ from narthex.analytics.models import (
     score_hourly,
     usage_hourly,
 )
+from narthex.common import database
+from narthex.common.database import Database
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6E61727468657804
 # SQLite: how long a writer waits for another replica's transaction before giving up.
-_SQLITE_BUSY_MS = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,41 +91,9 @@ class ScoreRecord:
         return (self.model, self.version, self.tenant, self.hour)
 
 
-class AnalyticsStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    @classmethod
-    async def open(cls, database_url: str) -> Self:
-        store = cls(_create_engine(database_url))
-        try:
-            await store.ping()
-        except BaseException:
-            await store.close()
-            raise
-        return store
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
-
-    async def ping(self) -> None:
-        async with self._engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+class AnalyticsStore(Database):
+    # Each transaction reads which event ids are new, then writes: take the lock up front.
+    immediate = True
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -263,48 +226,4 @@ def _insert(connection: AsyncConnection, table: Table) -> Any:
 
 async def migrate(database_url: str) -> None:
     """`alembic upgrade head` on an async URL; a no-op when the schema is current."""
-    engine = _create_engine(database_url)
-    try:
-        async with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                await connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
-                )
-            await connection.run_sync(_upgrade)
-    finally:
-        await engine.dispose()
-
-
-def _upgrade(connection: Connection) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
-    config.set_main_option("path_separator", "os")
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
-
-
-def _create_engine(database_url: str) -> AsyncEngine:
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
-    event.listen(engine.sync_engine, "connect", _sqlite_connect)
-    event.listen(engine.sync_engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    # The driver's own BEGIN handling is off (see _sqlite_begin).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode = WAL")
-    cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
-    cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    # IMMEDIATE: the write lock is taken up front, so two replicas' transactions queue
-    # instead of both reading, then failing to upgrade to a writer.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    await database.migrate(database_url, MIGRATIONS, lock_key=_MIGRATION_LOCK)

@@ -6,14 +6,12 @@ import secrets
 import string
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Unpack
 
-from sqlalchemy import bindparam, or_, select, text, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from narthex.auth.database import create_engine
 from narthex.auth.errors import Conflict, UnknownKey, UnknownPlan, UnknownTenant
 from narthex.auth.models import ApiKey, AuditLog, Plan, Tenant, UTCDateTime
 from narthex.auth.records import (
@@ -30,53 +28,17 @@ from narthex.auth.records import (
     plan_record,
     tenant_record,
 )
+from narthex.common.database import Database
 
 _TENANT_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
-class AuthStore:
+class AuthStore(Database):
     """Every method is one short transaction and returns frozen records, never ORM rows."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+        super().__init__(engine)
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-
-    @classmethod
-    async def open(cls, database_url: str) -> Self:
-        """A store on an async URL: `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`.
-
-        Connects once, so that a wrong URL or a down server fails start-up, not a request.
-        """
-        store = cls(create_engine(database_url))
-        try:
-            await store.ping()
-        except BaseException:
-            await store.close()
-            raise
-        return store
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
-
-    async def ping(self) -> None:
-        """Round trip to the database (readiness); raises when it cannot be reached."""
-        async with self._engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- plans ---------------------------------------------------------------------------
 
