@@ -342,7 +342,7 @@ async def test_hop_by_hop_response_headers_stay_behind(scripted: ScriptedUpstrea
         200,
         [
             ("Content-Type", "application/json"),
-            ("X-Model-Version", "7"),
+            ("X-Narthex-Model-Version", "7"),
             ("Connection", "keep-alive"),
             ("Keep-Alive", "timeout=5, max=100"),
             ("Server", "secret-upstream/1.2"),
@@ -377,7 +377,7 @@ async def test_headers_the_upstreams_connection_header_names_stay_behind(
             ("Content-Type", "application/json"),
             ("Connection", "keep-alive, X-Upstream-Hop"),
             ("X-Upstream-Hop", "internal-only"),
-            ("X-Model-Version", "7"),
+            ("X-Narthex-Model-Version", "7"),
         ],
     )
     async with running(gateway_settings(scripted.url)) as gw:

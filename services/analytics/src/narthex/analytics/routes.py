@@ -10,6 +10,7 @@ from narthex.analytics.schemas import From, GranularityParam, TenantParam, To
 from narthex.analytics.service import AnalyticsService
 from narthex.common import scopes
 from narthex.common.authn import require_admin, require_scope
+from narthex.common.openapi import error_responses
 from narthex.common.tokens import Principal
 
 router = APIRouter()
@@ -25,7 +26,16 @@ UsageReader = Annotated[Principal, require_scope(scopes.USAGE)]
 Operator = Annotated[Principal, require_admin()]
 
 
-@router.get("/v1/usage", tags=["usage"], summary="The caller's tenant's usage over a range")
+# A range that is empty, inverted, too long or outside the epoch: 400 `bad-range`.
+RANGE_ERRORS = error_responses(400)
+
+
+@router.get(
+    "/v1/usage",
+    tags=["usage"],
+    summary="The caller's tenant's usage over a range",
+    responses=RANGE_ERRORS,
+)
 async def usage(
     service: Service,
     caller: UsageReader,
@@ -38,7 +48,12 @@ async def usage(
     return await service.usage(caller.tenant, start, end, granularity)
 
 
-@router.get("/v1/admin/usage", tags=["admin"], summary="Any tenant's usage (operators)")
+@router.get(
+    "/v1/admin/usage",
+    tags=["admin"],
+    summary="Any tenant's usage (operators)",
+    responses=RANGE_ERRORS,
+)
 async def admin_usage(
     service: Service,
     caller: Operator,
