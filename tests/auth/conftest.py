@@ -13,13 +13,12 @@ from narthex.auth.main import create_app
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.store import AuthStore
-from tests.support.databases import BACKENDS, throwaway_database
+from tests.support.databases import BACKENDS, migrated_database
 
 
 @pytest.fixture(params=BACKENDS, ids=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async with throwaway_database(request.param, tmp_path) as url:
-        await migrate(url)
+    async with migrated_database(request.param, tmp_path, migrate) as url:
         yield url
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from narthex.analytics.store import AnalyticsStore, migrate
-from tests.support.databases import BACKENDS, throwaway_database
+from tests.support.databases import BACKENDS, migrated_database
 
 
 @pytest.fixture(params=BACKENDS, ids=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async with throwaway_database(request.param, tmp_path) as url:
-        await migrate(url)
+    async with migrated_database(request.param, tmp_path, migrate) as url:
         yield url
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -18,6 +18,7 @@ __all__ = [
     "BACKENDS",
     "POSTGRES_ADMIN_URL",
     "Backend",
+    "migrated_database",
     "postgres_database",
     "service_unavailable",
     "sqlite_url",
@@ -76,4 +77,14 @@ async def throwaway_database(backend: Backend, tmp_path: Path) -> AsyncIterator[
         yield sqlite_url(tmp_path)
         return
     async with postgres_database() as url:
+        yield url
+
+
+@asynccontextmanager
+async def migrated_database(
+    backend: Backend, tmp_path: Path, migrate: Callable[[str], Awaitable[None]]
+) -> AsyncIterator[str]:
+    """`throwaway_database`, with a service's migrations (its `migrate(url)`) applied."""
+    async with throwaway_database(backend, tmp_path) as url:
+        await migrate(url)
         yield url
