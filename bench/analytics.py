@@ -52,7 +52,7 @@ from narthex.testing.platform import (
 
 STREAM = "narthex:events:usage"
 GROUP = "analytics"
-UNLIMITED = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=10**12)
+UNLIMITED = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=2_000_000_000)
 TARGET_RATIO = 0.9
 
 
