@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,18 +16,14 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from narthex.testing.flood import inference_behind_gateway
 from tests.support.onnx_models import tiny_repository
 from tests.support.platform import (
     Admin,
     PlanNumbers,
     Tenant,
-    edge,
     exchange,
-    gateway_spec,
-    inference_spec,
-    running,
 )
-from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.services import Service
 
 pytestmark = pytest.mark.slow
@@ -69,22 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("canary")
     # The split inference starts with comes from config.yaml.
     repository = tiny_repository(directory / "models", traffic={1: 90, 2: 10})
-    with asyncio.Runner() as runner, ExitStack() as stack:
-        scratch_context = redis_scratch()
-        scratch = runner.run(scratch_context.__aenter__())
-        stack.callback(lambda: runner.run(scratch_context.__aexit__(None, None, None)))
-        platform = stack.enter_context(edge(directory))
-        spec = inference_spec("inference", platform.auth.url, repository, models=MODEL)
-        (inference,) = stack.enter_context(running([spec], directory))
-        gateway_process = gateway_spec(
-            "gateway",
-            platform.auth.url,
-            platform.upstream.url,
-            inference_url=inference.url,
-            redis_url=REDIS_URL,
-            ratelimit_prefix=scratch.prefix,
-        )
-        (gateway,) = stack.enter_context(running([gateway_process], directory))
+    with inference_behind_gateway(directory, repository, MODEL) as (platform, inference, gateway):
         admin = Admin(gateway.url, platform.admin_key)
         try:
             plan = admin.create_plan("canary", PLAN)

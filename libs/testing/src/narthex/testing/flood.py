@@ -28,6 +28,7 @@ import orjson
 from narthex.testing.models import builtin_repository
 from narthex.testing.platform import (
     Admin,
+    Edge,
     PlanNumbers,
     Tenant,
     edge,
@@ -93,17 +94,19 @@ class FloodStack:
 
 
 @contextmanager
-def flood_stack(directory: Path) -> Iterator[FloodStack]:
-    """auth, inference (minilm), a gateway in front of it; the two tenants and their keys."""
-    repository = builtin_repository(["minilm"])
+def inference_behind_gateway(
+    directory: Path, repository: Path, models: str, *, timeout: float = 60.0
+) -> Iterator[tuple[Edge, Service, Service]]:
+    """The edge's auth, inference serving `models` from `repository`, and a gateway in front
+    of it whose limiter uses the local Redis under a scratch prefix (deleted after)."""
     # One event loop for the Redis scratch client's whole life (it deletes the prefix).
     with asyncio.Runner() as runner, ExitStack() as stack:
         scratch_context = redis_scratch()
         scratch = runner.run(scratch_context.__aenter__())
         stack.callback(lambda: runner.run(scratch_context.__aexit__(None, None, None)))
         platform = stack.enter_context(edge(directory))
-        spec = inference_spec("inference", platform.auth.url, repository, models="minilm")
-        (inference,) = stack.enter_context(running([spec], directory, timeout=120))
+        spec = inference_spec("inference", platform.auth.url, repository, models=models)
+        (inference,) = stack.enter_context(running([spec], directory, timeout=timeout))
         gateway_process = gateway_spec(
             "gateway",
             platform.auth.url,
@@ -113,6 +116,18 @@ def flood_stack(directory: Path) -> Iterator[FloodStack]:
             ratelimit_prefix=scratch.prefix,
         )
         (gateway,) = stack.enter_context(running([gateway_process], directory))
+        yield platform, inference, gateway
+
+
+@contextmanager
+def flood_stack(directory: Path) -> Iterator[FloodStack]:
+    """auth, inference (minilm), a gateway in front of it; the two tenants and their keys."""
+    repository = builtin_repository(["minilm"])
+    with inference_behind_gateway(directory, repository, "minilm", timeout=120) as (
+        platform,
+        inference,
+        gateway,
+    ):
         admin = Admin(gateway.url, platform.admin_key)
         try:
             flooder = admin.create_tenant("flooder", admin.create_plan("flood", FLOOD_PLAN))
