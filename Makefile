@@ -22,7 +22,7 @@ run: install ## Start the whole platform locally; prints URLs and a curl line th
 test: install lint models test-tools ## Install everything, then lint, type-check and run every test
 	$(UV) run pytest
 
-test-tools: ## Debian's prometheus, docker-compose, chromium (dashboard) and redis-server (analytics), for tests that run them (skipped without; CI fails)
+test-tools: ## Debian's redis-server and postgresql (test servers when none runs); prometheus, docker-compose, chromium (tests of them skip without; CI fails)
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends prometheus >/dev/null) \
@@ -38,7 +38,13 @@ test-tools: ## Debian's prometheus, docker-compose, chromium (dashboard) and red
 	@command -v redis-server >/dev/null || { echo "installing redis-server (Debian package)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends redis-server >/dev/null) \
-		|| echo "could not install redis-server: the analytics tests will skip"; }
+		|| echo "could not install redis-server: pytest stops unless a Redis answers at NARTHEX_TEST_REDIS_URL"; }
+# Debian keeps initdb and postgres off PATH, in /usr/lib/postgresql/<version>/bin.
+	@{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 \
+		|| { echo "installing postgresql (Debian package)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null) \
+		|| echo "could not install postgresql: pytest stops unless a PostgreSQL answers at NARTHEX_TEST_POSTGRES_URL"; }
 
 # LOCAL_BASE=1: no Docker Hub, no PyPI from a build (this project's CI machines): debootstrapped
 # base images and a wheelhouse from uv.lock, made first (deploy/compose/make-base.sh, wheelhouse.sh).

@@ -17,8 +17,8 @@ directly; through the gateway):
 
 Through the gateway the quiet tenant's errors depend on the gateway counting inference's
 backpressure (503 + Retry-After) as a breaker failure or not (issue 10's edge work).
-Everything listens on 127.0.0.1 and stops by itself; the Redis on 127.0.0.1:6379 is used
-under a private prefix, deleted afterwards.
+Everything listens on 127.0.0.1 and stops by itself; the test Redis (NARTHEX_TEST_REDIS_URL,
+default 127.0.0.1:6379) is used under a private prefix, deleted afterwards.
 """
 
 from __future__ import annotations

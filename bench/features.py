@@ -1,12 +1,12 @@
 """Online features, measured in one run: ingestion, batchGet, and fraud scoring with lookups.
 
 Real processes on 127.0.0.1: auth (with the operator's admin key, `narthex.testing.platform.
-edge`), the features service on the Redis at 127.0.0.1:6379 under a private key prefix
-(deleted afterwards), and the inference service serving the built-in `fraud` model with
-that features service behind it. Ingestion and scoring carry the operator's JWT (scopes
-events and inference), batchGet inference's own service credential (as inference itself
-does); each service verifies them against auth's JWKS. The accounts are the operator's
-tenant's.
+edge`), the features service on the test Redis (NARTHEX_TEST_REDIS_URL, default
+127.0.0.1:6379) under a private key prefix (deleted afterwards), and the inference service
+serving the built-in `fraud` model with that features service behind it. Ingestion and
+scoring carry the operator's JWT (scopes events and inference), batchGet inference's own
+service credential (as inference itself does); each service verifies them against auth's
+JWKS. The accounts are the operator's tenant's.
 
 (1) Ingestion: `POST /v1/events/transactions`, batches of BATCH_EVENTS simulated
     transactions (`narthex.transactions.simulate`, moved to end a minute before now),
@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.limits import REDIS_URL, private_prefix
+from bench.limits import private_prefix
 from bench.proxy import BenchError, WrkResult, wrk_post
 from narthex.testing.models import builtin_repository
 from narthex.testing.platform import (
@@ -57,6 +57,7 @@ from narthex.testing.platform import (
     features_spec,
     running,
 )
+from narthex.testing.redis import REDIS_URL
 from narthex.transactions import FEATURES, LabeledTransaction, Transaction, model_input, simulate
 from narthex.transactions.lookup import BATCH_GET, encode_request
 

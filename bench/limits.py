@@ -1,14 +1,15 @@
 """Rate limits at the edge, measured in one run: accuracy, the limiter's latency, the whole edge.
 
 (i) Accuracy across replicas. Exactly the end-to-end test's scenario
-    (`narthex.testing.platform.accuracy_run`): 4 gateway processes share the Redis on
-    127.0.0.1:6379 under a private key prefix (deleted afterwards); a plan of 20 items/s,
-    burst 40; 200 concurrent clients of tenant A and 8 of tenant B, round-robin over the
-    4 gateways, send cost-1 requests back to back for 10 s. Printed: admitted items /
-    (burst + rate x elapsed), over the limiter's window (Redis server time: read just
-    before the first request, and the bucket's timestamp of its last admission) and over
-    the clients' window (first request sent -> last answer read). 1.0 is exact; above
-    1.0 would mean the replicas together admitted more than the plan.
+    (`narthex.testing.platform.accuracy_run`): 4 gateway processes share the test Redis
+    (NARTHEX_TEST_REDIS_URL, default 127.0.0.1:6379) under a private key prefix (deleted
+    afterwards); a plan of 20 items/s, burst 40; 200 concurrent clients of tenant A and
+    8 of tenant B, round-robin over the 4 gateways, send cost-1 requests back to back
+    for 10 s. Printed: admitted items / (burst + rate x elapsed), over the limiter's
+    window (Redis server time: read just before the first request, and the bucket's
+    timestamp of its last admission) and over the clients' window (first request sent ->
+    last answer read). 1.0 is exact; above 1.0 would mean the replicas together admitted
+    more than the plan.
 
 (ii) The limiter's added latency per request, over Redis on loopback. One gateway
     process, Redis limiter on, and one caller (the operator, with a JWT) on a plan so large
@@ -68,8 +69,8 @@ from narthex.testing.platform import (
     module_argv,
     running,
 )
+from narthex.testing.redis import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ACCURACY_PLAN = PlanNumbers(rate=20.0, burst=40)
 # Never refuses at loopback speeds: the limiter decides every request, and admits it.
 UNLIMITED_PLAN = PlanNumbers(rate=100_000.0, burst=1_000_000, daily_quota=2_000_000_000)

@@ -1,8 +1,8 @@
 """Rate limits end to end: real auth, gateway and Redis processes on loopback.
 
-- Accuracy across replicas: 4 gateways share the real Redis (127.0.0.1:6379, a private key
-  prefix); 200 clients of one tenant get what the plan allows and no more, while a second
-  tenant's clients get their own full share.
+- Accuracy across replicas: 4 gateways share the test Redis (a private key prefix); 200
+  clients of one tenant get what the plan allows and no more, while a second tenant's
+  clients get their own full share.
 - A plan change reaches every gateway within the plan cache time, without a restart.
 - Redis outage: a private `redis-server` is killed mid-run; `open` gateways fall back to
   their per-replica memory bucket (no 5xx, no 401), `closed` ones answer 503 with
@@ -78,7 +78,7 @@ class Shared:
 
 @pytest.fixture(scope="module")
 def shared(limits_edge: Edge) -> Iterator[Shared]:
-    """4 gateway replicas on the real Redis (127.0.0.1:6379), a private prefix deleted after."""
+    """4 gateway replicas on the test Redis, a private prefix deleted after."""
     # One event loop for the scratch client's whole life: opened, used and closed in it.
     with asyncio.Runner() as runner, ExitStack() as stack:
         context = redis_scratch()

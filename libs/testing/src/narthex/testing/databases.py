@@ -12,6 +12,7 @@ from typing import Literal
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from narthex.testing.backing import POSTGRES
 from narthex.testing.missing import service_unavailable
 
 __all__ = [
@@ -28,10 +29,10 @@ __all__ = [
 Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")
 
-# A maintenance database on a server that trusts local connections; CREATE DATABASE rights.
-POSTGRES_ADMIN_URL = os.environ.get(
-    "NARTHEX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+# A maintenance database on a server that trusts local connections; CREATE DATABASE rights:
+# NARTHEX_TEST_POSTGRES_URL, or the default; a private server's when the session started one
+# (`backing`).
+POSTGRES_ADMIN_URL = POSTGRES.configured(os.environ)
 _CONNECT_TIMEOUT_S = 3.0
 
 

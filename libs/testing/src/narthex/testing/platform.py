@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -23,9 +21,7 @@ import aiohttp
 import httpx
 import orjson
 from pydantic import SecretStr
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from narthex.auth.database import migrate
 from narthex.auth.service import AuthService
@@ -34,7 +30,8 @@ from narthex.auth.signing import SigningKeyRing
 from narthex.auth.store import AuthStore
 from narthex.testing import processes
 from narthex.testing.checkout import ROOT
-from narthex.testing.processes import HOST, Service, Spec, free_port, module_argv
+from narthex.testing.processes import HOST, Service, Spec, module_argv
+from narthex.testing.servers import PrivateRedis, private_redis
 
 __all__ = [
     "DAILY_REMAINING",
@@ -314,79 +311,6 @@ class Ledger:
         remaining = int(match.group(1))
         charged, self.remaining = self.remaining - remaining, remaining
         return charged
-
-
-# -- a private redis-server that a test may kill and restart ----------------------------------
-
-
-class PrivateRedis:
-    """`redis-server` on a free loopback port, no persistence; `kill()` is SIGKILL.
-
-    `args` go to redis-server after the defaults (`{port}` is replaced by the port)."""
-
-    def __init__(self, directory: Path, args: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        self.directory = directory
-        self.args = [arg.replace("{port}", str(self.port)) for arg in args]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 10.0) -> None:
-        assert self.process is None or self.process.poll() is not None
-        self.starts += 1
-        argv: tuple[str, ...] = ("redis-server", "--port", "{port}", "--bind", HOST)
-        argv += ("--save", "", "--appendonly", "no", "--daemonize", "no", *self.args)
-        server = processes.start(
-            Spec("redis-server", argv),
-            self.directory,
-            port=self.port,
-            log_name=f"redis-{self.port}-{self.starts}",
-            cwd=self.directory,
-        )
-        self.process = server.process
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if (error := server.exited()) is not None:
-                    raise error
-                if self.ping():
-                    return
-                time.sleep(0.05)
-            raise TimeoutError(f"redis-server on {self.port} not ready")
-        except BaseException:
-            self.stop()  # never leave a half-started server behind
-            raise
-
-    def ping(self) -> bool:
-        client = SyncRedis(
-            host=HOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5
-        )
-        try:
-            return bool(client.ping())
-        except (RedisError, OSError):
-            return False
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            processes.stop(self.process)
-
-
-@contextmanager
-def private_redis(directory: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(directory)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 # -- load: many clients of one tenant, spread over gateways ------------------------------------

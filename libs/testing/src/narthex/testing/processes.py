@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ __all__ = [
     "running",
     "start",
     "stop",
+    "wait_answers",
     "wait_ready",
 ]
 
@@ -170,25 +171,41 @@ def start(
 
 def wait_ready(service: Service, timeout: float, path: str = "/readyz") -> None:
     """Return once `path` answers 200; NotReady if the process exits or `timeout` s pass."""
-    _wait_until(service, path, time.monotonic() + timeout)
+    _wait_until(service, _http_probe(service, path), time.monotonic() + timeout, f"on {path}")
 
 
-def _wait_until(service: Service, path: str, deadline: float) -> None:
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if (error := service.exited()) is not None:
-            raise error
+def wait_answers(
+    service: Service, probe: Callable[[], str | None], timeout: float, what: str = ""
+) -> None:
+    """The same wait for a server that is not HTTP (Redis, PostgreSQL): return once
+    `probe()` returns None; until then it returns what it saw, quoted if the wait fails."""
+    _wait_until(service, probe, time.monotonic() + timeout, what)
+
+
+def _http_probe(service: Service, path: str) -> Callable[[], str | None]:
+    def probe() -> str | None:
         try:
             status = httpx.get(service.url + path, timeout=1.0).status_code
         except httpx.HTTPError as exc:
-            last = repr(exc)
-        else:
-            if status == 200:
-                return
-            last = f"HTTP {status}"
+            return repr(exc)
+        return None if status == 200 else f"HTTP {status}"
+
+    return probe
+
+
+def _wait_until(
+    service: Service, probe: Callable[[], str | None], deadline: float, what: str
+) -> None:
+    last: str | None = "no answer yet"
+    while time.monotonic() < deadline:
+        if (error := service.exited()) is not None:
+            raise error
+        if (last := probe()) is None:
+            return
         time.sleep(_POLL_S)
+    where = f" {what}" if what else ""
     raise NotReady(
-        f"{service.name} not ready on {path} (last: {last}); output tail:\n{service.log_tail()}"
+        f"{service.name} not ready{where} (last: {last}); output tail:\n{service.log_tail()}"
     )
 
 
@@ -215,7 +232,7 @@ def running(
             started.append((start(spec, directory, cwd=cwd), spec.ready_path))
         deadline = time.monotonic() + timeout
         for service, path in started:
-            _wait_until(service, path, deadline)
+            _wait_until(service, _http_probe(service, path), deadline, f"on {path}")
         yield [service for service, _ in started]
     finally:
         for service, _ in started:  # all signalled first: they stop in parallel

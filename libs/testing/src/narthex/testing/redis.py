@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.exceptions import RedisError
 
+from narthex.testing.backing import REDIS
 from narthex.testing.missing import service_unavailable
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "redis_scratch",
 ]
 
-# No persistence is assumed: tests share this server, so each one stays under its own prefix.
-REDIS_URL = os.environ.get("NARTHEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# NARTHEX_TEST_REDIS_URL, or the default; a private server's when the session started one
+# (`backing`). No persistence is assumed: tests share this server, so each one stays under
+# its own prefix.
+REDIS_URL = REDIS.configured(os.environ)
 _CONNECT_TIMEOUT_S = 3.0
 _DELETE_BATCH = 500
 # redis-py's default pool raises once 100 connections are busy; a bounded pool that makes
