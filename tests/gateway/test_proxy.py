@@ -27,7 +27,7 @@ from narthex.common import scopes
 from narthex.common.errors import PROBLEM_BASE
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
 from tests.support import tokens

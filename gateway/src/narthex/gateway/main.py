@@ -18,14 +18,14 @@ from narthex.common.jwks import JwksCache
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
 from narthex.gateway.dashboard import router as dashboard_router
-from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight
-from narthex.gateway.limits import RedisLimiter
-from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
 from narthex.gateway.public import PublicAnswers
-from narthex.gateway.ratelimit import EdgeLimiter, LimiterMetrics
+from narthex.gateway.ratelimit.buckets import RedisLimiter
+from narthex.gateway.ratelimit.edge import EdgeLimiter, LimiterMetrics
+from narthex.gateway.ratelimit.guard import ClientGuard
+from narthex.gateway.ratelimit.plans import PlanBook
 from narthex.gateway.resp import PipelinedRedis
 from narthex.gateway.revocations import Revocations
 from narthex.gateway.routes import router

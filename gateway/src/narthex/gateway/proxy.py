@@ -29,16 +29,16 @@ from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.cost import Counted, count, forwarded_headers
 from narthex.gateway.errors import KeyInQuery, MethodNotAllowed, TooManyItems
-from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity, credentials_in_query
 from narthex.gateway.inflight import TenantInFlight
-from narthex.gateway.plans import PlanBook, TenantPlan
 from narthex.gateway.public import PublicAnswers
-from narthex.gateway.ratelimit import (
+from narthex.gateway.ratelimit.edge import (
     EdgeLimiter,
     rate_limit_headers,
     refusal,
 )
+from narthex.gateway.ratelimit.guard import ClientGuard
+from narthex.gateway.ratelimit.plans import PlanBook, TenantPlan
 from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(

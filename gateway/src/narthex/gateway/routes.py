@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from narthex.common.errors import Forbidden, NotFound
 from narthex.common.openapi import error_responses
 from narthex.common.scopes import ADMIN, ADMIN_SCOPE
-from narthex.gateway.ratelimit import rate_limit_headers
+from narthex.gateway.ratelimit.edge import rate_limit_headers
 from narthex.gateway.schemas import Bucket, Daily, Quota, UpstreamStatus
 from narthex.gateway.state import app_identity, app_limits, app_upstreams
 

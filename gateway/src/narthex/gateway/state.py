@@ -6,8 +6,8 @@ from starlette.types import Scope
 
 from narthex.common.events import EventBuffer
 from narthex.gateway.identity import Identity
-from narthex.gateway.plans import PlanBook
-from narthex.gateway.ratelimit import EdgeLimiter
+from narthex.gateway.ratelimit.edge import EdgeLimiter
+from narthex.gateway.ratelimit.plans import PlanBook
 from narthex.gateway.upstreams import UpstreamHealth
 
 

@@ -19,8 +19,8 @@ from narthex.gateway.clientip import (
     forwarded_chain,
     parse_address,
 )
-from narthex.gateway.guard import ClientGuard, guard_key
 from narthex.gateway.main import create_app
+from narthex.gateway.ratelimit.guard import ClientGuard, guard_key
 from narthex.gateway.routing import ROUTES
 from narthex.gateway.settings import GatewaySettings
 from tests.support.redis import REDIS_URL, redis_scratch

@@ -13,7 +13,7 @@ from narthex.common.http import ServiceClient
 from narthex.common.tokens import Principal
 from narthex.gateway.singleflight import SingleFlight
 
-log = structlog.get_logger("narthex.gateway.plans")
+log = structlog.get_logger("narthex.gateway.ratelimit.plans")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from narthex.gateway.cost import count_request
 from narthex.gateway.errors import InvalidBody
 from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.settings import GatewaySettings
 from narthex.testing.clock import ManualClock
 from tests.support import tokens
