@@ -38,10 +38,15 @@ async def _running(consumers: list[StreamConsumer[Any]]) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: AnalyticsSettings | None = None, *, verifier: VerifierFactory | None = None
+    settings: AnalyticsSettings | None = None,
+    *,
+    verifier: VerifierFactory | None = None,
+    background: bool = True,
 ) -> ServiceApp:
     """The lifespan yields an `AnalyticsState`. `verifier` checks callers' JWTs: the auth
-    service's JWKS unless a test gives another."""
+    service's JWKS unless a test gives another. `background=False` starts no background
+    loop (stream consumers, drift, forgetting old event ids): tests then call
+    `state["service"].drift()` or a consumer's `handle`, `claim` and `trim` themselves."""
     settings = settings or AnalyticsSettings()
 
     @asynccontextmanager
@@ -111,17 +116,19 @@ def create_app(
 
                 # Reported, not required: the reports still answer while Redis is away.
                 readiness.add("streams", streams, required=False)
-                await stack.enter_async_context(_running(consumers))
-            await stack.enter_async_context(
-                every(settings.drift_interval_seconds, service.drift, name="drift")
-            )
-            await stack.enter_async_context(
-                every(
-                    3600.0,
-                    lambda: service.forget_old_ids(settings.dedup_retention_days),
-                    name="forget-event-ids",
+                if background:
+                    await stack.enter_async_context(_running(consumers))
+            if background:
+                await stack.enter_async_context(
+                    every(settings.drift_interval_seconds, service.drift, name="drift")
                 )
-            )
+                await stack.enter_async_context(
+                    every(
+                        3600.0,
+                        lambda: service.forget_old_ids(settings.dedup_retention_days),
+                        name="forget-event-ids",
+                    )
+                )
             yield AnalyticsState(service=service, consumers=consumers)
 
     app = service_app(
