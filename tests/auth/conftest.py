@@ -10,9 +10,11 @@ import pytest
 
 from narthex.auth.database import migrate
 from narthex.auth.main import create_app
+from narthex.auth.routes import AuthState
 from narthex.auth.service import AuthService
 from narthex.auth.settings import AuthSettings
 from narthex.auth.store import AuthStore
+from narthex.testing.lifespan import started
 from tests.support.databases import BACKENDS, migrated_database
 
 
@@ -38,9 +40,7 @@ async def auth(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AuthSer
         tracing=False,
     )
     app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://auth") as client,
-    ):
-        yield client, app.state.auth
+    async with started(app, AuthState) as running:
+        transport = httpx.ASGITransport(app=running.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://auth") as client:
+            yield client, running.state["auth"]

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypedDict
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Request
 from pydantic import BaseModel
 
-from narthex.common.app import service_app
+from narthex.common.app import ServiceApp, service_app
 from narthex.common.errors import Forbidden, Problem
 from narthex.common.readiness import CheckResult
 from narthex.common.settings import Environment, ServiceSettings
+from narthex.testing.lifespan import Started, started
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -28,17 +32,34 @@ class Teapot(Problem):
     status, type_slug, title = 418, "teapot", "I am a teapot"
 
 
-def build_app(*, tracing: bool = True, env: Environment = "dev") -> FastAPI:
+class DemoState(TypedDict):
+    """What the demo service's lifespan yields."""
+
+    dependency: dict[str, bool]  # "up": what its readiness check reports; tests flip it
+
+
+def build_app(*, tracing: bool = True, env: Environment = "dev") -> ServiceApp:
+    @asynccontextmanager
+    async def lifespan(app: ServiceApp) -> AsyncIterator[DemoState]:
+        dependency = {"up": True}
+
+        async def database() -> CheckResult:
+            return CheckResult(dependency["up"], {"latency_ms": 1})
+
+        app.readiness.add("database", database)
+        yield DemoState(dependency=dependency)
+
     app = service_app(
-        ServiceSettings(tracing=tracing, env=env), title="demo", description="Demo service."
+        ServiceSettings(tracing=tracing, env=env),
+        title="demo",
+        description="Demo service.",
+        lifespan=lifespan,
     )
-    state = {"dependency_up": True}
-    app.state.demo = state
 
-    async def dependency() -> CheckResult:
-        return CheckResult(state["dependency_up"], {"latency_ms": 1})
-
-    app.state.readiness.add("database", dependency)
+    @app.get("/dependency")
+    async def dependency(request: Request) -> dict[str, bool]:
+        state: DemoState = request.scope["state"]
+        return state["dependency"]
 
     @app.get("/items/{item_id}")
     async def get_item(item_id: int) -> dict[str, int]:
@@ -63,15 +84,32 @@ def build_app(*, tracing: bool = True, env: Environment = "dev") -> FastAPI:
     return app
 
 
+@dataclass(frozen=True)
+class Demo:
+    app: ServiceApp
+    running: Started[DemoState]
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def demo() -> AsyncIterator[Demo]:
     app = build_app()
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
-    ):
-        c.app = app  # type: ignore[attr-defined]
+    async with started(app, DemoState) as running:
+        yield Demo(app, running)
+
+
+@pytest.fixture
+async def client(demo: Demo) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=demo.running.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         yield c
+
+
+async def test_each_request_finds_the_lifespans_state(
+    client: httpx.AsyncClient, demo: Demo
+) -> None:
+    assert (await client.get("/dependency")).json() == {"up": True}
+    demo.running.state["dependency"]["up"] = False
+    assert (await client.get("/dependency")).json() == {"up": False}
 
 
 async def test_healthz_is_live(client: httpx.AsyncClient) -> None:
@@ -81,7 +119,7 @@ async def test_healthz_is_live(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_lists_each_dependency_and_follows_its_state(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, demo: Demo
 ) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
@@ -90,19 +128,19 @@ async def test_readyz_lists_each_dependency_and_follows_its_state(
     assert body["checks"]["database"] == {"status": "up", "latency_ms": 1}
     assert body["checks"]["lifespan"]["status"] == "up"
 
-    client.app.state.demo["dependency_up"] = False  # type: ignore[attr-defined]
+    demo.running.state["dependency"]["up"] = False
     response = await client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"]["status"] == "down"
 
 
 async def test_readiness_check_that_raises_is_down_without_detail(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, demo: Demo
 ) -> None:
     async def broken() -> CheckResult:
         raise ConnectionError("redis://:s3cret@10.1.2.3:6379 refused")
 
-    client.app.state.readiness.add("cache", broken)  # type: ignore[attr-defined]
+    demo.app.readiness.add("cache", broken)
     response = await client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["cache"]["status"] == "down"
@@ -241,7 +279,7 @@ async def test_metrics_use_route_templates_and_histograms(client: httpx.AsyncCli
 
 async def test_each_app_has_its_own_registry() -> None:
     first, second = build_app(tracing=False), build_app(tracing=False)
-    assert first.state.metrics_registry is not second.state.metrics_registry
+    assert first.metrics_registry is not second.metrics_registry
 
 
 async def test_problem_body_is_valid_json_with_trace_when_tracing_off() -> None:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
 
 from narthex.common import scopes
 from narthex.features.main import create_app
+from narthex.features.routes import FeaturesState
 from narthex.features.settings import FeaturesSettings
 from narthex.features.store import FeatureStore
+from narthex.testing.lifespan import started
 from tests.support import tokens
 from tests.support.redis import REDIS_URL, RedisScratch, redis_scratch
 from tests.support.redis_cluster import ClusterScratch, LocalCluster, cluster_scratch
@@ -38,14 +39,13 @@ def entities(*accounts: str, tenant: str = TENANT) -> list[dict[str, str]]:
 
 @dataclass
 class Serving:
-    app: FastAPI
+    state: FeaturesState
     client: httpx.AsyncClient
     scratch: RedisScratch | ClusterScratch | None
 
     @property
     def store(self) -> FeatureStore:
-        store: FeatureStore = self.app.state.store
-        return store
+        return self.state["store"]
 
     async def ingest(
         self, events: list[Any], *, tenant: str = TENANT, **kwargs: Any
@@ -96,8 +96,10 @@ async def serving(
             }
         config = FeaturesSettings(tracing=False, env="dev", **settings)
         app = create_app(config, verifier=static_verifier)
-        await stack.enter_async_context(app.router.lifespan_context(app))
+        running = await stack.enter_async_context(started(app, FeaturesState))
         client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://features")
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=running.app), base_url="http://features"
+            )
         )
-        yield Serving(app, client, scratch)
+        yield Serving(running.state, client, scratch)

@@ -11,7 +11,7 @@ import pytest
 from narthex.common.errors import BadGateway
 from narthex.gateway.catalog import check_model, visible_models
 from narthex.gateway.errors import ModelNotAllowed
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.routing import RouteTable
 
 TABLE = RouteTable()

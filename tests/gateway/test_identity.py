@@ -16,8 +16,8 @@ from narthex.common.errors import GatewayTimeout, InvalidCredentials, ServiceUna
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.tokens import InvalidToken
 from narthex.gateway.errors import KeyInQuery, RateLimited
-from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
+from narthex.gateway.ratelimit.guard import ClientGuard
 from narthex.gateway.revocations import Revocations
 from tests.support import tokens
 from tests.support.delay import DelayProxy

@@ -18,18 +18,18 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
-from starlette.types import Message
+from starlette.types import ASGIApp, Message
 
 from narthex.common import scopes
 from narthex.common.errors import PROBLEM_BASE
-from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
+from narthex.gateway.resources import GatewayState
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
+from narthex.testing.lifespan import started
 from tests.support import tokens
 from tests.support.plans import FixedPlans
 from tests.support.scripted import Reply, ScriptedUpstream
@@ -61,7 +61,8 @@ REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 @dataclass
 class Gateway:
-    app: FastAPI
+    app: ASGIApp  # started: each request gets the lifespan's state, as under uvicorn
+    state: GatewayState
     http: httpx.AsyncClient
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -111,20 +112,21 @@ ROOMY_PLAN = TenantPlan("t_proxytests", "roomy", 1e6, 1_000_000, 10**12, 10_000,
 async def running(settings: GatewaySettings, *, background: bool = False) -> AsyncIterator[Gateway]:
     """The gateway, its lifespan started. Without `background`, no probe or poll runs on
     its own: each upstream sees the proxied requests only, and a test that needs a
-    probe round runs it (`gw.app.state.upstreams.poll()`)."""
-    app = create_app(settings, background=background)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
+    probe round runs it (`gw.state["upstreams"].poll()`)."""
+    app = create_app(
+        settings,
+        verifier=tokens.static_verifier,
+        background=background,
+        plans=FixedPlans(ROOMY_PLAN),
+    )
+    async with started(app, GatewayState) as gateway:
+        transport = httpx.ASGITransport(app=gateway.app)
+        async with httpx.AsyncClient(
             transport=transport,
             base_url="http://gw",
             headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as http,
-    ):
-        app.state.identity = Identity(tokens.verifier(), app.state.clients["auth"])
-        app.state.plans = FixedPlans(ROOMY_PLAN)
-        yield Gateway(app, http)
+        ) as http:
+            yield Gateway(gateway.app, gateway.state, http)
 
 
 @pytest.fixture
@@ -252,7 +254,7 @@ async def test_status_route_answers_from_the_last_probe_and_never_calls_upstream
     found, so the upstream sees one probe per round, whatever the traffic and headers."""
     async with running(gateway_settings(urls_of(upstreams))) as gw:
         before = await gw.get("/v1/status/inference")
-        await gw.app.state.upstreams.poll()
+        await gw.state["upstreams"].poll()
         responses = [
             await gw.get("/v1/status/inference", headers=headers)
             for headers in ({}, {"x-request-timeout-ms": "1"}, {"Authorization": "Bearer junk"})
@@ -607,7 +609,7 @@ async def test_the_breaker_opens_after_fail_max_and_spares_the_upstream(
         failures = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(2)]
         opened = [await gw.post("/v1/models/x/predict", content=b"{}") for _ in range(3)]
         proxied = len(scripted.requests)
-        await gw.app.state.upstreams.poll()
+        await gw.state["upstreams"].poll()
         ready = await gw.get("/readyz")
         status = await gw.get("/v1/status/inference")
 
@@ -653,7 +655,7 @@ async def test_backpressure_passes_through_unretried_and_never_opens_the_breaker
     settings = gateway_settings(scripted.url, breaker_fail_max=1, upstream_max_attempts=3)
     async with running(settings) as gw:
         responses = [await gw.request(method, "/v2/models/x/infer") for _ in range(5)]
-        breaker = gw.app.state.clients["inference"].breaker.state
+        breaker = gw.state["clients"]["inference"].breaker.state
 
     for response in responses:
         assert response.status_code == status
@@ -692,8 +694,8 @@ async def test_a_callers_own_deadline_cuts_its_request_and_never_the_breaker(
             await gw.request(method, path, headers={"x-request-timeout-ms": "1"})
             for method, path in [("GET", "/v1/admin/models"), ("POST", "/v1/models/x/predict")] * 3
         ]
-        states = {name: c.breaker.state for name, c in gw.app.state.clients.items()}
-        failures = gw.app.state.clients["inference"].breaker.fail_counter
+        states = {name: c.breaker.state for name, c in gw.state["clients"].items()}
+        failures = gw.state["clients"]["inference"].breaker.fail_counter
         upstream.behave(None)
         served = await gw.get("/v1/admin/models")
 
@@ -774,7 +776,7 @@ async def test_readyz_is_200_naming_each_upstream_when_all_are_up(
     upstream: UpstreamServer,
 ) -> None:
     async with running(gateway_settings(upstream.url)) as gw:
-        await gw.app.state.upstreams.poll()
+        await gw.state["upstreams"].poll()
         responses = [await gw.get("/readyz") for _ in range(10)]
 
     for response in responses:
@@ -800,7 +802,7 @@ async def test_an_upstream_down_is_reported_and_the_gateway_stays_ready(
     with refusing_port() as port:
         urls = {**urls_of(upstreams), "features": f"http://127.0.0.1:{port}"}
         async with running(gateway_settings(urls)) as gw:
-            await gw.app.state.upstreams.poll()
+            await gw.state["upstreams"].poll()
             response = await gw.get("/readyz")
             down = await gw.get("/v1/status/features")
             up = await gw.get("/v1/status/analytics")
@@ -827,10 +829,11 @@ async def test_readyz_needs_the_signing_keys(upstream: UpstreamServer) -> None:
     """Without keys no token can be checked: that replica is not ready. The background
     round that loads them runs at start-up; here auth serves no usable JWKS."""
     app = create_app(gateway_settings(upstream.url), background=True)
-    transport = httpx.ASGITransport(app=app)
     async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gw") as http,
+        started(app, GatewayState) as gateway,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.app), base_url="http://gw"
+        ) as http,
     ):
         response = await http.get("/readyz")
 

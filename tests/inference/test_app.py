@@ -16,11 +16,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from fastapi import FastAPI
 
 from narthex.inference.main import create_app
+from narthex.inference.routes import InferenceState
 from narthex.inference.settings import InferenceSettings
 from narthex.inference.text import TextEncoder
+from narthex.testing.lifespan import started
 from tests.support.onnx_models import tiny_repository
 from tests.support.tokens import bearer, static_verifier, token
 
@@ -29,16 +30,21 @@ ADMIN = bearer(["admin"], ["admin", "inference"])
 
 
 @asynccontextmanager
-async def serving(root: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def serving(
+    root: Path, **settings: Any
+) -> AsyncIterator[tuple[InferenceState, httpx.AsyncClient]]:
+    """The app started, a caller's client to it, and its lifespan's state."""
     config = InferenceSettings(model_repository=root, tracing=False, **settings)
     app = create_app(config, verifier=static_verifier)
     async with (
-        app.router.lifespan_context(app),
+        started(app, InferenceState) as running,
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://inference", headers=CALLER
+            transport=httpx.ASGITransport(app=running.app),
+            base_url="http://inference",
+            headers=CALLER,
         ) as client,
     ):
-        yield app, client
+        yield running.state, client
 
 
 @pytest.fixture
@@ -148,8 +154,9 @@ async def test_v1_predict_lists_objects_and_pins(client: httpx.AsyncClient) -> N
 async def test_a_large_text_request_is_tokenized_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with serving(tiny_repository(tmp_path)) as (app, client):
-        encoder: TextEncoder = app.state.registry.resolve("words").encoder
+    async with serving(tiny_repository(tmp_path)) as (state, client):
+        encoder: TextEncoder | None = state["registry"].resolve("words").encoder
+        assert encoder is not None
         encode = encoder.encode
         on_loop: list[bool] = []
         loop_thread = threading.get_ident()
@@ -367,13 +374,13 @@ async def test_a_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
 
 async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
     root = tiny_repository(tmp_path, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
-    async with serving(root, refusal_hold=0.25) as (app, client):
+    async with serving(root, refusal_hold=0.25) as (state, client):
         holds: list[float] = []
 
         async def hold(seconds: float) -> None:  # as asyncio.sleep, without the wait
             holds.append(seconds)
 
-        app.state.service.wait = hold
+        state["service"].wait = hold
         payload = {"instances": [[1, 2, 3]]}
         responses = await asyncio.gather(
             *(client.post("/v1/models/affine/predict", json=payload) for _ in range(20))
@@ -385,7 +392,7 @@ async def test_a_refusal_is_held_before_it_is_answered(tmp_path: Path) -> None:
         assert len(holds) == len(refused)
         assert all(0.125 <= seconds <= 0.375 for seconds in holds), holds
         # Never past the caller's own deadline.
-        app.state.service.refusal_hold = 3600.0
+        state["service"].refusal_hold = 3600.0
         holds.clear()
         responses = await asyncio.gather(
             *(
@@ -407,8 +414,8 @@ async def test_an_expired_deadline_is_dropped_before_compute(tmp_path: Path) -> 
     # With other requests waiting, a batch waits 200 ms for company; a request with 20 ms
     # left expires meanwhile.
     root = tiny_repository(tmp_path, max_queue_delay_ms=200)
-    async with serving(root) as (app, client):
-        loaded = app.state.registry.resolve("affine")
+    async with serving(root) as (state, client):
+        loaded = state["registry"].resolve("affine")
         row = {"x": np.ones((1, 3), dtype=np.float32)}
         # Two requests queued before the batcher runs: it has company, so it waits.
         company = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from narthex.common.tokens import Principal
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
 
 
 class FixedPlans:

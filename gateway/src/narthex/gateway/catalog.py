@@ -14,7 +14,7 @@ import orjson
 
 from narthex.common.errors import BadGateway
 from narthex.gateway.errors import ModelNotAllowed
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.routing import Route
 
 __all__ = ["MODEL_LIST", "check_model", "visible_models"]

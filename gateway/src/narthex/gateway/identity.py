@@ -15,7 +15,7 @@ from narthex.common.errors import InvalidCredentials, ServiceUnavailable
 from narthex.common.http import ServiceClient, UpstreamError
 from narthex.common.tokens import InvalidToken, Principal, TokenVerifier
 from narthex.gateway.errors import KeyInQuery
-from narthex.gateway.guard import ClientGuard
+from narthex.gateway.ratelimit.guard import ClientGuard
 from narthex.gateway.revocations import Revocations
 from narthex.gateway.routing import TOKEN_EXCHANGE
 from narthex.gateway.singleflight import SingleFlight

@@ -6,32 +6,30 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from narthex.common.app import service_app
+from narthex.common.app import ServiceApp, VerifierFactory, service_app
 from narthex.common.authn import verifier_for
 from narthex.common.background import every
 from narthex.common.events import USAGE_STREAM, event_buffers
 from narthex.common.http import ServiceClient
-from narthex.common.jwks import JwksCache
 from narthex.common.metrics import BreakerStates
 from narthex.common.readiness import CheckResult
 from narthex.gateway.dashboard import router as dashboard_router
-from narthex.gateway.guard import ClientGuard
 from narthex.gateway.identity import Identity
 from narthex.gateway.inflight import TenantInFlight
-from narthex.gateway.limits import RedisLimiter
-from narthex.gateway.plans import PlanBook
 from narthex.gateway.proxy import ProxyMiddleware
 from narthex.gateway.public import PublicAnswers
-from narthex.gateway.ratelimit import EdgeLimiter, LimiterMetrics
+from narthex.gateway.ratelimit.buckets import RedisLimiter
+from narthex.gateway.ratelimit.edge import EdgeLimiter, LimiterMetrics
+from narthex.gateway.ratelimit.guard import ClientGuard
+from narthex.gateway.ratelimit.plans import PlanBook, Plans
+from narthex.gateway.resources import GatewayState
 from narthex.gateway.resp import PipelinedRedis
 from narthex.gateway.revocations import Revocations
 from narthex.gateway.routes import router
 from narthex.gateway.routing import RouteTable
 from narthex.gateway.settings import GatewaySettings
-from narthex.gateway.state import app_identity, app_limits, app_usage_events
 from narthex.gateway.upstreams import UpstreamHealth
 
 
@@ -50,16 +48,22 @@ async def shared_redis(url: str) -> AsyncIterator[PipelinedRedis]:
 def create_app(
     settings: GatewaySettings | None = None,
     *,
+    verifier: VerifierFactory | None = None,
     background: bool = True,
     clock: Callable[[], float] | None = None,
-) -> FastAPI:
-    """The gateway. `background=False` starts no background loop (upstream probes, the
-    revocation list, the signing keys' first load): tests then run each round themselves
-    (`app.state.upstreams.poll()`, `app.state.revocations.poll()`). `clock` (Unix seconds)
-    is the rate limiter's time instead of Redis's and this process's, for tests that
-    drive time rather than wait for it."""
+    plans: Plans | None = None,
+) -> ServiceApp:
+    """The gateway. Its lifespan yields a `GatewayState`, which every request finds in
+    `scope["state"]`.
+
+    `verifier` checks callers' JWTs: the auth service's JWKS (through the gateway's own
+    client to auth) unless a test gives another. `background=False` starts no background
+    loop (upstream probes, the revocation list, the signing keys' first load): tests then
+    run each round themselves (`state["upstreams"].poll()`, `state["revocations"].poll()`).
+    `clock` (Unix seconds) is the rate limiter's time instead of Redis's and this
+    process's, for tests that drive time rather than wait for it. `plans` replaces the
+    plans read from auth (tests whose subject is not limits)."""
     settings = settings or GatewaySettings()
-    clients: dict[str, ServiceClient] = {}
     guard = ClientGuard(
         settings.token_exchange_limit,
         trusted=settings.trusted_proxies,
@@ -68,37 +72,44 @@ def create_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ServiceApp) -> AsyncIterator[GatewayState]:
         async with AsyncExitStack() as stack:
             policy = settings.client_policy()
+            clients: dict[str, ServiceClient] = {}
             for name, url in settings.upstream_urls().items():
                 clients[name] = await stack.enter_async_context(ServiceClient(name, url, policy))
             auth = clients["auth"]
+            breakers = BreakerStates(lambda: {n: client.breaker for n, client in clients.items()})
+            app.metrics_registry.register(breakers)
+            stack.callback(app.metrics_registry.unregister, breakers)
 
+            token_verifier = (
+                verifier_for(auth, settings)
+                if verifier is None
+                else await stack.enter_async_context(verifier(settings))
+            )
             revocations = Revocations(auth)
-            app.state.revocations = revocations
-            app.state.identity = Identity(
-                verifier_for(auth, settings),
+            identity = Identity(
+                token_verifier,
                 auth,
                 revalidate_seconds=settings.api_key_revalidate_seconds,
                 guard=guard,
                 revocations=revocations,
             )
-            app.state.plans = PlanBook(auth, ttl=settings.plan_cache_seconds)
             shared = None
             if settings.redis_url:
                 redis = await stack.enter_async_context(shared_redis(settings.redis_url))
                 shared = RedisLimiter(redis, prefix=settings.ratelimit_prefix, clock=clock)
-            app.state.limiter = EdgeLimiter(
+            limiter = EdgeLimiter(
                 shared,
-                LimiterMetrics(app.state.metrics_registry),
+                LimiterMetrics(app.metrics_registry),
                 failure_mode=settings.ratelimit_failure_mode,
                 replicas=settings.replicas,
                 clock=clock or time.time,
                 monotonic=clock or time.monotonic,
             )
 
-            app.state.usage_events = None
+            usage_events = None
             events_url = settings.events_url()
             if events_url:
                 buffers = await stack.enter_async_context(
@@ -106,31 +117,26 @@ def create_app(
                         events_url,
                         settings.events_prefix,
                         (USAGE_STREAM,),
-                        app.state.metrics_registry,
+                        app.metrics_registry,
                         capacity=settings.events_buffer,
                     )
                 )
-                app.state.usage_events = buffers[USAGE_STREAM]
+                usage_events = buffers[USAGE_STREAM]
 
             upstreams = UpstreamHealth(clients, timeout=settings.status_probe_timeout)
-            app.state.upstreams = upstreams
-            readiness = app.state.readiness
-
-            def jwks() -> JwksCache:
-                # Read at each use: tests put an identity of their own on app.state.
-                identity: Identity = app.state.identity
-                return identity.verifier.jwks
+            jwks = token_verifier.jwks
 
             async def signing_keys() -> CheckResult:
                 # Without them no token can be checked: the one dependency this replica
                 # cannot serve without, and one a replica that has them keeps using
                 # while auth is away.
-                return CheckResult(bool(jwks().kids), {"keys": len(jwks().kids)})
+                return CheckResult(bool(jwks.kids), {"keys": len(jwks.kids)})
 
             # What the gateway needs to serve is its own state; an upstream that is
             # down is every replica's problem alike, so it is reported, not required:
             # taking replicas out of rotation would only add the routes that still work
             # to the outage.
+            readiness = app.readiness
             readiness.add("signing_keys", signing_keys)
             for name in clients:
                 readiness.add(name, upstreams.readiness_check(name), required=False)
@@ -138,8 +144,8 @@ def create_app(
 
             async def probe_round() -> None:
                 await upstreams.poll()
-                if not jwks().kids:
-                    await jwks().refresh()
+                if not jwks.kids:
+                    await jwks.refresh()
 
             if background:
                 await stack.enter_async_context(
@@ -148,8 +154,16 @@ def create_app(
                 await stack.enter_async_context(
                     every(settings.revocation_poll_seconds, revocations.poll, name="revocations")
                 )
-            yield
-            clients.clear()
+            yield GatewayState(
+                clients=clients,
+                identity=identity,
+                plans=plans or PlanBook(auth, ttl=settings.plan_cache_seconds),
+                limiter=limiter,
+                usage_events=usage_events,
+                upstreams=upstreams,
+                revocations=revocations,
+                guard=guard,
+            )
 
     app = service_app(
         settings,
@@ -160,10 +174,6 @@ def create_app(
             Middleware(
                 ProxyMiddleware,
                 table=RouteTable(),
-                clients=clients,
-                identity=app_identity,
-                limits=app_limits,
-                events=app_usage_events,
                 max_body_bytes=settings.max_body_bytes,
                 guard=guard,
                 max_decoded_bytes=settings.max_decoded_body_bytes,
@@ -175,12 +185,6 @@ def create_app(
                 ),
             )
         ],
-    )
-    app.state.clients = clients
-    app.state.usage_events = None
-    app.state.guard = guard
-    app.state.metrics_registry.register(
-        BreakerStates(lambda: {name: client.breaker for name, client in clients.items()})
     )
     app.include_router(router)
     app.include_router(dashboard_router)

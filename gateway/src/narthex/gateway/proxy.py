@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import quote, quote_from_bytes, urlsplit
 
@@ -20,7 +20,6 @@ from narthex.common.errors import (
     ServiceUnavailable,
     send_error,
 )
-from narthex.common.events import EventBuffer
 from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
 from narthex.common.tokens import Principal
@@ -29,16 +28,16 @@ from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
 from narthex.gateway.clientip import Network, forwarded_chain
 from narthex.gateway.cost import Counted, count, forwarded_headers
 from narthex.gateway.errors import KeyInQuery, MethodNotAllowed, TooManyItems
-from narthex.gateway.guard import ClientGuard
-from narthex.gateway.identity import Identity, credentials_in_query
+from narthex.gateway.identity import credentials_in_query
 from narthex.gateway.inflight import TenantInFlight
-from narthex.gateway.plans import PlanBook, TenantPlan
 from narthex.gateway.public import PublicAnswers
-from narthex.gateway.ratelimit import (
-    EdgeLimiter,
+from narthex.gateway.ratelimit.edge import (
     rate_limit_headers,
     refusal,
 )
+from narthex.gateway.ratelimit.guard import ClientGuard
+from narthex.gateway.ratelimit.plans import TenantPlan
+from narthex.gateway.resources import GatewayState
 from narthex.gateway.routing import Route, RouteTable
 
 HOP_BY_HOP = frozenset(
@@ -247,7 +246,8 @@ class ProxyMiddleware:
 
     A middleware rather than a route: proxied requests skip the router, the dependency
     machinery and the exception middleware, which is most of a FastAPI request's cost.
-    So it renders its own problems.
+    So it renders its own problems. What the lifespan opened (upstream clients, identity,
+    plans, limiter, usage events) it reads from the request's `scope["state"]`.
     """
 
     def __init__(
@@ -255,27 +255,19 @@ class ProxyMiddleware:
         app: ASGIApp,
         *,
         table: RouteTable,
-        clients: Mapping[str, ServiceClient],
-        identity: Callable[[Scope], Identity],
-        limits: Callable[[Scope], tuple[PlanBook, EdgeLimiter]],
         max_body_bytes: int,
         guard: ClientGuard,
         public: PublicAnswers,
         in_flight: TenantInFlight,
         max_decoded_bytes: int | None = None,
-        events: Callable[[Scope], EventBuffer | None] = lambda scope: None,
     ) -> None:
         self.app = app
         self.table = table
-        self.clients = clients
-        self.identity = identity
-        self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.max_decoded_bytes = max_body_bytes if max_decoded_bytes is None else max_decoded_bytes
         self.guard = guard
         self.public = public
         self.in_flight = in_flight
-        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.table.match(scope["path"]) if scope["type"] == "http" else None
@@ -298,7 +290,8 @@ class ProxyMiddleware:
         """One usage event for an authenticated request, queued (never awaited): who, what
         it was charged, how it ended. A request that ended in an exception of ours is a
         500 (the outer middleware answers it so)."""
-        events = self.events(scope)
+        state: GatewayState = scope["state"]
+        events = state["usage_events"]
         if events is None:
             return
         principal: Principal = scope[_PRINCIPAL_KEY]
@@ -345,8 +338,8 @@ class ProxyMiddleware:
             if body and route.cost_field is not None
             else Counted(body, 1)
         )
-        plans, limiter = self.limits(scope)
-        plan = await plans.plan_of(principal)
+        state: GatewayState = scope["state"]
+        plan = await state["plans"].plan_of(principal)
         check_model(route, scope["path"], counted.document, plan)
         cost = counted.cost
         if cost > plan.max_items_per_request:
@@ -354,7 +347,7 @@ class ProxyMiddleware:
                 f"the request carries {cost} items; the {plan.plan} plan allows"
                 f" {plan.max_items_per_request} per request"
             )
-        decision = await limiter.acquire(plan, cost)
+        decision = await state["limiter"].acquire(plan, cost)
         if not decision.allowed:
             scope[_LIMITED_KEY] = True
             raise refusal(decision, cost)
@@ -382,6 +375,7 @@ class ProxyMiddleware:
                 (name, value) for name, value in scope["headers"] if name in CREDENTIAL_HEADERS
             )
         query: bytes = scope["query_string"]
+        state: GatewayState = scope["state"]
         principal = None
         if route.public:
             # Identity refuses keys in the query of the other routes; here (the token
@@ -390,10 +384,10 @@ class ProxyMiddleware:
             if query and credentials_in_query(query):
                 raise KeyInQuery()
         else:
-            principal = await self.identity(scope).authenticate(scope)
+            principal = await state["identity"].authenticate(scope)
             scope[_PRINCIPAL_KEY] = principal
             check_access(principal, role=route.role, scope=route.scope)
-            scope.setdefault("state", {})["tenant"] = principal.tenant
+            scope["state"]["tenant"] = principal.tenant  # for the access log
             if not self.in_flight.try_acquire(principal.tenant):
                 await self.in_flight.wait_for_slot(principal.tenant)
             scope[_IN_FLIGHT_KEY] = principal.tenant  # released once the upstream answers
@@ -405,7 +399,7 @@ class ProxyMiddleware:
             body, headers, plan, limit_headers = await self._admit(
                 scope, route, principal, headers, body
             )
-        client = self.clients[route.upstream]
+        client = state["clients"][route.upstream]
         if route.cached:
             # The same answer for everyone: never shaped by this caller's path, query or
             # headers, and fetched once per cache period whatever the traffic.

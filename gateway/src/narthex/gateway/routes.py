@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from narthex.common.errors import Forbidden, NotFound
 from narthex.common.openapi import error_responses
 from narthex.common.scopes import ADMIN, ADMIN_SCOPE
-from narthex.gateway.ratelimit import rate_limit_headers
+from narthex.gateway.ratelimit.edge import rate_limit_headers
+from narthex.gateway.resources import State
 from narthex.gateway.schemas import Bucket, Daily, Quota, UpstreamStatus
-from narthex.gateway.state import app_identity, app_limits, app_upstreams
 
 router = APIRouter()
 
@@ -23,20 +23,21 @@ router = APIRouter()
 async def quota(
     request: Request,
     response: Response,
+    state: State,
     # A tenant id goes into the path of a call to auth: nothing but an id's characters.
     tenant: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
 ) -> Quota:
     """The caller's plan, token bucket and daily quota as they stand; an admin may name
     any tenant. Reading it consumes nothing."""
-    principal = await app_identity(request.scope).authenticate(request.scope)
-    plans, limiter = app_limits(request.scope)
+    principal = await state["identity"].authenticate(request.scope)
+    plans = state["plans"]
     if tenant is None or tenant == principal.tenant:
         plan = await plans.plan_of(principal)
     elif principal.has_role(ADMIN) and principal.has_scope(ADMIN_SCOPE):
         plan = await plans.plan_for(tenant, principal)
     else:
         raise Forbidden("only an admin may read another tenant's quota")
-    decision = await limiter.peek(plan)
+    decision = await state["limiter"].peek(plan)
     for name, value in rate_limit_headers(decision):
         response.headers[name.decode()] = value.decode()
     return Quota(
@@ -64,11 +65,11 @@ async def quota(
     responses={503: {"model": UpstreamStatus, "description": "the upstream is not up"}},
     tags=["status"],
 )
-async def upstream_status(request: Request, upstream: str) -> JSONResponse:
+async def upstream_status(state: State, upstream: str) -> JSONResponse:
     """An upstream's readiness as the gateway's background probe last found it, and the
     state of the gateway's breaker to it. Public: answered from that probe, so asking
     costs the upstream nothing."""
-    health = app_upstreams(request.scope)
+    health = state["upstreams"]
     if upstream not in health.clients:
         raise NotFound("no such upstream")
     up, report = health.status(upstream)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
-from narthex.common.authn import OPEN_PATHS, RequireTokenMiddleware, app_verifier
+from narthex.common.authn import OPEN_PATHS, VERIFIER, RequireTokenMiddleware
 from narthex.common.body import BodyLimitMiddleware
 from narthex.common.errors import install_error_handlers
 from narthex.common.metrics import (
@@ -26,13 +27,27 @@ from narthex.common.settings import ServiceSettings
 from narthex.common.telemetry import TracingMiddleware, setup_tracing
 from narthex.common.tokens import TokenVerifier
 
-Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+# What a lifespan yields: the server puts it in every request's `scope["state"]` (a
+# shallow copy per request). Each service declares its own as a TypedDict.
+LifespanState = Mapping[str, Any]
 VerifierFactory = Callable[[Any], AbstractAsyncContextManager[TokenVerifier]]
 
 
+class ServiceApp(FastAPI):
+    """A service's app, with what every service builds before start-up, typed: its
+    settings, its readiness checks and its metrics registry (lifespans add to both)."""
+
+    settings: ServiceSettings
+    readiness: Readiness
+    metrics_registry: CollectorRegistry
+
+
+Lifespan = Callable[[ServiceApp], AbstractAsyncContextManager[LifespanState]]
+
+
 @asynccontextmanager
-async def _no_resources(app: FastAPI) -> AsyncIterator[None]:
-    yield
+async def _no_resources(app: ServiceApp) -> AsyncIterator[LifespanState]:
+    yield {}
 
 
 def service_app(
@@ -46,18 +61,19 @@ def service_app(
     authenticate: bool = False,
     verifier: VerifierFactory | None = None,
     public_paths: frozenset[str] = frozenset(),
-) -> FastAPI:
+) -> ServiceApp:
     """A FastAPI app with narthex's common behaviour; the service adds its routes.
 
-    `lifespan` opens the service's resources; it runs inside the common one, and the
-    app is ready only once it has finished starting. `middleware` runs inside the
+    `lifespan` opens the service's resources and yields them (a TypedDict of the
+    service's), which each request finds in `scope["state"]`; it runs inside the common
+    one, and the app is ready only once it has finished starting. `middleware` runs inside the
     common request context and span, before routing (the gateway's proxy lives there);
     request bodies are read (`BodyLimitMiddleware`, the settings' caps) just before routing.
 
     `authenticate` makes every route but the probes and `public_paths` require a
     verified JWT (zero trust: internal services check the caller themselves). The
     verifier comes from `verifier(settings)`, opened around the service's lifespan, or
-    from `app.state.token_verifier` if the service's lifespan sets it (auth does).
+    is the one the service's lifespan yields under `VERIFIER` (auth's own key ring).
     """
     readiness = Readiness()
     registry = new_registry()
@@ -67,18 +83,21 @@ def service_app(
         return CheckResult(started["value"])
 
     @asynccontextmanager
-    async def common_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def common_lifespan(_: FastAPI) -> AsyncIterator[LifespanState]:
         async with AsyncExitStack() as stack:
+            checker = None
             if verifier is not None:
-                app.state.token_verifier = await stack.enter_async_context(verifier(settings))
-            await stack.enter_async_context(lifespan(app))
+                checker = await stack.enter_async_context(verifier(settings))
+            state = await stack.enter_async_context(lifespan(app))
+            if checker is not None:
+                state = {**state, VERIFIER: checker}
             started["value"] = True
             try:
-                yield
+                yield state
             finally:
                 started["value"] = False
 
-    app = FastAPI(
+    app = ServiceApp(
         title=title,
         description=description,
         version=version,
@@ -92,9 +111,9 @@ def service_app(
         # top of TracingMiddleware (and cost more): see narthex.common.telemetry.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.settings = settings
-    app.state.readiness = readiness
-    app.state.metrics_registry = registry
+    app.settings = settings
+    app.readiness = readiness
+    app.metrics_registry = registry
     readiness.add("lifespan", lifespan_started)
 
     install_error_handlers(app)
@@ -114,7 +133,7 @@ def service_app(
     # Bodies are read once the caller is known, within the size every service caps.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if authenticate:
-        app.add_middleware(RequireTokenMiddleware, verifier=app_verifier, public_paths=public_paths)
+        app.add_middleware(RequireTokenMiddleware, public_paths=public_paths)
     for inner in reversed(middleware):
         app.add_middleware(inner.cls, *inner.args, **inner.kwargs)
     app.add_middleware(

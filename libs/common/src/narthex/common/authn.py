@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -21,6 +21,8 @@ OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
 BEARER = "bearer "
+# Where an authenticated service's lifespan state holds the TokenVerifier that checks callers.
+VERIFIER = "verifier"
 
 
 class MissingToken(Unauthorized):
@@ -48,18 +50,12 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class RequireTokenMiddleware:
-    """Verifies the caller's JWT on every path but the open ones; puts the Principal in
-    `request.state.principal` (and the tenant in the access log)."""
+    """Verifies the caller's JWT on every path but the open ones, with the verifier in the
+    lifespan's state (`VERIFIER`); puts the Principal in `request.state.principal` (and the
+    tenant in the access log)."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        verifier: Callable[[Scope], TokenVerifier],
-        public_paths: frozenset[str] = frozenset(),
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self.verifier = verifier
         self.open_paths = OPEN_PATHS | public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,20 +66,15 @@ class RequireTokenMiddleware:
             token = bearer_token(scope)
             if token is None:
                 raise MissingToken()
-            principal = await self.verifier(scope).verify(token)
+            state = scope["state"]
+            verifier: TokenVerifier = state[VERIFIER]
+            principal = await verifier.verify(token)
         except (Problem, JwksUnavailable) as problem:
             await send_error(problem, scope, receive, send)
             return
-        state = scope.setdefault("state", {})
         state["principal"] = principal
         state["tenant"] = principal.tenant
         await self.app(scope, receive, send)
-
-
-def app_verifier(scope: Scope) -> TokenVerifier:
-    """The verifier a service's lifespan put on `app.state.token_verifier`."""
-    verifier: TokenVerifier = scope["app"].state.token_verifier
-    return verifier
 
 
 def verifier_for(auth: ServiceClient, settings: AuthClientSettings) -> TokenVerifier:

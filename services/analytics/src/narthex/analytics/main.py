@@ -8,17 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from narthex.analytics.consumer import StreamConsumer
 from narthex.analytics.events import score_record, usage_record
 from narthex.analytics.metrics import ConsumerMetrics, DriftMetrics
-from narthex.analytics.routes import router
+from narthex.analytics.routes import AnalyticsState, router
 from narthex.analytics.service import AnalyticsService
 from narthex.analytics.settings import AnalyticsSettings
 from narthex.analytics.store import AnalyticsStore, migrate
-from narthex.common.app import service_app
+from narthex.common.app import ServiceApp, VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.background import every
 from narthex.common.events import PREDICTION_STREAM, USAGE_STREAM, stream_name
@@ -38,17 +37,26 @@ async def _running(consumers: list[StreamConsumer[Any]]) -> AsyncIterator[None]:
                 await task
 
 
-def create_app(settings: AnalyticsSettings | None = None) -> FastAPI:
+def create_app(
+    settings: AnalyticsSettings | None = None,
+    *,
+    verifier: VerifierFactory | None = None,
+    background: bool = True,
+) -> ServiceApp:
+    """The lifespan yields an `AnalyticsState`. `verifier` checks callers' JWTs: the auth
+    service's JWKS unless a test gives another. `background=False` starts no background
+    loop (stream consumers, drift, forgetting old event ids): tests then call
+    `state["service"].drift()` or a consumer's `handle`, `claim` and `trim` themselves."""
     settings = settings or AnalyticsSettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ServiceApp) -> AsyncIterator[AnalyticsState]:
         async with AsyncExitStack() as stack:
             await migrate(settings.database_url)
             store = await stack.enter_async_context(
                 await AnalyticsStore.open(settings.database_url)
             )
-            registry = app.state.metrics_registry
+            registry = app.metrics_registry
             service = AnalyticsService(
                 store,
                 repository=settings.model_repository,
@@ -57,8 +65,7 @@ def create_app(settings: AnalyticsSettings | None = None) -> FastAPI:
                 drift_metrics=DriftMetrics(registry),
                 max_range_days=settings.max_range_days,
             )
-            app.state.service = service
-            readiness = app.state.readiness
+            readiness = app.readiness
 
             async def database() -> CheckResult:
                 try:
@@ -109,25 +116,26 @@ def create_app(settings: AnalyticsSettings | None = None) -> FastAPI:
 
                 # Reported, not required: the reports still answer while Redis is away.
                 readiness.add("streams", streams, required=False)
-                await stack.enter_async_context(_running(consumers))
-            app.state.consumers = consumers
-            await stack.enter_async_context(
-                every(settings.drift_interval_seconds, service.drift, name="drift")
-            )
-            await stack.enter_async_context(
-                every(
-                    3600.0,
-                    lambda: service.forget_old_ids(settings.dedup_retention_days),
-                    name="forget-event-ids",
+                if background:
+                    await stack.enter_async_context(_running(consumers))
+            if background:
+                await stack.enter_async_context(
+                    every(settings.drift_interval_seconds, service.drift, name="drift")
                 )
-            )
-            yield
+                await stack.enter_async_context(
+                    every(
+                        3600.0,
+                        lambda: service.forget_old_ids(settings.dedup_retention_days),
+                        name="forget-event-ids",
+                    )
+                )
+            yield AnalyticsState(service=service, consumers=consumers)
 
     app = service_app(
         settings,
         title="narthex analytics",
         authenticate=True,
-        verifier=remote_verifier,
+        verifier=verifier or remote_verifier,
         description="Usage and prediction aggregates, drift.",
         lifespan=lifespan,
     )

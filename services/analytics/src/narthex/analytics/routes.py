@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 from fastapi import APIRouter, Depends, Request
 
+from narthex.analytics.consumer import StreamConsumer
 from narthex.analytics.schemas import From, GranularityParam, TenantParam, To
 from narthex.analytics.service import AnalyticsService
 from narthex.common import scopes
@@ -16,8 +17,15 @@ from narthex.common.tokens import Principal
 router = APIRouter()
 
 
+class AnalyticsState(TypedDict):
+    """What the analytics lifespan yields; each request finds it in `scope["state"]`."""
+
+    service: AnalyticsService
+    consumers: list[StreamConsumer[Any]]  # empty without Redis
+
+
 async def _service(request: Request) -> AnalyticsService:
-    service: AnalyticsService = request.app.state.service
+    service: AnalyticsService = request.scope["state"]["service"]
     return service
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 from fastapi import APIRouter, Depends, Form, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -16,13 +16,20 @@ from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
 from narthex.common.openapi import error_responses
 from narthex.common.scopes import KEYS
-from narthex.common.tokens import Principal
+from narthex.common.tokens import Principal, TokenVerifier
 
 router = APIRouter()
 
 
+class AuthState(TypedDict):
+    """What auth's lifespan yields; each request finds it in `scope["state"]`."""
+
+    auth: AuthService
+    verifier: TokenVerifier  # its own key ring's, for RequireTokenMiddleware
+
+
 async def _service(request: Request) -> AuthService:
-    service: AuthService = request.app.state.auth
+    service: AuthService = request.scope["state"]["auth"]
     return service
 
 

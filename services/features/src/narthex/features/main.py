@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
-
-from narthex.common.app import VerifierFactory, service_app
+from narthex.common.app import ServiceApp, VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.readiness import CheckResult
 from narthex.features.metrics import FeatureMetrics
-from narthex.features.routes import router
+from narthex.features.routes import FeaturesState, router
 from narthex.features.service import FeaturesService
 from narthex.features.settings import FeaturesSettings
 from narthex.features.store import (
@@ -23,15 +21,16 @@ from narthex.features.store import (
 
 
 def create_app(
-    settings: FeaturesSettings | None = None, *, verifier: VerifierFactory = remote_verifier
-) -> FastAPI:
-    """`verifier` checks callers' JWTs: the auth service's JWKS unless a test gives another."""
+    settings: FeaturesSettings | None = None, *, verifier: VerifierFactory | None = None
+) -> ServiceApp:
+    """The lifespan yields a `FeaturesState`. `verifier` checks callers' JWTs: the auth
+    service's JWKS unless a test gives another."""
     settings = settings or FeaturesSettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ServiceApp) -> AsyncIterator[FeaturesState]:
         async with AsyncExitStack() as stack:
-            metrics = FeatureMetrics(app.state.metrics_registry)
+            metrics = FeatureMetrics(app.metrics_registry)
             store: FeatureStore
             if settings.redis_url:
                 # The pool connects on first use: the service starts without Redis, and
@@ -58,19 +57,18 @@ def create_app(
                     await redis_store.ping()
                     return CheckResult(True)
 
-                app.state.readiness.add("redis", redis_up)
+                app.readiness.add("redis", redis_up)
                 store = redis_store
             else:
                 store = MemoryFeatureStore(ttl_seconds=settings.state_ttl_seconds)
-            app.state.store = store
-            app.state.service = FeaturesService(
+            service = FeaturesService(
                 store,
                 metrics,
                 max_batch_events=settings.max_batch_events,
                 max_future_seconds=settings.max_future_seconds,
                 max_entities=settings.max_entities,
             )
-            yield
+            yield FeaturesState(service=service, store=store)
 
     app = service_app(
         settings,
@@ -80,7 +78,7 @@ def create_app(
         " training set.",
         lifespan=lifespan,
         authenticate=True,
-        verifier=verifier,
+        verifier=verifier or remote_verifier,
     )
     app.include_router(router)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -11,6 +11,7 @@ from narthex.common.authn import require_role, require_scope
 from narthex.common.tokens import Principal
 from narthex.features.schemas import IngestRequest, IngestResponse
 from narthex.features.service import FeaturesService
+from narthex.features.store import FeatureStore
 from narthex.transactions.lookup import (
     BATCH_GET,
     BatchGetRequest,
@@ -21,8 +22,15 @@ from narthex.transactions.lookup import (
 router = APIRouter()
 
 
+class FeaturesState(TypedDict):
+    """What the features lifespan yields; each request finds it in `scope["state"]`."""
+
+    service: FeaturesService
+    store: FeatureStore
+
+
 async def _service(request: Request) -> FeaturesService:
-    service: FeaturesService = request.app.state.service
+    service: FeaturesService = request.scope["state"]["service"]
     return service
 
 

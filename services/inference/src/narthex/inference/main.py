@@ -6,9 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
-from fastapi import FastAPI
 
-from narthex.common.app import VerifierFactory, service_app
+from narthex.common.app import ServiceApp, VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
 from narthex.common.credential import ServiceCredential
 from narthex.common.events import PREDICTION_STREAM, EventBuffer, event_buffers
@@ -19,7 +18,7 @@ from narthex.inference.features import FeatureClient, FeatureMetrics
 from narthex.inference.metrics import InferenceMetrics
 from narthex.inference.models import ModelRegistry
 from narthex.inference.repository import Repository
-from narthex.inference.routes import PUBLIC_PATHS, router
+from narthex.inference.routes import PUBLIC_PATHS, InferenceState, router
 from narthex.inference.service import InferenceService
 from narthex.inference.settings import InferenceSettings
 
@@ -40,13 +39,14 @@ def _service_credential(settings: InferenceSettings) -> ServiceCredential | None
 
 
 def create_app(
-    settings: InferenceSettings | None = None, *, verifier: VerifierFactory = remote_verifier
-) -> FastAPI:
-    """`verifier` checks callers' JWTs: the auth service's JWKS unless a test gives another."""
+    settings: InferenceSettings | None = None, *, verifier: VerifierFactory | None = None
+) -> ServiceApp:
+    """The lifespan yields an `InferenceState`. `verifier` checks callers' JWTs: the auth
+    service's JWKS unless a test gives another."""
     settings = settings or InferenceSettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ServiceApp) -> AsyncIterator[InferenceState]:
         features_client = ServiceClient(
             "features", str(settings.features_url).rstrip("/"), settings.features_policy()
         )
@@ -55,9 +55,8 @@ def create_app(
             features_client,
             credential,
             budget=settings.features_timeout,
-            metrics=FeatureMetrics(app.state.metrics_registry),
+            metrics=FeatureMetrics(app.metrics_registry),
         )
-        app.state.features = features
         events = AsyncExitStack()
         predictions: EventBuffer | None = None
         if settings.redis_url:
@@ -66,22 +65,21 @@ def create_app(
                     settings.redis_url,
                     settings.events_prefix,
                     (PREDICTION_STREAM,),
-                    app.state.metrics_registry,
+                    app.metrics_registry,
                     capacity=settings.events_buffer,
                 )
             )
             predictions = buffers[PREDICTION_STREAM]
         registry = ModelRegistry(
             Repository(settings.model_repository),
-            InferenceMetrics(app.state.metrics_registry),
+            InferenceMetrics(app.metrics_registry),
             provider=settings.provider,
             intra_op_threads=settings.intra_op_threads,
             drain_timeout=settings.drain_timeout,
             features=features,
             predictions=predictions,
         )
-        app.state.registry = registry
-        app.state.service = InferenceService(
+        service = InferenceService(
             registry,
             request_timeout=settings.request_timeout,
             max_text_bytes=settings.max_text_bytes,
@@ -94,10 +92,12 @@ def create_app(
                 {name: registry.default_version(name) for name in registry.names()},
             )
 
-        app.state.readiness.add("models", models_warm)
+        app.readiness.add("models", models_warm)
         try:
             await registry.load_all(settings.models)
-            yield
+            yield InferenceState(
+                service=service, registry=registry, features=features, settings=settings
+            )
         finally:
             await registry.close()
             await events.aclose()  # after the last batch: its events are written
@@ -113,7 +113,7 @@ def create_app(
         " Inference Protocol v2, v1 predictions and OpenAI-compatible embeddings.",
         lifespan=lifespan,
         authenticate=True,
-        verifier=verifier,
+        verifier=verifier or remote_verifier,
         public_paths=PUBLIC_PATHS,
     )
     install_error_handlers(app)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import numpy as np
 import orjson
@@ -20,8 +20,9 @@ from narthex.common.codings import decode_content
 from narthex.common.openapi import error_responses
 from narthex.inference import oip
 from narthex.inference.errors import InvalidInput, ModelNotFound
+from narthex.inference.features import FeatureClient
 from narthex.inference.kinds import DEGRADED
-from narthex.inference.models import LoadedVersion
+from narthex.inference.models import LoadedVersion, ModelRegistry
 from narthex.inference.repository import TensorSpec
 from narthex.inference.schemas import (
     DefaultRequest,
@@ -47,13 +48,22 @@ PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 VERSION_HEADER = "x-narthex-model-version"
 
 
+class InferenceState(TypedDict):
+    """What the inference lifespan yields; each request finds it in `scope["state"]`."""
+
+    service: InferenceService
+    registry: ModelRegistry
+    features: FeatureClient
+    settings: InferenceSettings
+
+
 async def _service(request: Request) -> InferenceService:
-    service: InferenceService = request.app.state.service
+    service: InferenceService = request.scope["state"]["service"]
     return service
 
 
 async def _settings(request: Request) -> InferenceSettings:
-    settings: InferenceSettings = request.app.state.settings
+    settings: InferenceSettings = request.scope["state"]["settings"]
     return settings
 
 

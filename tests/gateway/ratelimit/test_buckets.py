@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from narthex.gateway.limits import (
+from narthex.gateway.ratelimit.buckets import (
     Commands,
     Decision,
     Limiter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -13,7 +13,7 @@ from narthex.common.http import ServiceClient
 from narthex.common.tokens import Principal
 from narthex.gateway.singleflight import SingleFlight
 
-log = structlog.get_logger("narthex.gateway.plans")
+log = structlog.get_logger("narthex.gateway.ratelimit.plans")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,18 @@ class TenantPlan:
 
     def allows_model(self, name: str) -> bool:
         return not self.allowed_models or name in self.allowed_models
+
+
+class Plans(Protocol):
+    """Where the gateway reads plans: a PlanBook, or a test's fixed plan."""
+
+    async def plan_of(self, principal: Principal) -> TenantPlan:
+        """The caller's own tenant's plan as it is now."""
+        ...
+
+    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
+        """Another tenant's plan, read with an admin's token."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

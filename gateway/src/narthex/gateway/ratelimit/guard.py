@@ -20,7 +20,7 @@ from starlette.types import Scope
 from narthex.gateway.clientip import Network, client_ip, parse_address
 from narthex.gateway.errors import RateLimited
 
-log = structlog.get_logger("narthex.gateway.guard")
+log = structlog.get_logger("narthex.gateway.ratelimit.guard")
 
 # The moving window counts the last minute exactly; a fixed window would let a client
 # spend two windows' worth in the seconds around a boundary.

@@ -13,10 +13,10 @@ from redis.exceptions import RedisError
 
 from narthex.common.errors import Problem, ServiceUnavailable
 from narthex.gateway.errors import QuotaExceeded, RateLimited, TooManyItems
-from narthex.gateway.limits import Decision, Limiter, Limits, MemoryLimiter
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.buckets import Decision, Limiter, Limits, MemoryLimiter
+from narthex.gateway.ratelimit.plans import TenantPlan
 
-log = structlog.get_logger("narthex.gateway.ratelimit")
+log = structlog.get_logger("narthex.gateway.ratelimit.edge")
 
 FailureMode = Literal["open", "closed"]
 DAY = 86_400

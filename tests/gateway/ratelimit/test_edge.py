@@ -20,11 +20,12 @@ from pydantic import AnyHttpUrl
 from narthex.common import scopes
 from narthex.gateway.cost import count_request
 from narthex.gateway.errors import InvalidBody
-from narthex.gateway.identity import Identity
 from narthex.gateway.main import create_app
-from narthex.gateway.plans import TenantPlan
+from narthex.gateway.ratelimit.plans import TenantPlan
+from narthex.gateway.resources import GatewayState
 from narthex.gateway.settings import GatewaySettings
 from narthex.testing.clock import ManualClock
+from narthex.testing.lifespan import started
 from tests.support import tokens
 from tests.support.plans import FixedPlans
 from tests.support.redis import REDIS_URL, redis_scratch
@@ -69,15 +70,17 @@ async def gateway(
             analytics_url=url,
             **settings,
         ),
+        verifier=tokens.static_verifier,
         background=False,  # no probes: the upstream's counts are the proxied requests
         clock=clock or ManualClock(NOON),
+        plans=FixedPlans(tenant_plan),
     )
     async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
+        started(app, GatewayState) as gw,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gw.app), base_url="http://gw"
+        ) as client,
     ):
-        app.state.identity = Identity(tokens.verifier(), app.state.clients["auth"])
-        app.state.plans = FixedPlans(tenant_plan)
         client.headers["Authorization"] = f"Bearer {token('t_acme')}"
         yield client
 

@@ -83,7 +83,7 @@ def _check_cost(cost: int) -> None:
         raise ValueError(f"cost must be at least 1, not {cost!r}")
 
 
-_SCRIPT = files("narthex.gateway").joinpath("limits.lua").read_text(encoding="utf-8")
+_SCRIPT = files("narthex.gateway.ratelimit").joinpath("buckets.lua").read_text(encoding="utf-8")
 # Computed locally so the first call on a warm server is already a single EVALSHA.
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 

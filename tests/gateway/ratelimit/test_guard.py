@@ -19,10 +19,12 @@ from narthex.gateway.clientip import (
     forwarded_chain,
     parse_address,
 )
-from narthex.gateway.guard import ClientGuard, guard_key
 from narthex.gateway.main import create_app
+from narthex.gateway.ratelimit.guard import guard_key
+from narthex.gateway.resources import GatewayState
 from narthex.gateway.routing import ROUTES
 from narthex.gateway.settings import GatewaySettings
+from narthex.testing.lifespan import started
 from tests.support.redis import REDIS_URL, redis_scratch
 from tests.support.upstream import UpstreamServer, refusing_port
 
@@ -196,10 +198,10 @@ async def gateway(upstream: UpstreamServer, **settings: Any) -> AsyncIterator[Co
     }
     # No background probes: the upstream's counts are the proxied requests alone.
     app = create_app(GatewaySettings(**fields), background=False)
-    async with app.router.lifespan_context(app), contextlib.AsyncExitStack() as stack:
+    async with started(app, GatewayState) as gw, contextlib.AsyncExitStack() as stack:
 
         def connect(peer: str) -> httpx.AsyncClient:
-            transport = httpx.ASGITransport(app=app, client=(peer, 50_000))
+            transport = httpx.ASGITransport(app=gw.app, client=(peer, 50_000))
             client = httpx.AsyncClient(transport=transport, base_url="http://gw")
             stack.push_async_callback(client.aclose)
             return client
@@ -341,9 +343,10 @@ async def test_redis_down_falls_back_to_a_per_replica_count(upstream: UpstreamSe
     assert_guarded(responses[3])
 
 
-def test_the_apps_guard_keys_a_route_of_its_own_by_the_resolved_client() -> None:
+async def test_the_apps_guard_keys_a_route_of_its_own_by_the_resolved_client() -> None:
     # The dashboard login (a FastAPI route) will use the same guard and key function.
-    app = create_app(GatewaySettings(tracing=False, trusted_proxies=PROXIES))
-    guard: ClientGuard = app.state.guard
+    app = create_app(GatewaySettings(tracing=False, trusted_proxies=PROXIES), background=False)
+    async with started(app, GatewayState) as gw:
+        guard = gw.state["guard"]
     assert guard.key(Request(scope(PROXY, f"6.6.6.6, {CLIENT}"))) == CLIENT
     assert guard.key(Request(scope(OTHER, CLIENT))) == OTHER

@@ -1,0 +1,1 @@
+"""Rate limits at the gateway: tenant buckets and quotas, plans, edge policy, per-IP guard."""
