@@ -260,8 +260,14 @@ class _Pool:
             self.slots.release()
 
     async def _acquire_slot(self, limit: float | None) -> None:
-        if not self.slots.locked():
-            await self.slots.acquire()  # the common case: no timer needed
+        slots = self.slots
+        if slots._value > 0 and not slots._waiters:
+            # The common case, taken as acquire() would take it, without the scan of
+            # its waiters that locked() makes with a generator, twice an acquire (3.11).
+            slots._value -= 1
+            return
+        if not slots.locked():
+            await slots.acquire()  # no timer needed
             return
         try:
             async with asyncio.timeout(limit):
