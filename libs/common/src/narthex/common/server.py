@@ -21,7 +21,7 @@ subclass adds, per connection:
 
 It also sends a response whose length is known in one write rather than two: uvicorn
 writes the head and the body separately, and each write is a send syscall (on loopback,
-the receiver's TCP path too), ~10% of a small proxied request's CPU.
+the receiver's TCP path too): 4 writes a proxied gateway request before, 3 after.
 
 Living in the server, the deadlines cover every route of every service, however the app
 reads its body, and cost next to nothing: a request only moves a due time (one
