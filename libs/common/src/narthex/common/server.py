@@ -19,6 +19,10 @@ subclass adds, per connection:
 - a connection cap: past `max_connections` open connections, a new one is answered 503
   with `Retry-After` and closed at once, before anything is read or parsed.
 
+It also sends a response whose length is known in one write rather than two: uvicorn
+writes the head and the body separately, and each write is a send syscall (on loopback,
+the receiver's TCP path too): 4 writes a proxied gateway request before, 3 after.
+
 Living in the server, the deadlines cover every route of every service, however the app
 reads its body, and cost next to nothing: a request only moves a due time (one
 `loop.time()`), and a connection's one timer, when it fires early, re-arms itself for the
@@ -31,11 +35,12 @@ arrives with its head arms nothing at all.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from narthex.common.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 
@@ -74,6 +79,60 @@ _HEAD_TOO_LARGE = _answer(
 _BUSY = _answer(
     503, "Service Unavailable", "too-many-connections", "Too many connections", "retry-after: 1\r\n"
 )
+
+
+class _OneWrite:
+    """The transport as one request's cycle sees it: a response head with a Content-Length
+    waits for the body's first bytes and leaves with them in one write.
+
+    Only a head with a length is held (its body follows at once: the app has it); a
+    chunked head, a HEAD's and a 204's go out as they come, so a stream's head is never
+    late. Whatever ends the response without body bytes (HEAD, a close) flushes it first.
+    """
+
+    __slots__ = ("_cycle", "_head", "_on_response", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head: bytes | None = None
+        self._started = False  # the head went through write() already
+        self._on_response: Callable[[], None] = cycle.on_response
+        cycle.on_response = self._completed
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+            return
+        cycle = self._cycle
+        if not self._started and cycle.response_started:
+            self._started = True  # this is the head (a 100 Continue comes before the start)
+            if cycle.chunked_encoding is False and cycle.scope["method"] != "HEAD":
+                self._head = data
+                return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head)
+
+    def _completed(self) -> None:
+        self._flush()
+        self._on_response()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -137,7 +196,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = None
         self._in_body = True
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:  # not an upgrade: a new request
+            cycle.transport = _OneWrite(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._in_body = False
