@@ -10,7 +10,6 @@ speeds, as the gateway's plan is: every request takes the whole path and is admi
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -20,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jose import jwt
 
 from bench.limits import UNLIMITED_PLAN
 from bench.peers import install
 from narthex.auth.signing import SigningKeyRing
-from narthex.common.tokens import issue_token
+from narthex.common.tokens import SigningKey, issue_token
+from narthex.testing.jwts import public_pem, rs256, unsigned, unverified
 from narthex.testing.platform import HOST, Admin, Edge, Spec, exchange, module_argv
 
 ISSUER = "narthex-auth"
@@ -52,18 +49,6 @@ class Peer:
     name: str
     spec: Spec
     lacks: str
-
-
-def _b64url_uint(text: str) -> int:
-    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
-
-
-def public_pem(jwk: Mapping[str, Any]) -> bytes:
-    """An RSA JWK as a PEM public key (what HAProxy's jwt_verify reads)."""
-    numbers = rsa.RSAPublicNumbers(_b64url_uint(jwk["e"]), _b64url_uint(jwk["n"]))
-    return numbers.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def envoy_config(
@@ -280,34 +265,15 @@ def forged(token: str) -> dict[str, str]:
     """Tokens each edge must refuse: the same claims signed by another key under the real
     key's kid; an expired one and one for another audience, signed by another key too (an
     edge must refuse them whatever it checks first)."""
-    header = jwt.get_unverified_header(token)
-    claims = jwt.get_unverified_claims(token)
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    kid = {"kid": header["kid"]}
+    header, claims = unverified(token)
+    other = SigningKey.generate()
     now = int(time.time())
+    expired = {**claims, "exp": now - 600, "iat": now - 1200, "nbf": now - 1200}
     return {
-        "forged signature": jwt.encode(claims, pem, algorithm="RS256", headers=kid),
-        "alg none": _unsigned(claims),
-        "expired (forged)": jwt.encode(
-            {**claims, "exp": now - 600, "iat": now - 1200, "nbf": now - 1200},
-            pem,
-            algorithm="RS256",
-            headers=kid,
-        ),
+        "forged signature": rs256(other, claims, kid=header["kid"]),
+        "alg none": unsigned(claims),
+        "expired (forged)": rs256(other, expired, kid=header["kid"]),
     }
-
-
-def _unsigned(claims: Mapping[str, Any]) -> str:
-    def part(document: Mapping[str, Any]) -> str:
-        raw = json.dumps(document, separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 def refuses(url: str, bad: Mapping[str, str], good: str) -> list[str]:

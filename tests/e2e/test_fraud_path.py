@@ -48,7 +48,7 @@ from tests.support.platform import (
     running,
 )
 from tests.support.redis import REDIS_URL, redis_scratch
-from tests.support.services import Service, free_port
+from tests.support.services import Service
 
 pytestmark = pytest.mark.slow
 
@@ -58,38 +58,6 @@ SLOW_FEATURES_S = 5.0
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-class FeaturesProcess:
-    """The features service on a fixed port, so that it can be killed and come back there."""
-
-    def __init__(self, directory: Path, auth_url: str, prefix: str) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.directory = directory
-        self.spec = features_spec("features", auth_url, REDIS_URL, prefix)
-        self.service: Service | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.starts += 1
-        self.service = processes.start(
-            self.spec,
-            self.directory,
-            port=self.port,
-            log_name=f"features-{self.starts}",
-            cwd=ROOT,
-        )
-        processes.wait_ready(self.service, timeout)
-
-    def kill(self) -> None:
-        if self.service is not None and self.service.process.poll() is None:
-            self.service.process.kill()
-            self.service.process.wait()
-
-    def stop(self) -> None:
-        if self.service is not None:
-            processes.stop(self.service.process)
 
 
 class CountingProxy(DelayProxy):
@@ -118,7 +86,7 @@ def proxy_thread(target_port: int) -> Iterator[CountingProxy]:
 @dataclass
 class Stack:
     platform: Edge
-    features: FeaturesProcess
+    features: processes.Restartable
     proxy: CountingProxy
     inference: Service
     gateway: Service
@@ -146,7 +114,12 @@ async def fraud_stack(
     looking aggregates up through it, and a gateway in front of both."""
     repository = builtin_repository(["fraud"])
     async with redis_scratch() as scratch:
-        features = FeaturesProcess(directory, platform.auth.url, scratch.prefix)
+        # On a port of its own for its whole life: killed, it comes back where inference looks.
+        features = processes.Restartable(
+            features_spec("features", platform.auth.url, REDIS_URL, scratch.prefix),
+            directory,
+            cwd=ROOT,
+        )
         features.start()
         try:
             with proxy_thread(features.port) as proxy:

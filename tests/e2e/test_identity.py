@@ -8,7 +8,6 @@ a 401/403 problem, never a 5xx.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -22,11 +21,18 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from narthex.common.errors import protocol_of
 from narthex.common.tokens import SigningKey
+from narthex.testing.jwts import (
+    b64url,
+    b64url_decode,
+    b64url_json,
+    public_pem,
+    rs256,
+    unsigned,
+    unverified,
+)
 from tests.e2e.conftest import PUBLIC_CACHE_SECONDS, TOKEN_TTL_SECONDS, Platform
 
 pytestmark = pytest.mark.slow
@@ -38,32 +44,6 @@ PROBLEM_JSON = "application/problem+json"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_json(value: dict[str, Any]) -> str:
-    return b64url(json.dumps(value, separators=(",", ":")).encode())
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(header, claims) of a JWT, decoded without checking anything."""
-    header, payload, _ = token.split(".")
-    return json.loads(b64url_decode(header)), json.loads(b64url_decode(payload))
-
-
-def rs256(key: SigningKey, claims: dict[str, Any], *, kid: str | None = None) -> str:
-    """A JWT signed with `key` exactly as given: no claim is added, checked or fixed."""
-    header = {"alg": "RS256", "typ": "JWT", "kid": key.kid if kid is None else kid}
-    signing_input = f"{b64url_json(header)}.{b64url_json(claims)}".encode()
-    signature = key.private_key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input.decode()}.{b64url(signature)}"
 
 
 def claims_for(sub: str, *, roles: list[str], scope: str, **overrides: Any) -> dict[str, Any]:
@@ -368,21 +348,14 @@ def test_audit_log_records_admin_and_self_service_actions(
 
 
 def alg_none(platform: Platform) -> str:
-    header = {"alg": "none", "typ": "JWT", "kid": auth_signing_key(platform).kid}
-    return f"{b64url_json(header)}.{b64url_json(admin_claims(platform))}."
+    return unsigned(admin_claims(platform), kid=auth_signing_key(platform).kid)
 
 
 def hs256_with_the_public_key(platform: Platform) -> str:
     """The classic key-confusion attack: HMAC keyed with the RSA public key (as PEM)."""
     jwks = httpx.get(platform.gateway.url + JWKS_PATH, timeout=5.0).json()
     jwk = jwks["keys"][0]
-    numbers = rsa.RSAPublicNumbers(
-        int.from_bytes(b64url_decode(jwk["e"]), "big"),
-        int.from_bytes(b64url_decode(jwk["n"]), "big"),
-    )
-    pem = numbers.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = public_pem(jwk)
     header = {"alg": "HS256", "typ": "JWT", "kid": jwk["kid"]}
     signing_input = f"{b64url_json(header)}.{b64url_json(admin_claims(platform))}"
     signature = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()

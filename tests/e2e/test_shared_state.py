@@ -14,9 +14,7 @@ junk keys reached auth no more often than the per-IP guard allows.
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
-import json
 import secrets
 import time
 from collections import Counter
@@ -31,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from narthex.common.errors import GatewayTimeout
 from narthex.common.tokens import SigningKey, issue_token
 from narthex.gateway.routing import UPSTREAMS
+from narthex.testing.jwts import unsigned
 from tests.support.delay import DelayProxy
 from tests.support.loopback import in_own_thread
 from tests.support.platform import (
@@ -84,16 +83,11 @@ PROTECTED = [
 # -- hostile requests ------------------------------------------------------------------------
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def forged_tokens() -> Iterator[str]:
     """Tokens auth never issued: signed by another key (known or unknown kid), alg none,
     garbage, and longer than any token the gateway will read."""
     stranger = SigningKey.generate()
     claims = {"iss": "narthex-auth", "aud": "narthex", "exp": int(time.time()) + 600}
-    none_header = b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
     while True:
         yield issue_token(
             stranger,
@@ -104,7 +98,7 @@ def forged_tokens() -> Iterator[str]:
             roles=["admin"],
             scopes=["admin", "inference"],
         )
-        yield f"{none_header}.{b64url(json.dumps(claims).encode())}."
+        yield unsigned(claims)
         yield f"eyJhbGciOiJSUzI1NiIsImtpZCI6I{secrets.token_urlsafe(8)}.e30.c2ln"
         yield "eyJ" + "A" * 9000
 

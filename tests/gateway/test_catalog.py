@@ -9,19 +9,27 @@ import orjson
 import pytest
 
 from narthex.common.errors import BadGateway
+from narthex.common.plans import TenantLimits
 from narthex.gateway.catalog import check_model, visible_models
 from narthex.gateway.errors import ModelNotAllowed
-from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.routing import RouteTable
 
 TABLE = RouteTable()
 
 
-def plan(*allowed: str) -> TenantPlan:
-    return TenantPlan("t_a", "research", 10.0, 10, 1000, 100, allowed)
+def plan(*allowed: str) -> TenantLimits:
+    return TenantLimits(
+        tenant="t_a",
+        plan="research",
+        rate_per_second=10.0,
+        burst=10,
+        daily_quota=1000,
+        max_items_per_request=100,
+        allowed_models=allowed,
+    )
 
 
-def check(path: str, document: Any, tenant_plan: TenantPlan) -> None:
+def check(path: str, document: Any, tenant_plan: TenantLimits) -> None:
     route = TABLE.match(path)
     assert route is not None
     check_model(route, path, document, tenant_plan)

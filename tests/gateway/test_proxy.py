@@ -24,8 +24,8 @@ from starlette.types import ASGIApp, Message
 
 from narthex.common import scopes
 from narthex.common.errors import PROBLEM_BASE
+from narthex.common.plans import TenantLimits
 from narthex.gateway.main import create_app
-from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.resources import GatewayState
 from narthex.gateway.routing import UPSTREAMS
 from narthex.gateway.settings import GatewaySettings
@@ -105,7 +105,15 @@ TOKEN = token_for()
 
 # Limits are not under test here either (tests/gateway/test_ratelimit.py): a plan no test
 # in this file comes near.
-ROOMY_PLAN = TenantPlan("t_proxytests", "roomy", 1e6, 1_000_000, 10**12, 10_000, ())
+ROOMY_PLAN = TenantLimits(
+    tenant="t_proxytests",
+    plan="roomy",
+    rate_per_second=1e6,
+    burst=1_000_000,
+    daily_quota=10**12,
+    max_items_per_request=10_000,
+    allowed_models=(),
+)
 
 
 @contextlib.asynccontextmanager

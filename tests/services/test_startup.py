@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.services import Service, free_port, run_service, wait_ready
+from narthex.testing.processes import Spec, module_argv, start, stop
+from tests.support.services import run_service, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -84,20 +85,14 @@ def test_with_nothing_configured_auth_refuses_its_placeholder_pepper() -> None:
 
 
 def test_with_nothing_configured_a_service_serves_no_api_docs(tmp_path: Path) -> None:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NARTHEX_")}
-    env["NARTHEX_FEATURES_PORT"] = str(port)  # only where to listen: nothing else is said
-    log_path = tmp_path / "features.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "narthex.features"], env=env, stdout=log, stderr=log
-        )
-    service = Service("features", f"http://127.0.0.1:{port}", process, log_path)
+    # Only where to listen: nothing else is said.
+    spec = Spec("features", module_argv("narthex.features"), {"NARTHEX_FEATURES_PORT": "{port}"})
+    service = start(spec, tmp_path, base_env=env)
     try:
         wait_ready(service, 60.0)  # a busy machine starts a process slowly
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert httpx.get(service.url + path).status_code == 404, path
         assert httpx.get(service.url + "/healthz").status_code == 200
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop(service.process)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
+from narthex.common.plans import TenantLimits
 from narthex.common.tokens import Principal
-from narthex.gateway.ratelimit.plans import TenantPlan
 
 
 class FixedPlans:
-    def __init__(self, plan: TenantPlan) -> None:
+    def __init__(self, plan: TenantLimits) -> None:
         self.plan = plan
         self.lookups = 0
 
-    async def plan_of(self, principal: Principal) -> TenantPlan:
+    async def plan_of(self, principal: Principal) -> TenantLimits:
         self.lookups += 1
-        return dataclasses.replace(self.plan, tenant=principal.tenant)
+        return self.plan.model_copy(update={"tenant": principal.tenant})
 
-    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
-        return dataclasses.replace(self.plan, tenant=tenant_id)
+    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantLimits:
+        return self.plan.model_copy(update={"tenant": tenant_id})

@@ -18,10 +18,10 @@ from http_sfv.list import List as SfList
 from pydantic import AnyHttpUrl
 
 from narthex.common import scopes
+from narthex.common.plans import TenantLimits
 from narthex.gateway.cost import count_request
 from narthex.gateway.errors import InvalidBody
 from narthex.gateway.main import create_app
-from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.resources import GatewayState
 from narthex.gateway.settings import GatewaySettings
 from narthex.testing.clock import ManualClock
@@ -39,7 +39,7 @@ def token(tenant: str, roles: tuple[str, ...] = (scopes.TENANT,)) -> str:
     return tokens.token(roles, scopes.scopes_for(set(roles)), tenant, plan="test", ttl=600)
 
 
-def plan(**overrides: Any) -> TenantPlan:
+def plan(**overrides: Any) -> TenantLimits:
     fields: dict[str, Any] = {
         "tenant": "",
         "plan": "tiny",
@@ -49,13 +49,13 @@ def plan(**overrides: Any) -> TenantPlan:
         "max_items_per_request": 10,
         "allowed_models": (),
     }
-    return TenantPlan(**{**fields, **overrides})
+    return TenantLimits(**{**fields, **overrides})
 
 
 @contextlib.asynccontextmanager
 async def gateway(
     upstream: UpstreamServer,
-    tenant_plan: TenantPlan,
+    tenant_plan: TenantLimits,
     *,
     clock: ManualClock | None = None,
     **settings: Any,

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -164,20 +163,6 @@ def reference(root: Path) -> dict[str, Any]:
     return data
 
 
-def _embed(
-    session: ort.InferenceSession, tokenizer: Tokenizer, texts: Sequence[str]
-) -> npt.NDArray[np.float64]:
-    encodings = tokenizer.encode_batch(list(texts))
-    feed = {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-    }
-    (embedding,) = session.run(["embedding"], feed)
-    assert embedding.dtype == np.float32
-    return np.asarray(embedding, dtype=np.float64)
-
-
 # pytest-timeout counts the module fixture's build against the first test that needs it:
 # hence the 900 s on each slow test.
 @pytest.mark.slow
@@ -193,7 +178,7 @@ def test_onnx_with_tokenizers_reproduces_sentence_transformers(
     assert any(128 < n < 256 for n in lengths)  # past the package's 128
     assert min(lengths) == 3
 
-    actual = _embed(session, tokenizer, texts)
+    actual = minilm.embed(session, tokenizer, texts).astype(np.float64)
 
     assert actual.shape == expected.shape == (len(texts), 384)
     cosine = (actual * expected).sum(axis=1) / (
@@ -214,13 +199,14 @@ def test_any_batch_size_and_length_gives_the_embedding_of_each_text_alone(
     texts = [" ".join(words[: 1 + i % len(words)] * (1 + 7 * (i % 3))) for i in range(size)]
     texts[-1] = " ".join(words * 14)
 
-    batch = _embed(session, tokenizer, texts)
-    alone = np.concatenate([_embed(session, tokenizer, [t]) for t in texts])
+    batch = minilm.embed(session, tokenizer, texts)
+    alone = np.concatenate([minilm.embed(session, tokenizer, [t]) for t in texts])
 
     assert batch.shape == (size, 384)
     np.testing.assert_allclose(batch, alone, atol=1e-5)
     assert [i.shape for i in session.get_inputs()] == [["batch", "sequence"]] * 3
     assert session.get_outputs()[0].shape == ["batch", 384]
+    assert session.get_outputs()[0].type == "tensor(float)"
 
 
 @pytest.mark.slow

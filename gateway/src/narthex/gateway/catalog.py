@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 
 from narthex.common.errors import BadGateway
+from narthex.common.plans import TenantLimits
 from narthex.gateway.errors import ModelNotAllowed
-from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.routing import Route
 
 __all__ = ["MODEL_LIST", "check_model", "visible_models"]
@@ -23,7 +23,7 @@ MODEL_LIST = "/v1/models"
 _SHOWN = 64  # characters of a client's model name repeated in a refusal
 
 
-def check_model(route: Route, path: str, document: Any, plan: TenantPlan) -> None:
+def check_model(route: Route, path: str, document: Any, plan: TenantLimits) -> None:
     """403 unless the plan allows the model the request names (`document`: its JSON body)."""
     if not plan.allowed_models:
         return
@@ -50,7 +50,7 @@ def check_model(route: Route, path: str, document: Any, plan: TenantPlan) -> Non
     )
 
 
-def visible_models(content: bytes, plan: TenantPlan) -> bytes:
+def visible_models(content: bytes, plan: TenantLimits) -> bytes:
     """The upstream's `GET /v1/models` list with only the models the plan allows."""
     if not plan.allowed_models:
         return content

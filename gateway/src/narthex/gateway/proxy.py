@@ -22,6 +22,7 @@ from narthex.common.errors import (
 )
 from narthex.common.http import ServiceClient, is_backpressure
 from narthex.common.middleware import ROUTE_SCOPE_KEY
+from narthex.common.plans import TenantLimits
 from narthex.common.tokens import Principal
 from narthex.common.transport import Exchange
 from narthex.gateway.catalog import MODEL_LIST, check_model, visible_models
@@ -36,7 +37,6 @@ from narthex.gateway.ratelimit.edge import (
     refusal,
 )
 from narthex.gateway.ratelimit.guard import ClientGuard
-from narthex.gateway.ratelimit.plans import TenantPlan
 from narthex.gateway.resources import GatewayState
 from narthex.gateway.routing import Route, RouteTable
 
@@ -112,7 +112,7 @@ class _Admitted(NamedTuple):
 
     body: bytes
     headers: list[tuple[bytes, bytes]]
-    plan: TenantPlan
+    plan: TenantLimits
     limit_headers: list[tuple[bytes, bytes]]
 
 

@@ -31,6 +31,7 @@ from narthex.loadtests.answers import (
 from narthex.loadtests.provision import TenantCredentials
 from narthex.loadtests.scenario import Scenario, UserConfig
 from narthex.loadtests.sla import LIMITED_SUFFIX
+from narthex.testing.texts import WORDS
 from narthex.transactions import Transaction, simulate
 
 __all__ = [
@@ -46,26 +47,6 @@ __all__ = [
     "configure",
 ]
 
-WORDS = (
-    "fraud",
-    "scores",
-    "embeddings",
-    "gateway",
-    "tenants",
-    "quotas",
-    "batches",
-    "tokens",
-    "latency",
-    "throughput",
-    "service",
-    "replicas",
-    "models",
-    "versions",
-    "canary",
-    "traffic",
-    "requests",
-    "budgets",
-)
 PROVISION_WAIT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 

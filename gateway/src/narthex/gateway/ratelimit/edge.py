@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from narthex.common.errors import Problem, ServiceUnavailable
+from narthex.common.plans import TenantLimits
 from narthex.gateway.errors import QuotaExceeded, RateLimited, TooManyItems
 from narthex.gateway.ratelimit.buckets import Decision, Limiter, Limits, MemoryLimiter
-from narthex.gateway.ratelimit.plans import TenantPlan
 
 log = structlog.get_logger("narthex.gateway.ratelimit.edge")
 
@@ -150,7 +150,7 @@ class EdgeLimiter:
     def using_fallback(self) -> bool:
         return self.shared is not None and self._monotonic() < self._down_until
 
-    def _local_limits(self, plan: TenantPlan) -> Limits:
+    def _local_limits(self, plan: TenantLimits) -> Limits:
         if self.shared is None:  # a single-process stack: memory is the real limiter
             return Limits(plan.rate_per_second, plan.burst, plan.daily_quota)
         return Limits(
@@ -159,13 +159,13 @@ class EdgeLimiter:
             max(1, plan.daily_quota // self.replicas),
         )
 
-    async def acquire(self, plan: TenantPlan, cost: int) -> Decision:
+    async def acquire(self, plan: TenantLimits, cost: int) -> Decision:
         return await self._decide(plan, cost)
 
-    async def peek(self, plan: TenantPlan) -> Decision:
+    async def peek(self, plan: TenantLimits) -> Decision:
         return await self._decide(plan, None)
 
-    async def _decide(self, plan: TenantPlan, cost: int | None) -> Decision:
+    async def _decide(self, plan: TenantLimits, cost: int | None) -> Decision:
         limits = Limits(plan.rate_per_second, plan.burst, plan.daily_quota)
         if self.shared is not None and self._monotonic() >= self._down_until:
             try:

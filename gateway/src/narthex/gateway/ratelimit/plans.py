@@ -4,48 +4,34 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from narthex.common.errors import NotFound, ServiceUnavailable
 from narthex.common.http import ServiceClient
+from narthex.common.plans import TenantLimits
 from narthex.common.tokens import Principal
 from narthex.gateway.singleflight import SingleFlight
 
 log = structlog.get_logger("narthex.gateway.ratelimit.plans")
 
 
-@dataclass(frozen=True, slots=True)
-class TenantPlan:
-    tenant: str
-    plan: str
-    rate_per_second: float
-    burst: int
-    daily_quota: int
-    max_items_per_request: int
-    # Model names (every version of each); empty means every model, as auth defines it.
-    allowed_models: tuple[str, ...]
-
-    def allows_model(self, name: str) -> bool:
-        return not self.allowed_models or name in self.allowed_models
-
-
 class Plans(Protocol):
     """Where the gateway reads plans: a PlanBook, or a test's fixed plan."""
 
-    async def plan_of(self, principal: Principal) -> TenantPlan:
+    async def plan_of(self, principal: Principal) -> TenantLimits:
         """The caller's own tenant's plan as it is now."""
         ...
 
-    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
+    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantLimits:
         """Another tenant's plan, read with an admin's token."""
         ...
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    plan: TenantPlan
+    plan: TenantLimits
     fresh_until: float  # monotonic
 
 
@@ -61,16 +47,16 @@ class PlanBook:
         self.auth = auth
         self.ttl = ttl
         self._entries: dict[str, _Entry] = {}
-        self._pending: SingleFlight[TenantPlan] = SingleFlight()
+        self._pending: SingleFlight[TenantLimits] = SingleFlight()
         self.fetches = 0
 
-    async def plan_of(self, principal: Principal) -> TenantPlan:
+    async def plan_of(self, principal: Principal) -> TenantLimits:
         entry = self._entries.get(principal.tenant)
         if entry is not None and entry.fresh_until > time.monotonic():
             return entry.plan
         return await self._pending.run(principal.tenant, lambda: self._fetch(principal, entry))
 
-    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantPlan:
+    async def plan_for(self, tenant_id: str, admin: Principal) -> TenantLimits:
         """Another tenant's plan, read with an admin's token (for the admin quota view)."""
         if tenant_id == admin.tenant:
             return await self.plan_of(admin)
@@ -83,9 +69,9 @@ class PlanBook:
             raise ServiceUnavailable("tenant limits are unavailable", headers={"Retry-After": "1"})
         name = tenant.json()["plan"]
         body = next(p for p in plans.json() if p["name"] == name)
-        return _plan(tenant_id, body)
+        return TenantLimits.model_validate({**body, "tenant": tenant_id, "plan": name})
 
-    async def _fetch(self, principal: Principal, stale: _Entry | None) -> TenantPlan:
+    async def _fetch(self, principal: Principal, stale: _Entry | None) -> TenantLimits:
         self.fetches += 1
         try:
             response = await self.auth.get(
@@ -95,7 +81,7 @@ class PlanBook:
             )
             response.raise_for_status()
             body = response.json()
-            plan = _plan(body["tenant"], {**body, "name": body["plan"]})
+            plan = TenantLimits.model_validate(body)
         except Exception as exc:  # unreachable, failing or malformed: all the same here
             if stale is not None:
                 log.warning("plan refresh failed; using the last known plan", error=repr(exc))
@@ -106,15 +92,3 @@ class PlanBook:
             ) from exc
         self._entries[principal.tenant] = _Entry(plan, time.monotonic() + self.ttl)
         return plan
-
-
-def _plan(tenant: str, body: dict[str, Any]) -> TenantPlan:
-    return TenantPlan(
-        tenant=tenant,
-        plan=str(body["name"]),
-        rate_per_second=float(body["rate_per_second"]),
-        burst=int(body["burst"]),
-        daily_quota=int(body["daily_quota"]),
-        max_items_per_request=int(body["max_items_per_request"]),
-        allowed_models=tuple(body["allowed_models"]),
-    )

@@ -10,15 +10,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from alembic import command
+from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, MetaData, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["Database", "create_engine", "migrate"]
+__all__ = ["Database", "create_engine", "migrate", "run_migrations"]
 
 # A writer waits this long for another replica's write lock on a SQLite file.
 SQLITE_BUSY_MS = 30_000
@@ -82,6 +82,25 @@ def _upgrade(connection: Connection, migrations: Path) -> None:
     # migrations/env.py runs on this connection, inside migrate()'s transaction.
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def run_migrations(metadata: MetaData, service: str) -> None:
+    """What a service's `migrations/env.py` does: run its migrations on the connection that
+    `migrate` lends. No alembic.ini and no URL: `migrate` opens the async engine (with the
+    same SQLite pragmas as the service) and hands over a sync-facade connection."""
+    connection = context.config.attributes.get("connection")
+    if not isinstance(connection, Connection):
+        raise RuntimeError(
+            f"run the {service} migrations through its migrate(database_url), not alembic's CLI"
+        )
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things: later migrations rebuild tables in batch mode there.
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 class Database:

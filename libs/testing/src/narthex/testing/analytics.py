@@ -5,10 +5,7 @@ port, mixed-outcome load through a gateway, and reading a gateway's event counte
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -36,7 +33,7 @@ from narthex.testing.platform import (
     module_argv,
     running,
 )
-from narthex.testing.processes import Service, free_port
+from narthex.testing.processes import Restartable, Service, Spec
 
 __all__ = [
     "PLAN",
@@ -53,61 +50,21 @@ __all__ = [
 PLAN = PlanNumbers(rate=50.0, burst=20)
 
 
-class AnalyticsProcess:
+class AnalyticsProcess(Restartable):
     """`python -m narthex.analytics` on one port for its whole life, restartable."""
 
     def __init__(self, directory: Path, label: str, env: Mapping[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.directory = directory
-        self.label = label
-        self.env = {
-            **os.environ,
-            "NARTHEX_ANALYTICS_HOST": HOST,
-            "NARTHEX_ANALYTICS_PORT": str(self.port),
-            "NARTHEX_ANALYTICS_ENV": "dev",
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.starts += 1
-        log = self.directory / f"{self.label}-{self.starts}.log"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                module_argv("narthex.analytics"),
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.label} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.label} not ready:\n{log.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        spec = Spec(
+            label,
+            module_argv("narthex.analytics"),
+            {
+                "NARTHEX_ANALYTICS_HOST": HOST,
+                "NARTHEX_ANALYTICS_PORT": "{port}",
+                "NARTHEX_ANALYTICS_ENV": "dev",
+                **env,
+            },
+        )
+        super().__init__(spec, directory, cwd=ROOT)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import httpx
 __all__ = [
     "HOST",
     "NotReady",
+    "Restartable",
     "Service",
     "Spec",
     "free_port",
@@ -155,12 +156,15 @@ def start(
     port: int | None = None,
     log_name: str | None = None,
     cwd: Path | None = None,
+    base_env: Mapping[str, str] | None = None,
 ) -> Service:
-    """Start `spec` (not waiting for it) on `port` or a free one; its environment is this
-    process's plus the spec's. The caller stops it (`stop`, or `running` does)."""
+    """Start `spec` (not waiting for it) on `port` or a free one; its environment is
+    `base_env` (default: this process's) plus the spec's. The caller stops it (`stop`, or
+    `running` does)."""
     port = port or spec.port or free_port()
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
-    env = {**os.environ, **{k: v.replace("{port}", str(port)) for k, v in spec.env.items()}}
+    spec_env = {k: v.replace("{port}", str(port)) for k, v in spec.env.items()}
+    env = {**(os.environ if base_env is None else base_env), **spec_env}
     log_path = directory / f"{log_name or spec.label}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -218,6 +222,51 @@ def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> N
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Restartable:
+    """`spec` on one port for its whole life, so that a test may SIGKILL it and start it
+    again where its clients look for it. Each start logs to `<label>-<n>.log`."""
+
+    def __init__(self, spec: Spec, directory: Path, *, cwd: Path | None = None) -> None:
+        self.spec = spec
+        self.port = spec.port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.directory = directory
+        self.cwd = cwd
+        self.service: Service | None = None
+        self.starts = 0
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.service.process if self.service is not None else None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start it and wait until it is ready; NotReady (and stopped) if it is not."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.starts += 1
+        self.service = start(
+            self.spec,
+            self.directory,
+            port=self.port,
+            log_name=f"{self.spec.label}-{self.starts}",
+            cwd=self.cwd,
+        )
+        try:
+            wait_ready(self.service, timeout, self.spec.ready_path)
+        except BaseException:
+            self.stop()  # never leave a half-started process behind
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of its own, as a crash or the OOM killer would end it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
 
 
 @contextmanager

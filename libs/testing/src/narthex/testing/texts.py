@@ -1,5 +1,6 @@
 """Sample texts for embedding models: ~16 tokens each with [CLS]/[SEP], all different, so
-that nothing can be cached. Shared by the benchmarks and the tests that load inference."""
+that nothing can be cached. Shared by the benchmarks, the load tests and the tests that load
+inference."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from narthex.auth.service import AuthService
 from narthex.common.authn import CurrentPrincipal, require_admin, require_scope
 from narthex.common.errors import BadRequest
 from narthex.common.openapi import error_responses
+from narthex.common.plans import TenantLimits
 from narthex.common.scopes import KEYS
 from narthex.common.tokens import Principal, TokenVerifier
 
@@ -143,22 +144,22 @@ async def revocations(service: Service) -> schemas.RevocationList:
 
 @router.get(
     "/v1/auth/limits",
-    response_model=schemas.TenantLimits,
+    response_model=TenantLimits,
     tags=["tokens"],
     summary="The caller's current plan limits (read by the gateway, cached briefly)",
 )
-async def my_limits(service: Service, caller: CurrentPrincipal) -> schemas.TenantLimits:
+async def my_limits(service: Service, caller: CurrentPrincipal) -> TenantLimits:
     # The tenant's plan as it is now, not as it was when the token was issued: a plan
     # change takes effect without waiting for tokens to expire.
     tenant, plan = await service.limits(caller.tenant)
-    return schemas.TenantLimits(
+    return TenantLimits(
         tenant=tenant.id,
         plan=plan.name,
         rate_per_second=plan.rate_per_second,
         burst=plan.burst,
         daily_quota=plan.daily_quota,
         max_items_per_request=plan.max_items_per_request,
-        allowed_models=list(plan.allowed_models),
+        allowed_models=tuple(plan.allowed_models),
     )
 
 

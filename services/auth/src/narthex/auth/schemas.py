@@ -35,18 +35,6 @@ class Plan(BaseModel):
     builtin: bool
 
 
-class TenantLimits(BaseModel):
-    """What the gateway enforces for a tenant: its current plan's numbers."""
-
-    tenant: str
-    plan: str
-    rate_per_second: float
-    burst: int
-    daily_quota: int
-    max_items_per_request: int
-    allowed_models: list[str]
-
-
 # The column is a 32-bit INTEGER in PostgreSQL: a larger quota is a 422, not a failed insert.
 MAX_DAILY_QUOTA = 2**31 - 1
 

@@ -48,6 +48,7 @@ __all__ = [
     "CheckResult",
     "build",
     "check",
+    "embed",
     "ensure_export_venv",
     "export",
     "fix_tokenizer",
@@ -260,9 +261,11 @@ def _session(model: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _embed(
+def embed(
     session: ort.InferenceSession, tokenizer: Tokenizer, texts: Sequence[str]
 ) -> npt.NDArray[np.float32]:
+    """`texts`' embeddings in one run of `session`, each padded to the longest as the
+    service's batches are."""
     encodings = tokenizer.encode_batch(list(texts))
     feed = {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
@@ -301,10 +304,10 @@ def check(model: bytes, tokenizer_json: bytes, reference: dict[str, Any]) -> Che
     session = _session(model)
     if [i.name for i in session.get_inputs()] != list(ONNX_INPUTS):
         raise RuntimeError(f"model.onnx takes {[i.name for i in session.get_inputs()]}")
-    batch = _embed(session, tokenizer, texts).astype(np.float64)
+    batch = embed(session, tokenizer, texts).astype(np.float64)
     if batch.shape != (len(texts), DIMENSION) or not np.isfinite(batch).all():
         raise RuntimeError(f"model.onnx gives {batch.shape} (or non-finite values)")
-    alone = np.concatenate([_embed(session, tokenizer, [t]) for t in texts]).astype(np.float64)
+    alone = np.concatenate([embed(session, tokenizer, [t]) for t in texts]).astype(np.float64)
     cosine = (batch * expected).sum(axis=1) / (
         np.linalg.norm(batch, axis=1) * np.linalg.norm(expected, axis=1)
     )
