@@ -282,9 +282,9 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
     best_raw_rounds = raw[setting, best_batch]
     per_round = [r.rps / b for r, b in zip(ours_runs, best_raw_rounds, strict=True)]
     print(
-        f"narthex / raw ORT best batch: {vs_raw:.2f}x (target >= {INFERENCE_VS_RAW}:"
+        f"narthex / raw ORT best batch: {vs_raw:.3f}x (target >= {INFERENCE_VS_RAW}:"
         f" {verdict(vs_raw >= INFERENCE_VS_RAW)}; per round"
-        f" {min(per_round):.2f}-{max(per_round):.2f}); narthex / PyTriton: {vs_triton:.2f}x"
+        f" {min(per_round):.2f}-{max(per_round):.2f}); narthex / PyTriton: {vs_triton:.3f}x"
         f" (target >= {INFERENCE_VS_TRITON}: {verdict(vs_triton >= INFERENCE_VS_TRITON)})"
     )
     for name in RAW_SETTINGS:
