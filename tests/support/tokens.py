@@ -7,11 +7,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from narthex.common.jwks import JwksCache
-from narthex.common.tokens import DEFAULT_TTL, SigningKey, TokenVerifier, issue_token
+from narthex.common.tokens import SigningKey, TokenVerifier, issue_token
 
-__all__ = ["KEY", "bearer", "static_verifier", "token", "verifier"]
+__all__ = ["KEY", "SUITE_TTL", "bearer", "static_verifier", "token", "verifier"]
 
 KEY = SigningKey.generate()
+# Modules mint their headers once, at collection, and the suite can run for half an hour on a
+# loaded machine: a token must outlive the run, or a late test meets an expired one. Tests of
+# expiry pass their own `ttl` (or drive the verifier's clock).
+SUITE_TTL = 24 * 3600
 
 
 def token(
@@ -20,7 +24,7 @@ def token(
     subject: str = "t_acme",
     *,
     plan: str = "standard",
-    ttl: int = DEFAULT_TTL,
+    ttl: int = SUITE_TTL,
     client_id: str | None = None,
 ) -> str:
     return issue_token(
