@@ -3,7 +3,10 @@
 Edge (one worker each, the same trivial upstream, the same RS256 JWT, wrk -t1 -c64 on
 `GET /v1/models`): narthex's whole edge (JWT + Redis limiter + daily quota + proxy), Envoy
 (jwt_authn + per-tenant local_ratelimit), HAProxy (jwt_verify + a per-tenant stick table)
-and the bare aiohttp proxy of `bench.baseline` (no checks at all).
+and the bare aiohttp proxy of `bench.baseline` (no checks at all). Two more rows place
+narthex: the same gateway without the access log, spans and usage events that the peers here do
+not have either (like for like), and narthex's HTTP server answering from memory
+(`bench.floor`), what any edge on this server costs before it does anything.
 
 Inference (minilm, one ~16-token text per request, wrk -t1 -c64): narthex's inference
 service, PyTriton on the same model.onnx with the same batch settings, infinity-emb on the
@@ -45,6 +48,12 @@ from narthex.testing.platform import Edge, edge, exchange, inference_spec, runni
 from narthex.testing.texts import texts
 
 EDGE_TARGET = 0.75  # narthex's whole edge / Envoy
+# The same gateway without what neither peer does as configured here: the access log line,
+# the server span and the usage event of each request (measured: about a third of the
+# gateway's CPU per request). What the edge costs like for like, beside what it costs whole.
+QUIET = {"access_log_sample_rate": "0", "tracing": "false", "events": "false"}
+QUIET_ROW = "narthex-quiet"
+QUIET_LACKS = "no access log line, no span, no usage event (as Envoy and HAProxy here)"
 INFERENCE_VS_RAW = 0.95
 INFERENCE_VS_TRITON = 1.1
 MIN_COSINE = 0.999
@@ -129,6 +138,7 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
     upstream_port = int(platform.upstream.url.rsplit(":", 1)[1])
     peers = edges.peers(platform.directory, jwks, upstream_port)
     base = edges.baseline(platform.upstream.url)
+    floor = edges.floor()
     small = edges.peers(platform.directory, jwks, upstream_port, small=True)
     with running([p.spec for p in small], platform.directory) as services:
         print("sanity: every peer keeps a bucket per tenant (sub): one is refused, another not")
@@ -140,18 +150,30 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
             print(f"  {peer.name}: refuses a tenant past its bucket, admits the next tenant")
     with private_prefix() as prefix:
         gateway = platform.gateway("gateway", **gateway_env(prefix, 1))
-        specs = [gateway, *(p.spec for p in peers), base.spec]
+        quiet_gateway = platform.gateway("gateway-quiet", **gateway_env(prefix, 1), **QUIET)
+        specs = [gateway, quiet_gateway, *(p.spec for p in peers), base.spec, floor.spec]
         with running(specs, platform.directory) as services:
-            gw, *peer_services, base_service = services
+            gw, gw_quiet, *peer_services, base_service, floor_service = services
             token = edges.unlimited_token(platform, gw.url)
-            urls = {"narthex": gw.url, base.name: base_service.url}
+            urls = {
+                "narthex": gw.url,
+                QUIET_ROW: gw_quiet.url,
+                base.name: base_service.url,
+                floor.name: floor_service.url,
+            }
             urls.update({p.name: s.url for p, s in zip(peers, peer_services, strict=True)})
-            lacks = {"narthex": "-", base.name: base.lacks, **{p.name: p.lacks for p in peers}}
+            lacks = {
+                "narthex": "-",
+                QUIET_ROW: QUIET_LACKS,
+                base.name: base.lacks,
+                floor.name: floor.lacks,
+                **{p.name: p.lacks for p in peers},
+            }
 
             print("sanity: every edge refuses bad tokens and admits the real one", flush=True)
             bad = edges.forged(token)
             for name, url in urls.items():
-                if name == base.name:
+                if name in (base.name, floor.name):
                     continue
                 problems = edges.refuses(url + edges.PATH, bad, token)
                 if problems:
@@ -162,7 +184,12 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
             for url in urls.values():  # warm-up: JWKS, plan cache, Redis script, connections
                 run_wrk(url + edges.PATH, args.warmup, args.connections, jwt)
 
-            pids = {"narthex": gw.process.pid, base.name: base_service.process.pid}
+            pids = {
+                "narthex": gw.process.pid,
+                QUIET_ROW: gw_quiet.process.pid,
+                base.name: base_service.process.pid,
+                floor.name: floor_service.process.pid,
+            }
             pids.update({p.name: s.process.pid for p, s in zip(peers, peer_services, strict=True)})
             cpu = dict.fromkeys(urls, 0.0)
 
@@ -190,11 +217,16 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
         f" {by_name['narthex'].rps / by_name['haproxy'].rps:.2f}x;"
         f" / bare aiohttp proxy: {by_name['narthex'].rps / by_name[base.name].rps:.2f}x"
     )
-    cpu_envoy, cpu_ours = by_name["envoy"].cpu_us, by_name["narthex"].cpu_us
-    if cpu_envoy and cpu_ours:
+    print(
+        f"like for like (narthex without what the peers here do not do either) / Envoy:"
+        f" {by_name[QUIET_ROW].rps / by_name['envoy'].rps:.2f}x"
+    )
+    cpu_envoy = by_name["envoy"].cpu_us
+    if cpu_envoy:
         print(
-            f"by CPU per request (what a busy machine disturbs least): Envoy / narthex"
-            f" = {cpu_envoy / cpu_ours:.2f}x"
+            "by CPU per request (what a busy machine disturbs least): Envoy / narthex ="
+            f" {cpu_envoy / (by_name['narthex'].cpu_us or 1):.2f}x;"
+            f" Envoy / narthex like for like = {cpu_envoy / (by_name[QUIET_ROW].cpu_us or 1):.2f}x"
         )
     return ratio
 

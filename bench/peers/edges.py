@@ -244,7 +244,8 @@ def peers(
         ready_path=READY,
     )
     per_replica = (
-        "limits per replica, not shared exactly across replicas; cost is requests, not items"
+        "limits per replica, not shared exactly across replicas; cost is requests, not items;"
+        " no access log, spans or usage events"
     )
     return [Peer("envoy", envoy, per_replica), Peer("haproxy", haproxy, per_replica)]
 
@@ -258,6 +259,14 @@ def baseline(upstream_url: str) -> Peer:
             ready_path="/",
         ),
         "no JWT, no limits, no quota: forwards only",
+    )
+
+
+def floor() -> Peer:
+    return Peer(
+        "python-floor",
+        Spec("floor", module_argv("bench.floor", "--port", "{port}"), ready_path="/"),
+        "answers from memory: no upstream, no checks; narthex's HTTP server alone",
     )
 
 
