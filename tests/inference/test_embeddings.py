@@ -1,5 +1,9 @@
 """`POST /v1/embeddings` pinned byte for byte: answers, every refusal's status and OpenAI error,
-the order in which refusals win, headers, metrics, the access log and the API description."""
+the order in which refusals win, headers, metrics, the access log and the API description.
+
+Every test runs twice: on the app as built (its fast path, `narthex.inference.embeddings`,
+answers) and on the same app without the fast path (FastAPI's declared route answers), which is
+how the route answered before the fast path existed."""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ import numpy as np
 import orjson
 import pytest
 import structlog
+from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from narthex.common.errors import protocol_of
+from narthex.inference import embeddings
 from narthex.inference.main import create_app
 from narthex.inference.routes import InferenceState
 from narthex.inference.settings import InferenceSettings
@@ -39,12 +46,36 @@ ANSWER_HEADERS = ["x-narthex-model-version", "content-length", "content-type", "
 ERROR_HEADERS = ["content-length", "content-type", "x-request-id"]
 
 
+@pytest.fixture(params=["fast path", "router"])
+def answered_by(request: pytest.FixtureRequest) -> str:
+    param: str = request.param
+    return param
+
+
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+def fast() -> list[bool]:
+    """One item per request the fast path answered."""
+    return []
+
+
+@pytest.fixture
+async def client(
+    tmp_path: Path, answered_by: str, fast: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
     settings = InferenceSettings(
         model_repository=tiny_repository(tmp_path), tracing=False, max_body_bytes=4096, env="dev"
     )
     app = create_app(settings, verifier=static_verifier)
+    answers = embeddings._answer
+
+    async def answer(scope: Scope, receive: Receive) -> Response:
+        fast.append(True)
+        return await answers(scope, receive)
+
+    monkeypatch.setattr(embeddings, "_answer", answer)
+    if answered_by == "router":  # before the first call builds the middleware stack
+        fast_path: object = embeddings.EmbeddingsEndpoint
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not fast_path]
     async with (
         started(app, InferenceState) as running,
         httpx.AsyncClient(
@@ -54,6 +85,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         ) as client,
     ):
         yield client
+    assert answered_by == "fast path" or not fast
 
 
 def error(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
@@ -205,10 +237,15 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("request_", "expected"), [(r, e) for _, r, e in CASES], ids=[c[0] for c in CASES]
 )
 async def test_answers_and_refusals(
-    client: httpx.AsyncClient, request_: dict[str, Any], expected: dict[str, Any]
+    client: httpx.AsyncClient,
+    answered_by: str,
+    fast: list[bool],
+    request_: dict[str, Any],
+    expected: dict[str, Any],
 ) -> None:
     with structlog.testing.capture_logs() as logs:
         response = await client.post("/v1/embeddings", **request_)
+    assert fast == ([True] if answered_by == "fast path" else [])
     [access] = [line for line in logs if line.get("event") == "request" and "route" in line]
     assert access["route"] == "/v1/embeddings"
     assert access["tenant"] == "t_acme"
@@ -244,7 +281,7 @@ async def test_base64_and_many_texts(client: httpx.AsyncClient) -> None:
     assert body["model"] == "words:1"
 
 
-async def test_refusals_before_the_route(client: httpx.AsyncClient) -> None:
+async def test_refusals_before_the_route(client: httpx.AsyncClient, fast: list[bool]) -> None:
     """The token check and the body cap answer before any route, in the route's protocol."""
     anonymous = await client.post(
         "/v1/embeddings", json={"model": "words", "input": "w1"}, headers={"Authorization": ""}
@@ -255,14 +292,18 @@ async def test_refusals_before_the_route(client: httpx.AsyncClient) -> None:
     large = await client.post("/v1/embeddings", content=b"x" * 5000, headers=JSON)
     assert large.status_code == 413
     assert large.json()["error"]["code"] == "payload_too_large"
+    assert not fast
 
 
-async def test_other_methods_and_paths_are_the_routers(client: httpx.AsyncClient) -> None:
+async def test_other_methods_and_paths_are_the_routers(
+    client: httpx.AsyncClient, fast: list[bool]
+) -> None:
     get = await client.get("/v1/embeddings")
     assert (get.status_code, get.headers["allow"]) == (405, "POST")
     assert get.json()["error"]["code"] == "method_not_allowed"
     slash = await client.post("/v1/embeddings/", json={"model": "words", "input": "w1"})
     assert (slash.status_code, slash.headers["location"]) == (307, "http://inference/v1/embeddings")
+    assert not fast
 
 
 async def test_requests_are_counted_by_route(client: httpx.AsyncClient) -> None:
