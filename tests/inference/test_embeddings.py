@@ -2,8 +2,8 @@
 the order in which refusals win, headers, metrics, the access log and the API description.
 
 Every test runs twice: on the app as built (its fast path, `narthex.inference.embeddings`,
-answers) and on the same app without the fast path (FastAPI's declared route answers), which is
-how the route answered before the fast path existed."""
+answers) and with `embeddings_fast_path` off (FastAPI's declared route answers), which is how
+the route answered before the fast path existed."""
 
 from __future__ import annotations
 
@@ -63,7 +63,11 @@ async def client(
     tmp_path: Path, answered_by: str, fast: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = InferenceSettings(
-        model_repository=tiny_repository(tmp_path), tracing=False, max_body_bytes=4096, env="dev"
+        model_repository=tiny_repository(tmp_path),
+        tracing=False,
+        max_body_bytes=4096,
+        env="dev",
+        embeddings_fast_path=answered_by == "fast path",
     )
     app = create_app(settings, verifier=static_verifier)
     answers = embeddings._answer
@@ -73,9 +77,6 @@ async def client(
         return await answers(scope, receive)
 
     monkeypatch.setattr(embeddings, "_answer", answer)
-    if answered_by == "router":  # before the first call builds the middleware stack
-        fast_path: object = embeddings.EmbeddingsEndpoint
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not fast_path]
     async with (
         started(app, InferenceState) as running,
         httpx.AsyncClient(

@@ -117,8 +117,9 @@ def create_app(
         authenticate=True,
         verifier=verifier or remote_verifier,
         public_paths=PUBLIC_PATHS,
-        # The hot route, answered before FastAPI's routing; the router keeps its declaration.
-        inner_middleware=[Middleware(EmbeddingsEndpoint)],
+        # The hot route, answered before FastAPI's routing; the router keeps its declaration
+        # (the API description, and the answer when the fast path is switched off).
+        inner_middleware=[Middleware(EmbeddingsEndpoint)] if settings.embeddings_fast_path else [],
     )
     install_error_handlers(app)
     app.include_router(router)
