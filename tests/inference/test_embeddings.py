@@ -142,6 +142,22 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("no content type", {"content": ONE}, NOT_AN_OBJECT),
     ("text/plain", {"content": ONE, "headers": {"content-type": "text/plain"}}, NOT_AN_OBJECT),
     ("array", {"json": [1]}, NOT_AN_OBJECT),
+    ("null", {"content": b"null", "headers": JSON}, NOT_AN_OBJECT),
+    ("a string", {"content": b'"w1"', "headers": JSON}, NOT_AN_OBJECT),
+    # The first of repeated headers counts, as Starlette's Headers.get has it.
+    (
+        "content types",
+        {"content": ONE, "headers": [("content-type", "text/plain"), *JSON.items()]},
+        NOT_AN_OBJECT,
+    ),
+    (
+        "keys",
+        {
+            "json": {"model": "words", "input": "w1"},
+            "headers": [(KEY_HEADER, "k"), (KEY_HEADER, "k" * 257)],
+        },
+        W1,
+    ),
     (
         "empty",
         {"content": b"", "headers": JSON},
