@@ -9,6 +9,7 @@ asserted.
   `--clients` at a time, straight into one app's ASGI callable (no server, no sockets: what
   both arms share is left out) and reads the loop thread's CPU time (`time.thread_time`)
   around it; ONNX Runtime computes on its own threads, which that clock does not count.
+  Logging and GC are set up as `narthex.common.serve` sets them up.
 - `--wrk SECONDS`: both as real services (a JWKS served from files), wrk -t1 -c`--clients`
   for SECONDS per round, against raw ONNX Runtime's best batch measured first, as
   `bench.inference` measures it (a).
@@ -31,16 +32,15 @@ import orjson
 from starlette.types import ASGIApp, Message
 
 from bench._loop import new_event_loop
-from bench.inference import minilm_raw
-from bench.proxy import signing_keys, wrk_post
 from narthex.common.jwks import JwksCache
+from narthex.common.logging import configure_logging
+from narthex.common.serve import tune_gc
 from narthex.common.tokens import SigningKey, TokenVerifier, issue_token
 from narthex.inference.main import create_app
 from narthex.inference.routes import InferenceState
 from narthex.inference.settings import InferenceSettings
 from narthex.testing.lifespan import started
 from narthex.testing.models import builtin_repository
-from narthex.testing.platform import inference_spec, running
 from narthex.testing.texts import texts
 
 KEY = SigningKey.generate()
@@ -164,6 +164,11 @@ async def run(rounds: int, n: int, clients: int) -> None:
 
 
 def over_wrk(rounds: int, seconds: int, clients: int) -> None:
+    # Imported here: bench.inference brings the fraud model's training stack (seconds).
+    from bench.inference import minilm_raw
+    from bench.proxy import signing_keys, wrk_post
+    from narthex.testing.platform import inference_spec, running
+
     repository = builtin_repository(["minilm"])
     print("raw ONNX Runtime, 1 s per batch size ...", flush=True)
     raw = max(
@@ -217,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wrk:
         over_wrk(args.rounds, args.wrk, args.clients)
         return 0
+    # As narthex.common.serve sets up a service: the access log is part of each request's cost.
+    configure_logging("inference", level="INFO", json=True)
+    tune_gc()
     loop = new_event_loop()
     try:
         loop.run_until_complete(run(args.rounds, args.requests, args.clients))
