@@ -13,12 +13,16 @@ import httpx
 import pytest
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from narthex.common.app import ServiceApp, service_app
 from narthex.common.errors import Forbidden, Problem
 from narthex.common.readiness import CheckResult
 from narthex.common.settings import Environment, ServiceSettings
 from narthex.testing.lifespan import Started, started
+from tests.support.tokens import bearer, static_verifier
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -289,3 +293,38 @@ async def test_problem_body_is_valid_json_with_trace_when_tracing_off() -> None:
     body = json.loads(response.text)
     assert body["status"] == 403
     assert body["request_id"] == response.headers["x-request-id"]
+
+
+async def test_inner_middleware_runs_after_the_token_check_and_the_body_cap() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    class Inner:
+        """Answers every request itself, with what it was handed."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            message = await receive()
+            seen.append((scope["state"]["principal"].tenant, message["body"]))
+            await JSONResponse({"inner": True})(scope, receive, send)
+
+    app = service_app(
+        ServiceSettings(tracing=False, env="dev", max_body_bytes=16),
+        title="demo",
+        description="Demo service.",
+        authenticate=True,
+        verifier=static_verifier,
+        inner_middleware=[Middleware(Inner)],
+    )
+    async with started(app, dict) as running:
+        transport = httpx.ASGITransport(app=running.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+            caller = bearer(["tenant"], ["inference"])
+            answered = await client.post("/anything", content=b"small", headers=caller)
+            assert (answered.status_code, answered.json()) == (200, {"inner": True})
+            assert "x-request-id" in answered.headers  # inside the request context
+            assert (await client.post("/anything", content=b"small")).status_code == 401
+            large = await client.post("/anything", content=b"x" * 17, headers=caller)
+            assert large.status_code == 413
+    assert seen == [("t_acme", b"small")]

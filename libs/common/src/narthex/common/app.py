@@ -58,6 +58,7 @@ def service_app(
     version: str = "0.1.0",
     lifespan: Lifespan = _no_resources,
     middleware: Sequence[Middleware] = (),
+    inner_middleware: Sequence[Middleware] = (),
     authenticate: bool = False,
     verifier: VerifierFactory | None = None,
     public_paths: frozenset[str] = frozenset(),
@@ -69,6 +70,9 @@ def service_app(
     one, and the app is ready only once it has finished starting. `middleware` runs inside the
     common request context and span, before routing (the gateway's proxy lives there);
     request bodies are read (`BodyLimitMiddleware`, the settings' caps) just before routing.
+    `inner_middleware` runs innermost, after the token check and the body cap, just before
+    FastAPI's exception handlers and router: a hot route answered as pure ASGI lives there
+    (inference's embeddings), finding the caller's Principal and the body already read.
 
     `authenticate` makes every route but the probes and `public_paths` require a
     verified JWT (zero trust: internal services check the caller themselves). The
@@ -130,6 +134,8 @@ def service_app(
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     # add_middleware puts each one outside the ones before it: innermost first.
+    for innermost in reversed(inner_middleware):
+        app.add_middleware(innermost.cls, *innermost.args, **innermost.kwargs)
     # Bodies are read once the caller is known, within the size every service caps.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if authenticate:

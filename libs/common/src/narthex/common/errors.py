@@ -211,7 +211,8 @@ async def send_error(problem: Problem, scope: Scope, receive: Receive, send: Sen
     await render_error(problem, scope["path"])(scope, receive, send)
 
 
-def _http_problem(exc: StarletteHTTPException) -> Problem:
+def http_problem(exc: StarletteHTTPException) -> Problem:
+    """Starlette's (and FastAPI's) HTTPException as the Problem every handler renders."""
     status = exc.status_code
     try:
         phrase = HTTPStatus(status).phrase
@@ -235,7 +236,7 @@ async def _on_problem(request: Request, exc: Exception) -> Response:
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    return render_error(_http_problem(exc), request.url.path)
+    return render_error(http_problem(exc), request.url.path)
 
 
 def validation_problem(errors: list[Mapping[str, Any]]) -> ValidationFailed:

@@ -25,8 +25,9 @@ log = structlog.get_logger(ACCESS_LOGGER)
 # carries a trace context (then it is part of a traced request, not a kubelet poll).
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-# Set by handlers that route by data rather than by path template (the gateway proxy),
-# so that metrics stay labelled by a bounded set of names.
+# Set by handlers that route by data rather than by path template (the gateway proxy), or
+# that answer ahead of the router (inference's embeddings), so that metrics stay labelled by
+# a bounded set of names.
 ROUTE_SCOPE_KEY = "narthex.route"
 
 

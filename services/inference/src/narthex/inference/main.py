@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
+from starlette.middleware import Middleware
 
 from narthex.common.app import ServiceApp, VerifierFactory, service_app
 from narthex.common.authn import remote_verifier
@@ -13,6 +14,7 @@ from narthex.common.credential import ServiceCredential
 from narthex.common.events import PREDICTION_STREAM, EventBuffer, event_buffers
 from narthex.common.http import ClientPolicy, ServiceClient
 from narthex.common.readiness import CheckResult
+from narthex.inference.embeddings import EmbeddingsEndpoint
 from narthex.inference.errors import install_error_handlers
 from narthex.inference.features import FeatureClient, FeatureMetrics
 from narthex.inference.metrics import InferenceMetrics
@@ -115,6 +117,9 @@ def create_app(
         authenticate=True,
         verifier=verifier or remote_verifier,
         public_paths=PUBLIC_PATHS,
+        # The hot route, answered before FastAPI's routing; the router keeps its declaration
+        # (the API description, and the answer when the fast path is switched off).
+        inner_middleware=[Middleware(EmbeddingsEndpoint)] if settings.embeddings_fast_path else [],
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -393,11 +393,20 @@ async def embeddings(
     body: EmbeddingsRequest, service: Service, caller: CurrentPrincipal, key: CanaryKey = None
 ) -> Response:
     """OpenAI's embeddings API: `openai.OpenAI(base_url=.../v1).embeddings.create(...)`."""
+    # narthex.inference.embeddings answers this path ahead of the router, with the same
+    # checks in the same order; this route describes it, and answers where that is not in
+    # front (an app built without it).
+    return await answer_embeddings(service, body, tenant=caller.tenant, key=key)
+
+
+async def answer_embeddings(
+    service: InferenceService, body: EmbeddingsRequest, *, tenant: str, key: str | None
+) -> Response:
+    """The answer to a validated embeddings request from an authorized caller: the one
+    implementation behind the route and the fast path."""
     name, _, pinned = body.model.partition(":")
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await service.embed(
-        name, _version(pinned or None), texts, tenant=caller.tenant, key=key
-    )
+    result = await service.embed(name, _version(pinned or None), texts, tenant=tenant, key=key)
     dimension = result.vectors.shape[1]
     if body.dimensions is not None and body.dimensions != dimension:
         raise InvalidInput(

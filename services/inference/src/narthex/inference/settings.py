@@ -38,6 +38,11 @@ class InferenceSettings(AuthClientSettings):
     max_text_bytes: int = Field(
         16384, ge=16, description="longest text accepted (UTF-8 bytes), before tokenizing"
     )
+    embeddings_fast_path: bool = Field(
+        True,
+        description="answer POST /v1/embeddings ahead of FastAPI's router (false: the declared"
+        " route answers it, alike, for more CPU per request)",
+    )
     request_timeout: float = Field(
         30.0, gt=0, description="a request without a deadline header waits at most this long"
     )
