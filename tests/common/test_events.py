@@ -38,11 +38,11 @@ async def test_events_wait_out_an_outage_and_the_overflow_is_counted(tmp_path: P
             redis, stream, EventMetrics(registry), capacity=50, batch=20, retry_seconds=0.05
         ) as buffer:
             for i in range(30):
-                assert buffer.emit({"id": f"a{i}"})
+                assert buffer.emit({"id": f"a{i}"}, tenant="a")
             await wait_until_written(buffer, 30)
 
             server.stop()
-            accepted = [buffer.emit({"id": f"b{i}"}) for i in range(80)]
+            accepted = [buffer.emit({"id": f"b{i}"}, tenant="a") for i in range(80)]
             await asyncio.sleep(0.3)  # the writer tries and fails meanwhile
             assert accepted.count(True) == 50  # the buffer's bound, the rest refused
             assert buffer.pending == 50
@@ -74,7 +74,7 @@ async def test_emit_does_not_wait_for_redis(tmp_path: Path) -> None:
             redis, stream, EventMetrics(registry), close_grace_seconds=0.2, retry_seconds=0.05
         ) as buffer:
             for i in range(10):
-                assert buffer.emit({"id": str(i)})
+                assert buffer.emit({"id": str(i)}, tenant="a")
     finally:
         await redis.aclose()
     assert buffer.dropped == 10
