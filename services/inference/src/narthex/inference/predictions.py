@@ -53,7 +53,8 @@ class ScoreEvents:
                     "version": self.version,
                     "tenant": tenant,
                     "counts": [int(c) for c in counts],
-                }
+                },
+                tenant=tenant,
             )
 
 
