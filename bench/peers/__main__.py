@@ -36,10 +36,11 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from bench.inference import minilm_raw
+from bench.inference import minilm_raw, raw_instances
 from bench.limits import gateway_env, private_prefix
 from bench.peers import edges, embedders
 from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
@@ -235,7 +236,12 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
 
 
 RAW = "raw ORT"
-RAW_SETTINGS = {"defaults": False, "served": True}  # minilm_raw's `served`
+# minilm_raw's options per candidate; "instances" gets raw_instances(repository).
+RAW_SETTINGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "served": {"served": True},
+    "served, instances": {"served": True, "instances": None},
+}
 
 
 def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) -> None:
@@ -284,8 +290,10 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
             if name != RAW:
                 return wrk_post(urls[name], bodies[name], token, args.duration, args.connections)
             best = 0.0
-            for setting, served in RAW_SETTINGS.items():
-                for batch, rate in minilm_raw(repository, args.raw_seconds, served=served).items():
+            for setting, options in RAW_SETTINGS.items():
+                if "instances" in options:
+                    options = options | {"instances": raw_instances(repository)}
+                for batch, rate in minilm_raw(repository, args.raw_seconds, **options).items():
                     raw.setdefault((setting, batch), []).append(rate)
                     best = max(best, rate)
             return WrkResult(best, 0.0, 0.0, 0, 0, {})
