@@ -2,8 +2,9 @@
 
 For `minilm` (64 concurrent clients, one ~16-token text per request):
   (a) raw, in this process: the session alone on pre-tokenized batches of each size in
-      BATCH_SIZES, on ONNX Runtime's defaults and on the service's session options; the
-      best texts/s is the ceiling the service is measured against.
+      BATCH_SIZES, on ONNX Runtime's defaults, on the service's session options, and so
+      with runners on the one session as a version's instances run; the best texts/s is
+      the ceiling the service is measured against.
   (b) the service (`POST /v1/embeddings` with a JWT), dynamic batching as configured.
   (c) the same service over a repository whose only change is `max_batch_size: 1`.
   Targets (CPU): (b) >= 0.85 x (a), (b) >= 1.3 x (c); p99 of (b) printed.

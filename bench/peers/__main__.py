@@ -9,9 +9,10 @@ not have either (like for like), and narthex's HTTP server answering from memory
 (`bench.floor`), what any edge on this server costs before it does anything.
 
 Inference (minilm, one ~16-token text per request, wrk -t1 -c64): narthex's inference
-service, PyTriton on the same model.onnx with the same batch settings, infinity-emb on the
-same weights, and raw ONNX Runtime's best batch in this process (texts/s, the ceiling: its
-best batch size on its best session options, ONNX Runtime's defaults or the service's own).
+service, PyTriton on the same model.onnx with the same batch settings and instance count,
+infinity-emb on the same weights, and raw ONNX Runtime's best batch in this process
+(texts/s, the ceiling: its best batch size on its best session options, ONNX Runtime's
+defaults, the service's own, or the service's with runners at once as its instances).
 
 Before anything is timed, every edge must refuse a forged, an unsigned and an expired token
 and accept the real one; Envoy and HAProxy, started once more with small buckets, must

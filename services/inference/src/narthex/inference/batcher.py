@@ -7,10 +7,10 @@ are queued and which chunks make the next batch is decided by the tenant-fair qu
 (`fair_queue`: fair-share admission, deficit round robin). A batch goes to a free instance
 when enough is queued for a whole batch or a preferred size, `max_delay` after the oldest
 queued chunk arrived, or at once when nothing else waits: a lone request does not wait for
-company that is not coming. Text batches keep to a token budget and to
-texts of similar length, so that padding stays small. Before compute, chunks of requests
-that were cancelled, failed, or are past their deadline are dropped. If a batch fails, each
-request in it is run alone, so that one bad input fails only its own request.
+company that is not coming. Text batches keep to a token budget and to texts of similar
+length, so that padding stays small. Before compute, chunks of requests that were
+cancelled, failed, or are past their deadline are dropped. If a batch fails, each request
+in it is run alone, so that one bad input fails only its own request.
 
 A version has `instances` runners (its config's `instance_group`): up to that many batches
 compute at once, each in a thread of its own, sharing the version's session. The loop forms
