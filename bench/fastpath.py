@@ -165,7 +165,7 @@ async def run(rounds: int, n: int, clients: int) -> None:
 
 def over_wrk(rounds: int, seconds: int, clients: int) -> None:
     # Imported here: bench.inference brings the fraud model's training stack (seconds).
-    from bench.inference import minilm_raw
+    from bench.inference import minilm_raw, raw_instances
     from bench.proxy import signing_keys, wrk_post
     from narthex.testing.platform import inference_spec, running
 
@@ -174,6 +174,7 @@ def over_wrk(rounds: int, seconds: int, clients: int) -> None:
     raw = max(
         max(minilm_raw(repository, 1.0).values()),
         max(minilm_raw(repository, 1.0, served=True).values()),
+        max(minilm_raw(repository, 1.0, served=True, instances=raw_instances(repository)).values()),
     )
     bodies = [orjson.dumps({"model": "minilm", "input": t}) for t in texts(256, seed=2)]
     with tempfile.TemporaryDirectory(prefix="narthex-fastpath-") as tmp:

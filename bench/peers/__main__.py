@@ -9,9 +9,10 @@ not have either (like for like), and narthex's HTTP server answering from memory
 (`bench.floor`), what any edge on this server costs before it does anything.
 
 Inference (minilm, one ~16-token text per request, wrk -t1 -c64): narthex's inference
-service, PyTriton on the same model.onnx with the same batch settings, infinity-emb on the
-same weights, and raw ONNX Runtime's best batch in this process (texts/s, the ceiling: its
-best batch size on its best session options, ONNX Runtime's defaults or the service's own).
+service, PyTriton on the same model.onnx with the same batch settings and instance count,
+infinity-emb on the same weights, and raw ONNX Runtime's best batch in this process
+(texts/s, the ceiling: its best batch size on its best session options, ONNX Runtime's
+defaults, the service's own, or the service's with runners at once as its instances).
 
 Before anything is timed, every edge must refuse a forged, an unsigned and an expired token
 and accept the real one; Envoy and HAProxy, started once more with small buckets, must
@@ -36,10 +37,11 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from bench.inference import minilm_raw
+from bench.inference import minilm_raw, raw_instances
 from bench.limits import gateway_env, private_prefix
 from bench.peers import edges, embedders
 from bench.proxy import BenchError, WrkResult, run_wrk, wrk_post
@@ -235,7 +237,12 @@ def edge_table(platform: Edge, args: argparse.Namespace) -> float:
 
 
 RAW = "raw ORT"
-RAW_SETTINGS = {"defaults": False, "served": True}  # minilm_raw's `served`
+# minilm_raw's options per candidate; "instances" gets raw_instances(repository).
+RAW_SETTINGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "served": {"served": True},
+    "served, instances": {"served": True, "instances": None},
+}
 
 
 def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) -> None:
@@ -284,8 +291,10 @@ def inference_table(platform: Edge, repository: Path, args: argparse.Namespace) 
             if name != RAW:
                 return wrk_post(urls[name], bodies[name], token, args.duration, args.connections)
             best = 0.0
-            for setting, served in RAW_SETTINGS.items():
-                for batch, rate in minilm_raw(repository, args.raw_seconds, served=served).items():
+            for setting, options in RAW_SETTINGS.items():
+                if "instances" in options:
+                    options = options | {"instances": raw_instances(repository)}
+                for batch, rate in minilm_raw(repository, args.raw_seconds, **options).items():
                     raw.setdefault((setting, batch), []).append(rate)
                     best = max(best, rate)
             return WrkResult(best, 0.0, 0.0, 0, 0, {})

@@ -47,10 +47,15 @@ class Embedder:
     lacks: str
 
 
-def batch_settings(repository: Path) -> tuple[int, float]:
-    """(max_batch_size, max_queue_delay_ms) from minilm's config.yaml."""
+def batch_settings(repository: Path) -> tuple[int, float, int]:
+    """(max_batch_size, max_queue_delay_ms, instances) from minilm's config.yaml."""
     config = YAML(typ="safe").load((repository / MODEL / CONFIG_FILE).read_text())
-    return int(config["max_batch_size"]), float(config["dynamic_batching"]["max_queue_delay_ms"])
+    (group,) = config.get("instance_group", [{}])
+    return (
+        int(config["max_batch_size"]),
+        float(config["dynamic_batching"]["max_queue_delay_ms"]),
+        int(group.get("count", 1)),
+    )
 
 
 def _narthex_body(text: str) -> bytes:
@@ -88,7 +93,7 @@ def narthex(spec: Spec) -> Embedder:
 
 def peers(repository: Path, version: int = 1) -> list[Embedder]:
     """PyTriton and infinity, installed if needed."""
-    max_batch, delay_ms = batch_settings(repository)
+    max_batch, delay_ms, instances = batch_settings(repository)
     triton_python = install.ensure_venv(install.TRITON)
     infinity_python = install.ensure_venv(install.INFINITY)
     triton = Spec(
@@ -108,6 +113,8 @@ def peers(repository: Path, version: int = 1) -> list[Embedder]:
             str(max_batch),
             "--max-queue-delay-ms",
             str(delay_ms),
+            "--instances",
+            str(instances),
         ),
         {"LD_LIBRARY_PATH": install.libpython_dir()},
         ready_path=f"/v2/models/{MODEL}/ready",

@@ -3,12 +3,15 @@
 It imports nothing of narthex: the venv holds only nvidia-pytriton, onnxruntime, tokenizers
 and numpy. Tokenization matches narthex.inference.text (no padding per text, truncation at
 `--max-tokens`, a batch padded to its longest member); the batch settings are the model's
-own config.yaml's, passed in by the benchmark.
+own config.yaml's, passed in by the benchmark, its instance count too: as many infer
+functions (PyTriton's model instances) sharing one session, each run on cores / instances
+threads, as narthex lays them out.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,12 @@ from pytriton.triton import Triton, TritonConfig
 from tokenizers import Tokenizer
 
 
-def make_infer(version_dir: Path, max_tokens: int) -> Any:
+def make_infers(version_dir: Path, max_tokens: int, instances: int) -> list[Any]:
+    options = ort.SessionOptions()
+    if instances > 1:  # one instance: ONNX Runtime's defaults, as before
+        options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // instances)
     session = ort.InferenceSession(
-        str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
     tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
     tokenizer.no_padding()
@@ -30,23 +36,27 @@ def make_infer(version_dir: Path, max_tokens: int) -> Any:
     pad = tokenizer.token_to_id("[PAD]") or 0
     names = {i.name for i in session.get_inputs()}
 
-    @batch  # type: ignore[untyped-decorator]  # pytriton ships no type information
-    def infer(text: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
-        texts = [row[0].decode("utf-8") for row in text]
-        ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
-        width = max(len(i) for i in ids)
-        input_ids = np.full((len(ids), width), pad, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in names:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        (embedding,) = session.run(None, feeds)
-        return {"embedding": embedding.astype(np.float32)}
+    def instance() -> Any:  # a function of its own per instance, as PyTriton keys them
+        @batch  # type: ignore[untyped-decorator]  # pytriton ships no type information
+        def infer(text: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+            texts = [row[0].decode("utf-8") for row in text]
+            ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+            width = max(len(i) for i in ids)
+            input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+            mask = np.zeros((len(ids), width), dtype=np.int64)
+            for row, seq in enumerate(ids):
+                input_ids[row, : len(seq)] = seq
+                mask[row, : len(seq)] = 1
+            feeds = {"input_ids": input_ids, "attention_mask": mask}
+            if "token_type_ids" in names:
+                feeds["token_type_ids"] = np.zeros_like(input_ids)
+            (embedding,) = session.run(None, feeds)
+            return {"embedding": embedding.astype(np.float32)}
 
-    return infer
+        return infer
+
+    # A list of infer functions is PyTriton's instance_group count; `run` is thread-safe.
+    return [instance() for _ in range(instances)]
 
 
 def main() -> None:
@@ -58,6 +68,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, required=True)
     parser.add_argument("--max-queue-delay-ms", type=float, required=True)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--dimension", type=int, default=384)
     args = parser.parse_args()
     config = TritonConfig(
@@ -72,7 +83,7 @@ def main() -> None:
     with Triton(config=config) as triton:
         triton.bind(
             model_name="minilm",
-            infer_func=make_infer(args.version_dir, args.max_tokens),
+            infer_func=make_infers(args.version_dir, args.max_tokens, args.instances),
             inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
             outputs=[Tensor(name="embedding", dtype=np.float32, shape=(args.dimension,))],
             config=ModelConfig(

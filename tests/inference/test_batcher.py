@@ -1,5 +1,6 @@
 """The dynamic batcher: batching, bounds, deadlines, cancellation, isolation, token budgets,
-fairness across tenants (the queue's own rules are in test_fair_queue.py), low-load latency."""
+fairness across tenants (the queue's own rules are in test_fair_queue.py), low-load latency,
+several instances computing at once."""
 
 from __future__ import annotations
 
@@ -88,9 +89,10 @@ async def queue_empty_of_first_batch(batcher: Batcher[Any, Any], left: int) -> N
     raise AssertionError(f"the queue holds {batcher.depth} items, not {left}")
 
 
-async def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_concurrent_requests_share_batches_and_get_their_own_results(instances: int) -> None:
     compute = Recorder(delay=0.01)
-    async with running(compute) as batcher:
+    async with running(compute, instances=instances) as batcher:
         results = await asyncio.gather(*(batcher.submit([(i, 1, 0)]) for i in range(40)))
     assert results == [[("done", i)] for i in range(40)]
     assert sorted(compute.computed) == list(range(40))
@@ -144,10 +146,11 @@ async def test_a_lone_request_is_sent_after_the_delay_without_waiting_for_compan
     assert compute.batches == [["alone"]]
 
 
-async def test_a_lone_request_goes_at_once_when_nothing_else_waits() -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_a_lone_request_goes_at_once_when_nothing_else_waits(instances: int) -> None:
     compute = Recorder()
     # A delay far beyond the test's timeout: the request must not wait for company.
-    async with running(compute, max_delay_s=3600) as batcher:
+    async with running(compute, max_delay_s=3600, instances=instances) as batcher:
         assert await batcher.submit([("alone", 1, 0)]) == [("done", "alone")]
         assert await batcher.submit([("next", 1, 0)]) == [("done", "next")]
         # A request of several chunks is still one request: it does not wait for itself.
@@ -223,9 +226,10 @@ async def test_cancelled_callers_do_not_break_the_others() -> None:
     assert [p for p in compute.computed if isinstance(p, int) and p % 2 == 0] == [0, 2]
 
 
-async def test_one_bad_input_fails_only_its_own_request() -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_one_bad_input_fails_only_its_own_request(instances: int) -> None:
     compute = Recorder(fail_on="poison")
-    async with running(compute, max_delay_s=0.05) as batcher:
+    async with running(compute, max_delay_s=0.05, instances=instances) as batcher:
         results = await asyncio.gather(
             batcher.submit([("a", 1, 0)]),
             batcher.submit([("poison", 1, 0)]),
@@ -263,9 +267,10 @@ async def test_text_batches_keep_to_the_token_budget_and_group_similar_lengths()
     assert max(len(b) for b in compute.batches[1:]) == 8  # short texts fill whole batches
 
 
-async def test_drain_waits_for_what_was_accepted_then_refuses_new_work() -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_drain_waits_for_what_was_accepted_then_refuses_new_work(instances: int) -> None:
     compute = Recorder(delay=0.02)
-    async with running(compute) as batcher:
+    async with running(compute, instances=instances) as batcher:
         pending = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(5)]
         await asyncio.sleep(0)
         assert await batcher.drain(5.0)
@@ -362,3 +367,134 @@ async def test_the_queue_reports_its_depth_and_how_many_tenants_wait() -> None:
         await asyncio.gather(blocker, *calls)
     assert reports[:5] == [(1, 1), (0, 0), (2, 1), (4, 2), (6, 3)]
     assert reports[-1] == (0, 0)
+
+
+# -- instances -----------------------------------------------------------------------------------
+
+
+class Held:
+    """A model kind whose compute holds every batch until `gate` is set, counting how many
+    are inside at once."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entries = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most = 0
+        self.batches: list[list[Any]] = []
+
+    async def prepare(self, payloads: list[Any]) -> None:
+        pass
+
+    def compute(self, payloads: list[Any]) -> list[Any]:
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            self.batches.append(list(payloads))
+        self.entries.release()
+        try:
+            assert self.gate.wait(10)
+            if "poison" in payloads:
+                raise RuntimeError("node Gemm_3: bad input")
+            return [("done", p) for p in payloads]
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+    async def entered(self, batches: int) -> None:
+        """Until `batches` more batches have entered compute."""
+        for _ in range(batches):
+            assert await asyncio.to_thread(self.entries.acquire, timeout=10)
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+async def test_as_many_batches_compute_at_once_as_there_are_instances(instances: int) -> None:
+    kind = Held()
+    async with running(kind, max_batch_size=1, instances=instances) as batcher:
+        calls = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(6)]
+        await kind.entered(instances)
+        # Every instance holds a batch; the loop waits for one and forms no more.
+        await queue_empty_of_first_batch(batcher, 6 - instances)
+        assert kind.inside == instances
+        kind.gate.set()
+        assert await asyncio.gather(*calls) == [[("done", i)] for i in range(6)]
+    assert kind.most == instances
+    assert sorted(p for b in kind.batches for p in b) == list(range(6))
+
+
+async def test_a_lone_request_goes_at_once_to_a_free_instance_while_another_computes() -> None:
+    kind = Held()
+    # A delay far beyond the test's timeout: the second request must not wait for company.
+    async with running(kind, max_delay_s=3600, instances=2) as batcher:
+        first = asyncio.ensure_future(batcher.submit([("first", 1, 0)]))
+        await kind.entered(1)
+        second = asyncio.ensure_future(batcher.submit([("second", 1, 0)]))
+        await kind.entered(1)
+        kind.gate.set()
+        assert await first == [("done", "first")]
+        assert await second == [("done", "second")]
+    assert kind.batches == [["first"], ["second"]]
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_close_fails_batches_in_compute_and_queued_then_waits_for_the_session(
+    instances: int,
+) -> None:
+    kind = Held()
+    batcher: Batcher[Any, Any] = Batcher(
+        kind,
+        name="test",
+        max_batch_size=1,
+        max_delay_s=0.005,
+        max_queue_size=100,
+        instances=instances,
+    )
+    batcher.start()
+    calls = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(4)]
+    await kind.entered(instances)
+    closing = asyncio.ensure_future(batcher.close())
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, BatcherClosed) for r in results)
+    # The batches still in the session hold `close` until they finish.
+    assert not closing.done()
+    kind.gate.set()
+    await closing
+    assert kind.inside == 0
+    assert len(kind.batches) == instances  # nothing queued was computed
+
+
+async def test_drain_waits_for_batches_on_every_instance() -> None:
+    kind = Held()
+    async with running(kind, max_batch_size=1, instances=2) as batcher:
+        calls = [asyncio.ensure_future(batcher.submit([(i, 1, 0)])) for i in range(3)]
+        await kind.entered(2)
+        draining = asyncio.ensure_future(batcher.drain(30.0))
+        await asyncio.sleep(0)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit([("late", 1, 0)])
+        assert not draining.done()
+        kind.gate.set()
+        assert await draining
+        assert await asyncio.gather(*calls) == [[("done", i)] for i in range(3)]
+
+
+async def test_a_failing_batch_is_isolated_while_another_instance_computes() -> None:
+    kind = Held()
+    async with running(kind, max_batch_size=4, max_delay_s=3600, instances=2) as batcher:
+        # While the blocker computes, the next batch goes once whole (4 rows): a, poison, b+c.
+        blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 0)]))
+        await kind.entered(1)
+        batch = [
+            asyncio.ensure_future(batcher.submit(chunks))
+            for chunks in ([("a", 1, 0)], [("poison", 1, 0)], [("b", 1, 0), ("c", 1, 0)])
+        ]
+        await kind.entered(1)
+        kind.gate.set()
+        results = await asyncio.gather(*batch, return_exceptions=True)
+        assert await blocker == [("done", "blocker")]
+    assert results[0] == [("done", "a")]
+    assert isinstance(results[1], ComputeFailed)
+    assert results[2] == [("done", "b"), ("done", "c")]
+    assert ["a", "poison", "b", "c"] in kind.batches  # batched together first
+    assert ["poison"] in kind.batches  # then each request alone

@@ -4,13 +4,18 @@ batches, compute off the loop.
 A request is split into chunks (rows of a tensor request, up to `max_batch_size` each; one
 chunk per text for text models), and chunks from many requests form a batch. Which requests
 are queued and which chunks make the next batch is decided by the tenant-fair queue
-(`fair_queue`: fair-share admission, deficit round robin). A batch goes to the session when
-enough is queued for a whole batch or a preferred size, `max_delay` after the oldest queued
-chunk arrived, or at once when the session is idle and nothing else waits: a lone request
-does not wait for company that is not coming. Text batches keep to a token budget and to
-texts of similar length, so that padding stays small. Before compute, chunks of requests
-that were cancelled, failed, or are past their deadline are dropped. If a batch fails, each
-request in it is run alone, so that one bad input fails only its own request.
+(`fair_queue`: fair-share admission, deficit round robin). A batch goes to a free instance
+when enough is queued for a whole batch or a preferred size, `max_delay` after the oldest
+queued chunk arrived, or at once when nothing else waits: a lone request does not wait for
+company that is not coming. Text batches keep to a token budget and to texts of similar
+length, so that padding stays small. Before compute, chunks of requests that were
+cancelled, failed, or are past their deadline are dropped. If a batch fails, each request
+in it is run alone, so that one bad input fails only its own request.
+
+A version has `instances` runners (its config's `instance_group`): up to that many batches
+compute at once, each in a thread of its own, sharing the version's session. The loop forms
+a batch whenever a runner is free and waits while all are busy. With one instance, batches
+run one after another.
 
 What a batch is run by is the version's model kind (`Kind`; `narthex.inference.kinds`): the
 batcher forms batches and hands them over, and knows nothing of what a model needs.
@@ -88,8 +93,8 @@ class BatchHooks:
 class Batcher(Generic[P, R]):
     """`submit` chunks of one request, get their results in order.
 
-    `kind.compute(payloads)` runs in a thread of its own (one per batcher, so batches of
-    one version never run at once and the session is never re-entered), after
+    `kind.compute(payloads)` runs in one of `instances` threads (so at most that many
+    batches of the version run at once; with one, the session is never re-entered), after
     `kind.prepare(payloads)` on the event loop.
     """
 
@@ -106,7 +111,10 @@ class Batcher(Generic[P, R]):
         quantum: int | None = None,
         hooks: BatchHooks | None = None,
         clock: Callable[[], float] = time.monotonic,
+        instances: int = 1,
     ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, not {instances}")
         self._kind = kind
         self.name = name
         self.max_batch_size = max_batch_size
@@ -126,8 +134,15 @@ class Batcher(Generic[P, R]):
             expire=self._expire,
         )
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self.instances = instances
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
+        # Batches formed and not finished (one per busy instance), and their tasks when the
+        # loop does not await them itself (more than one instance).
+        self._running: dict[int, list[Chunk[P]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Event()  # an instance finished its batch
+        self._computing = 0  # requests in those batches (per batch: a request in two counts 2)
         self._closed = False
         self.in_flight = 0  # submitted requests not answered yet
         self._idle = asyncio.Event()
@@ -214,14 +229,21 @@ class Batcher(Generic[P, R]):
         return True
 
     async def close(self) -> None:
+        """Stop at once: what is queued or in a batch fails with `BatcherClosed`; a batch
+        already in the session finishes there (ONNX Runtime cannot be interrupted) before
+        `close` returns, so the session is free to go."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for job in self._queue.clear():
+        # Taken before cancelling: a cancelled batch forgets itself on the way out.
+        jobs = [c.job for batch in self._running.values() for c in batch]
+        tasks = [t for t in (self._task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job in jobs + self._queue.clear():
             if not job.future.done():
                 job.future.set_exception(BatcherClosed(f"{self.name} was unloaded"))
-        self._executor.shutdown(wait=True)
+        # Off the loop: the other models' requests go on while a last batch finishes.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _run(self) -> None:
         queue = self._queue
@@ -230,13 +252,29 @@ class Batcher(Generic[P, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # The session is idle here (batches run one at a time). With one request in
-            # flight, nothing else waits: it goes now rather than after the delay.
-            if self.in_flight > 1:
+            if len(self._running) >= self.instances:
+                self._freed.clear()
+                await self._freed.wait()
+                continue
+            # An instance is idle here. With one request in flight besides those computing,
+            # nothing else waits: it goes now rather than after the delay.
+            if self.in_flight - self._computing > 1:
                 await self._fill()
             batch = self._form()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                continue
+            # Taken now, not when the batch's task first runs: the loop goes on at once.
+            self._running[id(batch)] = batch
+            requests = len({id(c.job) for c in batch})
+            self._computing += requests
+            if self.instances == 1:
+                # The one instance: the loop computes the batch itself, then forms the next.
+                await self._execute(batch, requests)
+            else:
+                execute = self._execute(batch, requests)
+                task = asyncio.create_task(execute, name=f"batch-{self.name}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _fill(self) -> None:
         """Wait until a batch is worth sending, or the oldest chunk has waited long enough."""
@@ -268,7 +306,16 @@ class Batcher(Generic[P, R]):
             self._hooks.waited(now - chunk.enqueued)
         return batch
 
-    async def _execute(self, batch: list[Chunk[P]]) -> None:
+    async def _execute(self, batch: list[Chunk[P]], requests: int) -> None:
+        """Compute `batch` (of `requests` requests), then free its instance."""
+        try:
+            await self._compute(batch)
+        finally:
+            del self._running[id(batch)]
+            self._computing -= requests
+            self._freed.set()
+
+    async def _compute(self, batch: list[Chunk[P]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:

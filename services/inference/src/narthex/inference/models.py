@@ -46,7 +46,7 @@ from narthex.inference.repository import (
     RepositoryError,
     TensorSpec,
 )
-from narthex.inference.runtime import Session
+from narthex.inference.runtime import Session, intra_op_threads
 from narthex.inference.text import TextEncoder
 from narthex.inference.traffic import Split, check_weights
 from narthex.transactions import Transaction
@@ -91,6 +91,7 @@ class LoadedVersion:
             preferred_batch_sizes=batching.preferred_batch_sizes,
             max_batch_tokens=batching.max_batch_tokens if isinstance(kind, TextKind) else None,
             hooks=metrics.hooks(),
+            instances=config.instances,
         )
 
     @property
@@ -333,11 +334,12 @@ class ModelRegistry:
         try:
             # Hashing and session creation take a while for big models: off the loop.
             metadata = await asyncio.to_thread(self.repository.metadata, name, version)
+            group = config.instance_group[0]
             session = await asyncio.to_thread(
                 Session,
                 directory / MODEL_FILE,
-                provider=self.provider,
-                intra_op_threads=self.intra_op_threads,
+                provider="cpu" if group.kind == "KIND_CPU" else self.provider,
+                intra_op_threads=intra_op_threads(self.intra_op_threads, group.count),
             )
             _check_graph(config, session)
             kind = kind_for(config, session, directory, self.features)

@@ -31,6 +31,7 @@ __all__ = [
     "METADATA_FILE",
     "MODEL_FILE",
     "DynamicBatching",
+    "InstanceGroup",
     "Metadata",
     "ModelConfig",
     "Preprocessing",
@@ -73,6 +74,20 @@ class DynamicBatching(_Strict):
     max_queue_size: Annotated[int, Field(ge=1)] = 1024
     # Text models: the most tokens (batch x padded length) in one batch.
     max_batch_tokens: Annotated[int, Field(ge=1)] = 8192
+
+
+# Instances of one version computing at once: past a few per core they only contend.
+MAX_INSTANCES = 64
+
+
+class InstanceGroup(_Strict):
+    """Triton's `instance_group`, one group: `count` batches of a version compute at once,
+    each on a runner of its own, all sharing the version's one session (ONNX Runtime's
+    `run` is thread-safe; the weights are in memory once). `KIND_CPU` keeps the version
+    on the CPU whatever the service's `provider`; `KIND_AUTO` follows it."""
+
+    count: Annotated[int, Field(ge=1, le=MAX_INSTANCES)] = 1
+    kind: Literal["KIND_AUTO", "KIND_CPU"] = "KIND_AUTO"
 
 
 class VersionPolicy(_Strict):
@@ -128,6 +143,9 @@ class ModelConfig(_Strict):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     dynamic_batching: DynamicBatching = DynamicBatching()
+    # Exactly one group (Triton's shape, e.g. `[{count: 2, kind: KIND_CPU}]`): several
+    # groups would place instances on different devices, and a version has one session.
+    instance_group: list[InstanceGroup] = [InstanceGroup()]
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     # Served when a request pins no version; unset: the newest loaded one.
     default_version: Annotated[int, Field(ge=1)] | None = None
@@ -153,7 +171,17 @@ class ModelConfig(_Strict):
                 raise ValueError(f"warmup {sample.name!r} names unknown inputs {sorted(unknown)}")
         if self.traffic is not None:
             check_weights(self.traffic)
+        if len(self.instance_group) != 1:
+            raise ValueError(
+                f"instance_group has {len(self.instance_group)} groups; give exactly one"
+                " (its `count` instances share the version's one session)"
+            )
         return self
+
+    @property
+    def instances(self) -> int:
+        """Batches of one version that compute at once."""
+        return self.instance_group[0].count
 
 
 class Metadata(BaseModel):

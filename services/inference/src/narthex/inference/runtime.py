@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnxruntime as ort
 
 from narthex.inference.datatypes import onnx_datatype
 
-__all__ = ["PREFERENCE", "GraphTensor", "Session", "choose_providers"]
+__all__ = ["PREFERENCE", "GraphTensor", "Session", "choose_providers", "intra_op_threads"]
 
 # Fastest first; whichever the installed onnxruntime offers is used.
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -35,6 +36,20 @@ def choose_providers(choice: str, available: Sequence[str] | None = None) -> lis
     return wanted
 
 
+def intra_op_threads(setting: int, instances: int, cpus: int | None = None) -> int:
+    """Threads of one session run, for a version of `instances` runners sharing the session.
+    A setting above 0 wins. Auto (0) with one instance leaves it to ONNX Runtime (one per
+    core); with several, the cores are split between them: N runs at once with a thread per
+    core each would oversubscribe the CPU N times."""
+    if setting > 0:
+        return setting
+    if instances == 1:
+        return 0
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // instances)
+
+
 @dataclass(frozen=True, slots=True)
 class GraphTensor:
     name: str
@@ -49,7 +64,8 @@ class Session:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
-        # Batches are serialized per version; inter-op parallelism only adds threads.
+        self.intra_op_threads = intra_op_threads  # 0: ONNX Runtime's choice
+        # A run is one batch; parallelism between batches is the version's instances'.
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         # ONNX Runtime's pool threads spin between runs by default, holding cores that the

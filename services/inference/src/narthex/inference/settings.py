@@ -30,7 +30,10 @@ class InferenceSettings(AuthClientSettings):
         "auto", description="execution provider: auto = TensorRT, then CUDA, then CPU"
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per session (0: one per core)"
+        0,
+        ge=0,
+        description="ONNX Runtime threads of one session run (0: one per core, split"
+        " between the instances of a version that has several)",
     )
     max_body_bytes: int = Field(
         16 << 20, ge=1024, description="request bodies above this get 413 (binary tensors)"
