@@ -23,15 +23,11 @@ from starlette.types import Receive, Scope
 
 from narthex.common.errors import protocol_of
 from narthex.inference import embeddings
-from narthex.inference.main import create_app
-from narthex.inference.routes import InferenceState
-from narthex.inference.settings import InferenceSettings
 from narthex.inference.traffic import KEY_HEADER, KEY_MAX_LENGTH
-from narthex.testing.lifespan import started
+from tests.inference.test_app import serving
 from tests.support.onnx_models import tiny_repository
-from tests.support.tokens import bearer, static_verifier, token
+from tests.support.tokens import token
 
-CALLER = bearer(["tenant"], ["inference"])
 NO_SCOPE = {"Authorization": f"Bearer {token(['tenant'], ['usage'])}"}
 JSON = {"content-type": "application/json"}
 ONE = b'{"model": "words", "input": "w1"}'
@@ -62,14 +58,6 @@ def fast() -> list[bool]:
 async def client(
     tmp_path: Path, answered_by: str, fast: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
-    settings = InferenceSettings(
-        model_repository=tiny_repository(tmp_path),
-        tracing=False,
-        max_body_bytes=4096,
-        env="dev",
-        embeddings_fast_path=answered_by == "fast path",
-    )
-    app = create_app(settings, verifier=static_verifier)
     answers = embeddings._answer
 
     async def answer(scope: Scope, receive: Receive) -> Response:
@@ -77,14 +65,12 @@ async def client(
         return await answers(scope, receive)
 
     monkeypatch.setattr(embeddings, "_answer", answer)
-    async with (
-        started(app, InferenceState) as running,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=running.app),
-            base_url="http://inference",
-            headers=CALLER,
-        ) as client,
-    ):
+    async with serving(
+        tiny_repository(tmp_path),
+        max_body_bytes=4096,
+        env="dev",
+        embeddings_fast_path=answered_by == "fast path",
+    ) as (_, client):
         yield client
     assert answered_by == "fast path" or not fast
 
