@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from ruamel.yaml import YAML
 
 from bench.peers import install
-from narthex.inference.repository import CONFIG_FILE
+from narthex.inference.repository import Repository
+from narthex.inference.runtime import intra_op_threads
 from narthex.testing.platform import Spec
 from narthex.testing.processes import free_port
 
@@ -49,13 +49,8 @@ class Embedder:
 
 def batch_settings(repository: Path) -> tuple[int, float, int]:
     """(max_batch_size, max_queue_delay_ms, instances) from minilm's config.yaml."""
-    config = YAML(typ="safe").load((repository / MODEL / CONFIG_FILE).read_text())
-    (group,) = config.get("instance_group", [{}])
-    return (
-        int(config["max_batch_size"]),
-        float(config["dynamic_batching"]["max_queue_delay_ms"]),
-        int(group.get("count", 1)),
-    )
+    config = Repository(repository).config(MODEL)
+    return config.max_batch_size, config.dynamic_batching.max_queue_delay_ms, config.instances
 
 
 def _narthex_body(text: str) -> bytes:
@@ -115,6 +110,9 @@ def peers(repository: Path, version: int = 1) -> list[Embedder]:
             str(delay_ms),
             "--instances",
             str(instances),
+            # How the service sets a run's threads for this many instances.
+            "--intra-op-threads",
+            str(intra_op_threads(0, instances)),
         ),
         {"LD_LIBRARY_PATH": install.libpython_dir()},
         ready_path=f"/v2/models/{MODEL}/ready",

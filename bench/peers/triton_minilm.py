@@ -4,14 +4,13 @@ It imports nothing of narthex: the venv holds only nvidia-pytriton, onnxruntime,
 and numpy. Tokenization matches narthex.inference.text (no padding per text, truncation at
 `--max-tokens`, a batch padded to its longest member); the batch settings are the model's
 own config.yaml's, passed in by the benchmark, its instance count too: as many infer
-functions (PyTriton's model instances) sharing one session, each run on cores / instances
-threads, as narthex lays them out.
+functions (PyTriton's model instances) sharing one session, each run on the threads narthex
+gives a run of that many instances (`--intra-op-threads`, from the benchmark).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,11 @@ from pytriton.triton import Triton, TritonConfig
 from tokenizers import Tokenizer
 
 
-def make_infers(version_dir: Path, max_tokens: int, instances: int) -> list[Any]:
+def make_infers(
+    version_dir: Path, max_tokens: int, instances: int, intra_op_threads: int
+) -> list[Any]:
     options = ort.SessionOptions()
-    if instances > 1:  # one instance: ONNX Runtime's defaults, as before
-        options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // instances)
+    options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's own choice
     session = ort.InferenceSession(
         str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, required=True)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0, help="threads of one run (0: ONNX Runtime's)"
+    )
     parser.add_argument("--dimension", type=int, default=384)
     args = parser.parse_args()
     config = TritonConfig(
@@ -83,7 +86,9 @@ def main() -> None:
     with Triton(config=config) as triton:
         triton.bind(
             model_name="minilm",
-            infer_func=make_infers(args.version_dir, args.max_tokens, args.instances),
+            infer_func=make_infers(
+                args.version_dir, args.max_tokens, args.instances, args.intra_op_threads
+            ),
             inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
             outputs=[Tensor(name="embedding", dtype=np.float32, shape=(args.dimension,))],
             config=ModelConfig(
