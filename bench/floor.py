@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from bench.upstream import BODY
-from narthex.common.server import ConnectionLimits, guarded_protocol
+from narthex.common.serve import run_server
+from narthex.common.server import ConnectionLimits
 
 _START = {
     "type": "http.response.start",
@@ -33,19 +33,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    # The settings `narthex.common.serve` gives every service.
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http=guarded_protocol(ConnectionLimits()),
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-    )
+    run_server(app, args.host, args.port, ConnectionLimits(), lifespan="off")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from narthex.common.logging import configure_logging
 from narthex.common.server import ConnectionLimits, guarded_protocol
@@ -27,15 +28,27 @@ def serve(settings_cls: type[S], create_app: Callable[[S], FastAPI]) -> None:
     configure_logging(settings.service_name, level=settings.log_level, json=settings.log_json)
     app = create_app(settings)
     tune_gc()
+    run_server(app, settings.host, settings.port, connection_limits(settings))
+
+
+def run_server(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    lifespan: Literal["on", "off"] = "on",
+) -> None:
+    """narthex's HTTP server: uvicorn on uvloop with the guarded protocol, as every service
+    runs it (and `bench.floor`, which times it alone)."""
     uvicorn.run(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=host,
+        port=port,
         loop="uvloop",
-        http=guarded_protocol(connection_limits(settings)),
-        lifespan="on",
+        http=guarded_protocol(limits),
+        lifespan=lifespan,
         access_log=False,  # RequestContextMiddleware writes the access log
-        log_config=None,  # keep the JSON logging configured above
+        log_config=None,  # keep the JSON logging configured by the caller
         server_header=False,
         timeout_graceful_shutdown=10,
         proxy_headers=False,  # X-Forwarded-* is believed only from trusted proxies, by us
