@@ -249,8 +249,11 @@ async def test_posted_transactions_change_the_score_through_the_gateway(
 async def test_features_killed_under_32_clients_degrades_then_recovers(
     auth_edge: Edge, tmp_path: Path
 ) -> None:
+    # A dead features refuses connections at once, so a long budget costs the outage
+    # nothing; it keeps a lookup merely slow on a busy machine from degrading a score
+    # before the kill or after the recovery, which this test asserts are all whole.
     async with fraud_stack(
-        auth_edge, tmp_path, features_timeout="0.25", features_breaker_fail_max="3"
+        auth_edge, tmp_path, features_timeout="2.0", features_breaker_fail_max="3"
     ) as stack:
         scores, stop = Scores(), asyncio.Event()
         async with httpx.AsyncClient(base_url=stack.inference.url, timeout=10) as http:
