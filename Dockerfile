@@ -2,12 +2,13 @@
 #
 #   docker build --target service --build-arg SERVICE=gateway -t narthex/gateway:<commit> .
 #   docker build --target inference-cpu --build-arg SERVICE=inference -t narthex/inference:<commit> .
+#   docker build --target analytics --build-arg SERVICE=analytics -t narthex/analytics:<commit> .
 #   (deploy/compose/build.sh builds them all, tags them with the commit, labels the models)
 #
 # One image per service rather than one for all: each carries only its own dependency closure
 # (the gateway has no onnxruntime or numpy, inference no SQLAlchemy), each is deployed, scaled,
 # rolled back and scanned on its own (mesh/ runs one Deployment per service), and only the
-# inference image carries models and their digests. They share every layer up to the
+# inference image carries models and their digests (analytics carries their baselines). They share every layer up to the
 # dependencies, so the cost on disk is each service's own packages.
 #
 # Works with the legacy builder and BuildKit alike (no cache mounts, no heredocs).
@@ -92,6 +93,19 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['NARTHEX_HEALTHCHECK_URL'], timeout=2)"]
 ENTRYPOINT ["/usr/local/bin/narthex-entrypoint"]
 CMD []
+
+# The model repository's metadata.json files alone (each version's score baseline, what drift
+# compares with), for analytics: the models themselves stay in the inference image.
+FROM ${BASE_IMAGE} AS baselines
+ARG MODELS_DIR=.state/models
+COPY ${MODELS_DIR} /opt/narthex/models
+RUN find /opt/narthex/models -type f ! -name metadata.json -delete \
+    && find /opt/narthex/models -type d -empty -delete
+
+# Analytics with the built-in models' baselines: without them drift has nothing to compare.
+FROM service AS analytics
+COPY --from=baselines --chown=0:0 /opt/narthex/models /opt/narthex/models
+ENV NARTHEX_ANALYTICS_MODEL_REPOSITORY=/opt/narthex/models
 
 # Inference on CPU (onnxruntime) with the built-in models baked in: built on the host by
 # `narthex models build` (deterministic; minilm's export needs torch and the Hugging Face

@@ -58,11 +58,13 @@ build() {
         "$("$DOCKER" image inspect -f '{{.Size}}' "narthex/$image:$tag" | numfmt --to=iec)"
 }
 
-declare -A port=([gateway]=8000 [features]=8002 [analytics]=8004)
-for service in gateway features analytics; do
+declare -A port=([gateway]=8000 [features]=8002)
+for service in gateway features; do
     build "$service" --target service --build-arg "SERVICE=$service" \
         --build-arg "PORT=${port[$service]}"
 done
+build analytics --target analytics --build-arg SERVICE=analytics --build-arg PORT=8004 \
+    --build-arg "MODELS_DIR=$MODELS_DIR"
 build auth --target service --build-arg SERVICE=auth --build-arg PORT=8001 --build-arg ALSO=./cli
 build inference --target inference-cpu --build-arg SERVICE=inference --build-arg PORT=8003 \
     --build-arg "EXTRAS=--extra cpu" "${model_labels[@]}"

@@ -15,7 +15,7 @@ SERVICES_FILE = ROOT / "Dockerfile"
 INFRA_FILE = ROOT / "deploy/compose/infra.Dockerfile"
 # The targets deploy/compose/build.sh builds, by file.
 TARGETS = {
-    SERVICES_FILE: ["service", "inference-cpu", "inference-gpu"],
+    SERVICES_FILE: ["service", "analytics", "inference-cpu", "inference-gpu"],
     INFRA_FILE: ["redis", "postgres", "prometheus"],
 }
 SECRET_NAME = re.compile(r"PASSWORD|PEPPER|SECRET|TOKEN|CREDENTIAL|API_KEY|SERVICE_KEY$", re.I)
@@ -40,11 +40,15 @@ class Dockerfile:
             stages.insert(0, self.stages[stages[0].base])
         return stages
 
-    def effective(self, target: str, keyword: str) -> str | None:
-        """The last `keyword` instruction's argument in the target's chain."""
-        found = [
+    def arguments(self, target: str, keyword: str) -> list[str]:
+        """Every `keyword` instruction's argument in the target's chain, base first."""
+        return [
             arg for stage in self.chain(target) for kw, arg in stage.instructions if kw == keyword
         ]
+
+    def effective(self, target: str, keyword: str) -> str | None:
+        """The last `keyword` instruction's argument in the target's chain."""
+        found = self.arguments(target, keyword)
         return found[-1] if found else None
 
 
@@ -94,7 +98,7 @@ def test_has_a_healthcheck_and_a_stop_signal(path: Path, target: str) -> None:
         # Liveness is /healthz: readiness (/readyz) would restart a service whose dependency
         # is away, which is the dependency's problem.
         assert "NARTHEX_HEALTHCHECK_URL" in healthcheck
-        env = " ".join(a for s in dockerfile.chain(target) for k, a in s.instructions if k == "ENV")
+        env = " ".join(dockerfile.arguments(target, "ENV"))
         assert re.search(r"NARTHEX_HEALTHCHECK_URL=http://127\.0\.0\.1:\S+/healthz", env)
     assert dockerfile.effective(target, "STOPSIGNAL") in ("SIGTERM", "SIGINT")
 
@@ -158,3 +162,19 @@ def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     assert "install-deps.sh" in runs[0]
     copies = [argument for keyword, argument in code.instructions if keyword == "COPY"]
     assert {"libs/ libs/", "services/ services/"} <= set(copies)
+
+
+def test_analytics_carries_the_models_baselines_and_not_the_models() -> None:
+    """Drift compares scores with each version's `score_baseline` (its metadata.json): the
+    analytics image has them where its setting points, from a stage that kept nothing else."""
+    dockerfile = parse(SERVICES_FILE)
+    env = " ".join(dockerfile.arguments("analytics", "ENV"))
+    match = re.search(r"NARTHEX_ANALYTICS_MODEL_REPOSITORY=(\S+)", env)
+    assert match is not None, env
+    copies = dockerfile.arguments("analytics", "COPY")
+    (baselines,) = [c for c in copies if c.endswith(f" {match.group(1)}")]
+    assert baselines.startswith("--from=baselines ")
+    # Nothing in analytics' own chain copies the model repository itself (model.onnx).
+    assert not [c for c in copies if "MODELS_DIR" in c]
+    kept = " ".join(a for k, a in dockerfile.stages["baselines"].instructions if k == "RUN")
+    assert "! -name metadata.json -delete" in kept

@@ -210,6 +210,24 @@ def test_the_images_say_what_they_carry(stack: Stack, built: tuple[str, str]) ->
         assert labels.get(label) == metadata["sha256"], label
 
 
+def test_analytics_finds_each_versions_baseline_and_carries_no_model(stack: Stack) -> None:
+    """Drift compares scores with each version's score_baseline: the running analytics
+    container reads them through its own settings, and holds metadata.json files only."""
+    models = ROOT / ".state/models"
+    files = stack("exec", "-T", "analytics", "find", "/opt/narthex/models", "-type", "f").split()
+    assert sorted(files) == sorted(
+        f"/opt/narthex/models/{path.relative_to(models)}"
+        for path in models.glob("*/*/metadata.json")
+    )
+    check = (
+        "from narthex.analytics.service import baseline_of;"
+        "from narthex.analytics.settings import AnalyticsSettings;"
+        "r = AnalyticsSettings().model_repository;"
+        "print(*(baseline_of(r, 'fraud', v) is not None for v in '12'))"
+    )
+    assert stack("exec", "-T", "analytics", "python", "-c", check).split() == ["True", "True"]
+
+
 def test_the_gateway_drains_and_exits_cleanly_on_stop(stack: Stack) -> None:
     (container,) = stack("ps", "-q", "gateway").split()
     stack("stop", "gateway")
