@@ -8,8 +8,8 @@
 # One image per service rather than one for all: each carries only its own dependency closure
 # (the gateway has no onnxruntime or numpy, inference no SQLAlchemy), each is deployed, scaled,
 # rolled back and scanned on its own (mesh/ runs one Deployment per service), and only the
-# inference image carries models and their digests (analytics carries their baselines). They share every layer up to the
-# dependencies, so the cost on disk is each service's own packages.
+# inference image carries models and their digests (analytics carries their baselines). They
+# share every layer up to the dependencies, so the cost on disk is each service's own packages.
 #
 # Works with the legacy builder and BuildKit alike (no cache mounts, no heredocs).
 

